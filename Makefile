@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`. Each installs first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
+
+.PHONY: install demo test bench-compile clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Compile the default model (tiny random Llama), print what each pass did and the final graph.
+demo: install
+	$(BIN)/orca-compile dump tiny-llama --stage final --format text
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# docs/benchmarks.md: compile time of a 12-layer GPT-2-small-shaped model vs torch.export alone
+bench-compile: install
+	$(BIN)/python benchmarks/compile_time.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
