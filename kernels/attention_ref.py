@@ -1,0 +1,84 @@
+"""Reference implementation of ``orca::attention`` in plain torch.
+
+It is the CPU path and the oracle for the Triton kernels. No Python loop runs over tokens: all
+single-token (decode) requests of the iteration are attended in one batched computation, and each
+multi-token (prefill or prefill-chunk) request in one dense computation against its own context.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Write this iteration's K/V into the paged cache; slots < 0 are padding and are skipped."""
+    nkv, hd = k_cache.shape[-2:]
+    flat_k = k_cache.view(-1, nkv, hd)
+    flat_v = v_cache.view(-1, nkv, v_cache.shape[-1])
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather_context(cache, block_tables, max_len):
+    """[R, max_blocks] block ids -> [R, max_len, nkv, hd] keys (or values) in position order."""
+    num_blocks_needed = -(-max_len // cache.shape[1])
+    blocks = cache[block_tables[:, :num_blocks_needed].clamp(min=0)]
+    r, nb, bs = blocks.shape[:3]
+    return blocks.reshape(r, nb * bs, *cache.shape[2:])[:, :max_len]
+
+
+def _attend(q, k, v, allowed, scale, softcap):
+    """q [N, Lq, nh, hd], k/v [N, Lk, nkv, hd], allowed [N, Lq, Lk] -> [N, Lq, nh, hdv]."""
+    n, lq, nh, hd = q.shape
+    nkv = k.shape[2]
+    qg = q.reshape(n, lq, nkv, nh // nkv, hd)
+    scores = torch.einsum("nqkgd,nlkd->nkgql", qg, k.to(q.dtype)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("nkgql,nlkd->nqkgd", probs, v.to(q.dtype))
+    return out.reshape(n, lq, nh, v.shape[-1])
+
+
+def _allowed(q_pos, k_pos, seq_lens, sliding_window):
+    """Causal (and windowed) visibility: [N, Lq] query positions x [Lk] key positions."""
+    allowed = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
+    if sliding_window:
+        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    return allowed
+
+
+def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
+              scale, sliding_window=0, softcap=0.0):
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    starts = query_start_loc.tolist()
+    q_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    lens = seq_lens.tolist()
+    device = q.device
+
+    decode = [r for r, n in enumerate(q_lens) if n == 1]
+    if decode:
+        idx = torch.tensor(decode, device=device)
+        d_lens = seq_lens[idx]
+        max_len = max(lens[r] for r in decode)
+        k_ctx = _gather_context(k_cache, block_tables[idx], max_len)
+        v_ctx = _gather_context(v_cache, block_tables[idx], max_len)
+        rows = query_start_loc[idx]
+        k_pos = torch.arange(max_len, device=device)
+        allowed = _allowed((d_lens - 1)[:, None], k_pos, d_lens, sliding_window)
+        out[rows] = _attend(q[rows][:, None], k_ctx, v_ctx, allowed, scale, softcap)[:, 0]
+
+    for r, n in enumerate(q_lens):
+        if n <= 1:
+            continue
+        ctx = lens[r]
+        k_ctx = _gather_context(k_cache, block_tables[r : r + 1], ctx)
+        v_ctx = _gather_context(v_cache, block_tables[r : r + 1], ctx)
+        q_pos = torch.arange(ctx - n, ctx, device=device)[None]
+        allowed = _allowed(q_pos, torch.arange(ctx, device=device), seq_lens[r : r + 1], sliding_window)
+        out[starts[r] : starts[r] + n] = _attend(q[None, starts[r] : starts[r] + n], k_ctx, v_ctx, allowed, scale, softcap)[0]
+    return out

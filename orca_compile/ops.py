@@ -1,0 +1,64 @@
+"""Custom ops that the rewritten graphs call, registered with ``torch.library``.
+
+Every op has a fake (meta) implementation so that it survives ``torch.export``, fake-tensor
+propagation and ``torch.compile``, shows by name in every dump, and can be found with one
+``graph.find_nodes(op="call_function", target=torch.ops.orca.attention.default)``.
+
+``orca::attention`` is the split attention of Orca's selective batching. Its inputs are this
+iteration's queries, keys and values of *all* requests, flattened to ``[T, heads, head_dim]``, the
+paged KV cache of its layer, and the ragged batch's metadata:
+
+===================  ==================  ===========================================================
+argument             shape / type        meaning
+===================  ==================  ===========================================================
+q                    [T, nh, hd]         queries of every new token of every request
+k, v                 [T, nkv, hd]        keys/values of the new tokens (written into the cache)
+k_cache, v_cache     [nb, bs, nkv, hd]   the layer's paged cache (mutated in place)
+slot_mapping         [T] int64           cache slot (``block * bs + offset``) of each new token; -1: skip
+query_start_loc      [R + 1] int64       request r's new tokens are ``q[query_start_loc[r]:...[r+1]]``
+seq_lens             [R] int64           request r's context length *including* its new tokens
+block_tables         [R, max_blocks]     request r's cache blocks in order (padding: any value)
+scale                float               softmax scale
+sliding_window       int                 0: none; w: a query at position p sees keys p-w+1 .. p
+softcap              float               0: none; c: scores become c * tanh(scores / c)
+===================  ==================  ===========================================================
+
+Each request's queries sit at the last ``q_len`` positions of its context and attend causally.
+"""
+from __future__ import annotations
+
+import torch
+
+_LIB = "orca"
+
+
+@torch.library.custom_op(f"{_LIB}::attention", mutates_args=("k_cache", "v_cache"))
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    from orca_compile.kernels import dispatch
+
+    return dispatch.attention(
+        q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
+        scale, sliding_window, softcap,
+    )
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens,
+                    block_tables, scale, sliding_window=0, softcap=0.0):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
+ATTENTION = torch.ops.orca.attention.default
