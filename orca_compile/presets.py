@@ -1,0 +1,79 @@
+"""Built-in model presets (tiny random configs of each supported family, offline) and loading.
+
+A ``MODEL`` argument anywhere in orca-compile is a preset name, a local checkpoint directory, or a
+hub id (loaded with ``AutoModelForCausalLM``; needs the network or the HF cache).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEFAULT_PRESET = "tiny-llama"
+_SMALL = dict(vocab_size=256, max_position_embeddings=512)
+
+
+def _configs():
+    import transformers as tf
+
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, **_SMALL)
+    return {
+        "tiny-llama": lambda: tf.LlamaConfig(**llama_like),
+        "tiny-gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=512),
+        "tiny-opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                         word_embed_proj_dim=64, **_SMALL),
+        "tiny-qwen2": lambda: tf.Qwen2Config(**llama_like),
+        "tiny-mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=16),
+        "tiny-gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=16,
+                                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+        "tiny-gpt-neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, rotary_pct=0.25, **_SMALL),
+        "tiny-llama-mqa": lambda: tf.LlamaConfig(**{**llama_like, "num_key_value_heads": 1},
+                                                 tie_word_embeddings=True, attention_bias=True),
+        # GPT-2 small's shape with random weights: the benchmark model
+        "gpt2-small-random": lambda: tf.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+    }
+
+
+def preset_names() -> list[str]:
+    return list(_configs())
+
+
+def preset_config(name: str):
+    configs = _configs()
+    if name not in configs:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(configs)}")
+    config = configs[name]()
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0  # inside the tiny vocabularies
+    return config
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device: str | None = None, seed: int = 0):
+    """A preset (random weights from ``seed``), a local directory, or a hub id -> model in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if name_or_path in _configs():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(preset_config(name_or_path))
+        if dtype is not None:
+            model = model.to(dtype)
+    else:
+        if not os.path.isdir(name_or_path) and "/" not in name_or_path and name_or_path.startswith("tiny"):
+            raise ValueError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
+    if device:
+        model = model.to(device)
+    return model.eval()
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
