@@ -1,0 +1,83 @@
+"""`orca-compile dump` for every preset and format."""
+import os
+import stat
+
+import pytest
+
+from orca_compile.cli import main
+from orca_compile.passes.manager import STAGES
+from orca_compile.presets import preset_names
+
+TINY = [p for p in preset_names() if p.startswith("tiny")]
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_dump_every_preset_every_stage_text(preset, tmp_path, capsys):
+    out = tmp_path / "g.txt"
+    assert main(["dump", preset, "--stage", "all", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "orca.attention" in printed and "flatten_tokens -> flattened" in printed  # the summary
+    for stage in STAGES:
+        text = (tmp_path / f"g.{stage}.txt").read_text()
+        assert "input  input_ids: i64[" in text
+        if stage == "captured":
+            assert "i64[B, T]" in text
+        if stage in ("split", "pruned", "final"):
+            assert "orca.attention(" in text and "k_cache_0: " in text
+    final = (tmp_path / "g.final.txt").read_text()
+    assert "scaled_dot_product_attention" not in final and "[B" not in final
+
+
+@pytest.mark.parametrize("fmt,marker", [("text", "= orca.attention("), ("table", "layer 1"), ("dot", "digraph")])
+def test_dump_formats_to_stdout(fmt, marker, capsys):
+    assert main(["dump", "tiny-gpt2", "--format", fmt]) == 0
+    out = capsys.readouterr().out
+    assert marker in out
+    if fmt == "table":
+        assert out.count("orca.attention") >= 2
+    if fmt == "dot":
+        assert 'subgraph "cluster_layer 0"' in out and out.rstrip().endswith("}")
+
+
+def _fake_dot(tmp_path):
+    exe = tmp_path / "bin" / "dot"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n[ \"$1\" = -Tsvg ] || exit 3\nn=$(grep -c -- '->')\necho \"<svg edges='$n'></svg>\"\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return exe.parent
+
+
+def test_svg_goes_through_graphviz(tmp_path, monkeypatch, capsys):
+    """The dot source is piped to `dot -Tsvg`; a stand-in `dot` on PATH proves the plumbing."""
+    monkeypatch.setenv("PATH", f"{_fake_dot(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "g.svg"
+    assert main(["dump", "tiny-opt", "--format", "svg", "-o", str(out)]) == 0
+    svg = out.read_text()
+    assert svg.startswith("<svg edges=") and int(svg.split("'")[1]) > 50
+
+
+def test_svg_without_graphviz_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert main(["dump", "tiny-opt", "--format", "svg"]) == 2
+    err = capsys.readouterr().err
+    assert "needs Graphviz's `dot`" in err and "apt-get install graphviz" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unknown_preset_is_a_clear_error(capsys):
+    assert main(["dump", "tiny-nonsense"]) == 2
+    assert "unknown preset 'tiny-nonsense'" in capsys.readouterr().err
+
+
+def test_local_checkpoint_directory(tmp_path, capsys):
+    from orca_compile.presets import load_model
+
+    load_model("tiny-qwen2").save_pretrained(tmp_path / "ckpt")
+    assert main(["dump", str(tmp_path / "ckpt"), "--summary-only"]) == 0
+    assert "Qwen2ForCausalLM: 2 layers" in capsys.readouterr().out
+
+
+def test_presets_lists_every_preset(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in preset_names())
