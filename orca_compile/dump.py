@@ -15,6 +15,7 @@ import sympy
 import torch
 import torch.fx
 
+from orca_compile.passes.graph_utils import clean_module_path
 from orca_compile.passes.manager import op_counts
 
 FORMATS = ("text", "table", "dot", "svg")
@@ -76,7 +77,7 @@ def layer_of(node: torch.fx.Node) -> str:
     """The decoder layer a node belongs to ('' for embedding/head/glue)."""
     stack = node.meta.get("nn_module_stack") or {}
     for path, _cls in reversed(list(stack.values())):
-        m = re.search(r"(?:layers|h|blocks|layer)\.(\d+)\b", path.replace("._modules['", ".").replace("']", ""))
+        m = re.search(r"(?:layers|h|blocks|layer)\.(\d+)\b", clean_module_path(path))
         if m:
             return f"layer {m.group(1)}"
     if node.meta.get("orca_layer") is not None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from orca_compile.passes.graph_utils import CASTS as _CASTS
+
 aten = torch.ops.aten
-_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device}
 
 
 def cleanup(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

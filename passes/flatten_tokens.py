@@ -33,6 +33,8 @@ import sympy
 import torch
 import torch.fx
 
+from orca_compile.passes.graph_utils import val as _val
+
 aten = torch.ops.aten
 
 # ops that are elementwise with numpy broadcasting; beyond those tagged ``pointwise``
@@ -85,10 +87,6 @@ def flatten_tokens(gm: torch.fx.GraphModule, verify: bool | None = None) -> torc
         verify = os.environ.get("ORCA_VERIFY_PASSES", "0") == "1"
     info = gm.meta["orca"]
     return _Flattener(gm, info.batch_symbol, verify).run()
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def _expr(size):

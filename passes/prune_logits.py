@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from orca_compile.passes.graph_utils import new_symint
+
 aten = torch.ops.aten
 
 
@@ -40,9 +42,7 @@ def prune_logits(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if _rows(hidden) != tokens or hidden.meta["val"].dim() != 2:
         raise ValueError(f"prune_logits: LM head input {hidden.name} is not [T, hidden]")
     fake_mode = torch._guards.detect_fake_mode([hidden.meta["val"]])
-    from orca_compile.passes.split_attention import _new_symint
-
-    num_logits = _new_symint(fake_mode.shape_env, "num_logits", 3)
+    num_logits = new_symint(fake_mode.shape_env, "num_logits", 3)
     info.symbols["num_logits"] = num_logits.node.expr
     last = list(graph.find_nodes(op="placeholder"))[-1]
     with graph.inserting_after(last):

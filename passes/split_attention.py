@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import re
 
 import torch
 import torch.fx
 
 from orca_compile.ops import ATTENTION
+from orca_compile.passes.graph_utils import CASTS as _CASTS
+from orca_compile.passes.graph_utils import clean_module_path, new_symint
+from orca_compile.passes.graph_utils import val as _val
 
 aten = torch.ops.aten
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
-_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device}
 _NOOPS = _CASTS | {aten.alias.default, aten.clone.default, aten.contiguous.default}
 METADATA_INPUTS = ("slot_mapping", "query_start_loc", "seq_lens", "block_tables")
 
@@ -317,7 +318,7 @@ def _add_inputs(gm, sites):
     info = gm.meta["orca"]
     fake_mode = torch._guards.detect_fake_mode([_val(n) for n in graph.find_nodes(op="placeholder")])
     shape_env = fake_mode.shape_env
-    sym = {name: _new_symint(shape_env, name, hint) for name, hint in
+    sym = {name: new_symint(shape_env, name, hint) for name, hint in
            (("num_seqs", 3), ("num_blocks", 64), ("max_blocks_per_seq", 5), ("block_size", 16))}
     info.symbols = {name: s.node.expr for name, s in sym.items()}
     tokens = _val(next(iter(graph.find_nodes(op="placeholder")))).shape[0]
@@ -343,15 +344,6 @@ def _add_inputs(gm, sites):
     return out
 
 
-def _new_symint(shape_env, name, hint):
-    from torch._dynamo.source import ConstantSource
-    from torch.fx.experimental.symbolic_shapes import DimDynamic
-
-    source = ConstantSource(name)
-    expr = shape_env.create_symbol(hint, source, dynamic_dim=DimDynamic.DYNAMIC)
-    return shape_env.create_symintnode(expr, hint=hint, source=source)
-
-
 def _emit(graph, target, args, like):
     node = graph.call_function(target, args)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
@@ -364,16 +356,11 @@ def _emit(graph, target, args, like):
     return node
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-
-
 def _module_path(node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     paths = [path for path, _cls in stack.values()]
     attn = [p for p in paths if re.search(r"attn|attention", p.split(".")[-1], re.I)]
-    path = (attn or paths or [""])[-1]
-    return re.sub(r"^L\['self'\]\.?", "", path).replace("._modules['", ".").replace("']", "")
+    return clean_module_path((attn or paths or [""])[-1])
 
 
 def _attention_modules(gm) -> set[str]:
@@ -383,7 +370,7 @@ def _attention_modules(gm) -> set[str]:
         for path, cls in (node.meta.get("nn_module_stack") or {}).values():
             name = getattr(cls, "__name__", str(cls))
             if name.endswith("Attention") or name.endswith("Attention'>"):
-                out.add(re.sub(r"^L\['self'\]\.?", "", path).replace("._modules['", ".").replace("']", ""))
+                out.add(clean_module_path(path))
     return out
 
 
