@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # OSError: a checkpoint or hub id not found
         print(f"orca-compile: error: {exc}", file=sys.stderr)
         return 2
 

@@ -61,8 +61,11 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device
         if dtype is not None:
             model = model.to(dtype)
     else:
-        if not os.path.isdir(name_or_path) and "/" not in name_or_path and name_or_path.startswith("tiny"):
-            raise ValueError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
+        if not os.path.isdir(name_or_path):
+            if name_or_path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name_or_path:
+                raise ValueError(f"no checkpoint directory at {name_or_path!r}")
+            if "/" not in name_or_path and name_or_path.startswith("tiny"):
+                raise ValueError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
     if device:
         model = model.to(device)

@@ -7,6 +7,7 @@ import pytest
 from orca_compile.cli import main
 from orca_compile.passes.manager import STAGES
 from orca_compile.presets import preset_names
+from tests.conftest import family  # noqa: F401  (fixture)
 
 TINY = [p for p in preset_names() if p.startswith("tiny")]
 
@@ -81,3 +82,27 @@ def test_presets_lists_every_preset(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in preset_names())
+
+
+def test_every_format_renders_every_stage_of_every_family(family, tmp_path, monkeypatch):
+    """The renderers on each family's graphs (compiled once per session), SVG via a stand-in dot."""
+    from orca_compile import dump
+    from tests.conftest import compiled_preset
+
+    monkeypatch.setenv("PATH", f"{_fake_dot(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    _, cm = compiled_preset(family)
+    for stage, gm in cm.stages.items():
+        text = dump.render(gm, "text")
+        table = dump.render(gm, "table")
+        dot = dump.render(gm, "dot", title=stage)
+        svg = dump.render(gm, "svg", title=stage)
+        nodes = len(gm.graph.nodes)
+        assert text.count("\n") == nodes and table.count("\n") == nodes + 1  # header + rule, no output row
+        assert dot.count(" -> ") == sum(len(n.all_input_nodes) for n in gm.graph.nodes)
+        assert svg.startswith("<svg edges=")
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert main(["dump", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"orca-compile: error: no checkpoint directory at {str(tmp_path / 'nowhere')!r}"
