@@ -99,4 +99,5 @@ def compile(model: torch.nn.Module, *, keep_stages: bool = True, max_tokens: int
     manager = PassManager(keep_stages=keep_stages)
     final = manager.run(gm)
     info = final.meta["orca"]
+    info.module_paths = {}  # only the passes read HF's modules; keep none reachable from the result
     return CompiledModel(final, manager.stages, manager.records, capture_seconds, info.config, info.model_class)

@@ -95,3 +95,26 @@ def test_prune_logits_selects_rows_before_the_head(family):
         node = node.all_input_nodes[0]
     assert node.args[0].target is aten.index_select.default
     assert node.args[0].args[2].target == "logits_indices"
+
+
+def test_compiled_model_holds_no_hf_module():
+    """The engine runs the rewritten graph only: no HF module is reachable from the result
+    (parameters are shared tensors, not modules)."""
+    from transformers import PreTrainedModel
+
+    _, cm = compiled_preset("tiny-llama")
+    seen, stack = set(), [cm.graph_module, *cm.stages.values(), cm.graph_module.meta["orca"]]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        assert not isinstance(obj, PreTrainedModel)
+        if isinstance(obj, torch.nn.Module):
+            stack.extend(obj.children())
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            stack.extend(v for v in vars(obj).values() if isinstance(v, (torch.nn.Module, dict)) or hasattr(v, "module_paths"))
+        if isinstance(obj, dict):
+            stack.extend(v for v in obj.values() if isinstance(v, torch.nn.Module))
+    for node in cm.graph_module.graph.nodes:
+        assert node.op != "call_module", node.name
