@@ -36,6 +36,16 @@ def main():
         runs.append(dict(total=total, export=export, passes=cm.pass_seconds,
                          **{r.name: r.seconds for r in cm.records}))
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    # flatten_tokens with ORCA_VERIFY_PASSES semantics: every op re-run on fake tensors, sympy check
+    from orca_compile.capture import capture
+    from orca_compile.passes.flatten_tokens import flatten_tokens
+
+    verify = []
+    for _ in range(args.repeats):
+        gm = capture(model)
+        start = time.perf_counter()
+        flatten_tokens(gm, verify=True)
+        verify.append(time.perf_counter() - start)
     print(f"model {args.model}: {cm.num_layers} layers, {len(cm.graph_module.graph.nodes)} nodes in the final graph")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"median of {args.repeats}:")
@@ -44,6 +54,7 @@ def main():
     print(f"| {med['export']:.2f} s | {med['passes']:.2f} s | {med['passes'] / med['export']:.0%} | "
           f"{med['flatten_tokens']:.3f} s | {med['split_attention']:.3f} s | {med['prune_logits']:.3f} s | "
           f"{med['cleanup']:.3f} s | {med['total']:.2f} s |")
+    print(f"flatten_tokens in verify mode: {statistics.median(verify):.3f} s (fast mode above: {med['flatten_tokens']:.3f} s)")
 
 
 if __name__ == "__main__":
