@@ -32,19 +32,18 @@ def _softmax_over_queries(module, q, k, v, attention_mask, scaling=None, dropout
     return (w @ v).transpose(1, 2).contiguous(), w
 
 
-def test_unknown_attention_form_rejected():
-    AttentionInterface.register("orca_test_sigmoid", _sigmoid_attention)
+@pytest.mark.parametrize("name,fn,message", [
+    ("orca_test_sigmoid", _sigmoid_attention,
+     r"LlamaForCausalLM: found 0 attention ops .* model\.layers\.0\.self_attn"),
+    ("orca_test_softmax_q", _softmax_over_queries,
+     r"LlamaForCausalLM: cannot split the attention at node 'softmax.*model\.layers\.0\.self_attn.*last \(key\) dimension"),
+])
+def test_unknown_attention_form_names_class_and_construct(name, fn, message):
+    """An attention with no softmax at all, and a softmax that is not over the keys."""
+    AttentionInterface.register(name, fn)
     model = LlamaForCausalLM(LlamaConfig(**LLAMA))
-    model.set_attn_implementation("orca_test_sigmoid")
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM: found 0 attention ops .* model\.layers\.0\.self_attn"):
-        orca_compile.compile(model.eval())
-
-
-def test_softmax_that_is_not_attention_names_the_node():
-    AttentionInterface.register("orca_test_softmax_q", _softmax_over_queries)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
-    model.set_attn_implementation("orca_test_softmax_q")
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM: cannot split the attention at node 'softmax.*model\.layers\.0\.self_attn.*last \(key\) dimension"):
+    model.set_attn_implementation(name)
+    with pytest.raises(ValueError, match=message):
         orca_compile.compile(model.eval())
 
 
