@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test bench-compile clean
+.PHONY: install demo test bench bench-compile clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Compile the default model (tiny random Llama), print what each pass did and the final graph.
+# Compile the default model (tiny random Llama), show what the passes did, then serve staggered
+# requests one iteration at a time with a live view of each batch.
 demo: install
-	$(BIN)/orca-compile dump tiny-llama --stage final --format text
+	$(BIN)/orca-compile demo
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -25,6 +26,10 @@ test: install
 # docs/benchmarks.md: compile time of a 12-layer GPT-2-small-shaped model vs torch.export alone
 bench-compile: install
 	$(BIN)/python benchmarks/compile_time.py
+
+# docs/benchmarks.md: workload W1, the engine against HF static and continuous batching
+bench: install
+	$(BIN)/orca-compile bench w1 --json benchmarks/results/w1.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -48,6 +48,77 @@ def _stage_path(path, stage):
     return f"{root}.{stage}{ext}"
 
 
+def _add_engine_args(p, max_num_seqs=64, max_num_batched_tokens=512):
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, default=max_num_seqs, help="requests admitted at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=max_num_batched_tokens, help="token budget per iteration")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="default: max-num-seqs full contexts, memory permitting")
+    g.add_argument("--kv-mode", default="paged", choices=["paged", "reserve"])
+    g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--backend", default="eager", choices=["eager", "inductor"])
+
+
+def _engine_kwargs(args) -> dict:
+    return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_mode=args.kv_mode,
+                chunked_prefill=not args.no_chunked_prefill, backend=args.backend)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids takes integers separated by spaces or commas, got {text!r}") from None
+
+
+def cmd_generate(args) -> int:
+    import orca_compile
+    from orca_compile import SamplingParams
+    from orca_compile.presets import DEFAULT_PRESET
+
+    prompts = list(args.prompt or []) + [_token_ids(t) for t in args.prompt_ids or []]
+    if not prompts:
+        raise ValueError("give at least one --prompt TEXT or --prompt-ids '1 2 3'")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+    engine = orca_compile.optimize(args.model or DEFAULT_PRESET, tokenizer=args.tokenizer, dtype=args.dtype,
+                                   device=args.device, **_engine_kwargs(args))
+    for i, out in enumerate(engine.generate(prompts, params)):
+        print(f"[{i}] prompt: {prompts[i]!r}")
+        if out.text is not None:
+            print(f"[{i}] text: {out.text!r}")
+        print(f"[{i}] tokens: {out.token_ids}  ({out.finish_reason})")
+        if out.logprobs is not None:
+            print(f"[{i}] logprobs: {[round(x, 4) for x in out.logprobs]}")
+    s = engine.stats()
+    print(f"{s['num_generated_tokens']} tokens in {s['num_iterations']} iterations", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from orca_compile.demo import run_demo
+    from orca_compile.presets import DEFAULT_PRESET
+
+    run_demo(args.model or DEFAULT_PRESET, num_requests=args.requests, seed=args.seed, dtype=args.dtype or "float32")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from orca_compile import bench
+
+    systems = tuple(s.strip() for s in args.systems.split(","))
+    report = bench.run(args.workload, systems=systems, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend, threads=args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from orca_compile.presets import preset_config, preset_names
 
@@ -70,6 +141,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="write the graph here (with --stage all: one file per stage)")
     p.add_argument("--summary-only", action="store_true", help="print the per-stage op counts only")
     p.set_defaults(func=cmd_dump)
+    p = sub.add_parser("generate", help="compile a model and generate for some prompts")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", help="a text prompt (needs a tokenizer); repeat for more")
+    p.add_argument("--prompt-ids", action="append", help="a prompt as token ids, e.g. '1 2 3'; repeat for more")
+    p.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", action="store_true")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="compile the default model and serve staggered requests with a live view")
+    _add_model_args(p)
+    p.add_argument("--requests", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="serving benchmark: the engine against HF baselines in the same run")
+    p.add_argument("workload", nargs="?", default="w1", help="w1 (GPT-2-small shape, issue 3) or w1-tiny")
+    p.add_argument("--systems", default="engine,hf-static,hf-continuous")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--backend", default="eager", choices=["eager", "inductor"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the report here")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("presets", help="list the built-in tiny models")
     p.set_defaults(func=cmd_presets)
     return parser

@@ -46,6 +46,8 @@ class CompiledModel:
         logits = graph_module.graph.output_node().args[0].meta["val"]
         self.vocab_size = int(logits.shape[-1])
         self.device = logits.device
+        self.eos_token_ids: tuple[int, ...] = ()  # what generate() stops at, read off the HF model
+        self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 0)  # 0: no limit
 
     @property
     def pass_seconds(self) -> float:
@@ -65,8 +67,8 @@ class CompiledModel:
                  torch.zeros(num_blocks, block_size, l.num_kv_heads, l.v_head_dim, dtype=l.dtype, device=device))
                 for l in self.layers]
 
-    def __call__(self, batch: RaggedBatch, kv_cache) -> torch.Tensor:
-        """Run one ragged iteration; returns logits ``[len(batch.logits_indices), vocab]``."""
+    def inputs(self, batch: RaggedBatch, kv_cache) -> list[torch.Tensor]:
+        """The graph's positional inputs for one iteration, in placeholder order."""
         if len(kv_cache) != self.num_layers:
             raise ValueError(f"kv_cache has {len(kv_cache)} layers; the model has {self.num_layers}")
         feed = {
@@ -77,8 +79,12 @@ class CompiledModel:
         }
         for i, (k, v) in enumerate(kv_cache):
             feed[f"k_cache_{i}"], feed[f"v_cache_{i}"] = k, v
+        return [feed[name] for name in self.input_names]
+
+    def __call__(self, batch: RaggedBatch, kv_cache) -> torch.Tensor:
+        """Run one ragged iteration; returns logits ``[len(batch.logits_indices), vocab]``."""
         with torch.no_grad():
-            return self.graph_module(*(feed[name] for name in self.input_names))
+            return self.graph_module(*self.inputs(batch, kv_cache))
 
 
 def _layer_specs(gm: torch.fx.GraphModule) -> list[LayerSpec]:
@@ -100,4 +106,17 @@ def compile(model: torch.nn.Module, *, keep_stages: bool = True, max_tokens: int
     final = manager.run(gm)
     info = final.meta["orca"]
     info.module_paths = {}  # only the passes read HF's modules; keep none reachable from the result
-    return CompiledModel(final, manager.stages, manager.records, capture_seconds, info.config, info.model_class)
+    compiled = CompiledModel(final, manager.stages, manager.records, capture_seconds, info.config, info.model_class)
+    compiled.eos_token_ids = eos_token_ids(model)
+    return compiled
+
+
+def eos_token_ids(model) -> tuple[int, ...]:
+    """The ids HF ``generate`` stops at: the generation config's, else the model config's."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))

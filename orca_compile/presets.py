@@ -10,7 +10,8 @@ import os
 import torch
 
 DEFAULT_PRESET = "tiny-llama"
-_SMALL = dict(vocab_size=256, max_position_embeddings=512)
+_IDS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # inside the tiny vocabularies
+_SMALL = dict(vocab_size=256, max_position_embeddings=512, **_IDS)
 
 
 def _configs():
@@ -20,7 +21,7 @@ def _configs():
                       num_key_value_heads=2, **_SMALL)
     return {
         "tiny-llama": lambda: tf.LlamaConfig(**llama_like),
-        "tiny-gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=512),
+        "tiny-gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=512, **_IDS),
         "tiny-opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                          word_embed_proj_dim=64, **_SMALL),
         "tiny-qwen2": lambda: tf.Qwen2Config(**llama_like),
@@ -57,7 +58,10 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device
         dtype = parse_dtype(dtype)
     if name_or_path in _configs():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(preset_config(name_or_path))
+        config = preset_config(name_or_path)
+        model = AutoModelForCausalLM.from_config(config)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # GPT-2's defaults lie outside the vocab
+            setattr(model.generation_config, key, getattr(config, key))
         if dtype is not None:
             model = model.to(dtype)
     else:

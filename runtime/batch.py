@@ -30,10 +30,13 @@ class RaggedBatch:
         block_tables: Sequence[Sequence[int]],
         block_size: int,
         all_logits: bool = False,
+        sample: Sequence[bool] | None = None,
         device: torch.device | str = "cpu",
     ) -> "RaggedBatch":
         """Request r has ``num_computed[r]`` tokens in the cache already and feeds
-        ``new_token_ids[r]`` now; ``block_tables[r]`` must cover all of them."""
+        ``new_token_ids[r]`` now; ``block_tables[r]`` must cover all of them. Logits are returned
+        for every token (``all_logits``), else for the last token of each request (only those
+        where ``sample[r]`` is True, when given)."""
         num_reqs = len(new_token_ids)
         if not (num_reqs == len(num_computed) == len(block_tables)):
             raise ValueError(f"{num_reqs} requests but {len(num_computed)} computed counts and "
@@ -56,6 +59,10 @@ class RaggedBatch:
             tables[r, : len(table)] = torch.as_tensor(list(table), dtype=torch.long)
         slot_mapping = tables[req, positions // block_size] * block_size + positions % block_size
         ids = torch.tensor([t for seq in new_token_ids for t in seq], dtype=torch.long)
-        logits_indices = torch.arange(total) if all_logits else (query_start_loc[1:] - 1)[q_lens > 0]
+        if all_logits:
+            logits_indices = torch.arange(total)
+        else:
+            keep = q_lens > 0 if sample is None else torch.tensor(list(sample), dtype=torch.bool) & (q_lens > 0)
+            logits_indices = (query_start_loc[1:] - 1)[keep]
         return cls(*(x.to(device) for x in (ids, positions, slot_mapping, query_start_loc, seq_lens,
                                                tables, logits_indices)))

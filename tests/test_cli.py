@@ -1,5 +1,6 @@
 """`orca-compile dump` for every preset and format."""
 import os
+import re
 import stat
 
 import pytest
@@ -106,3 +107,37 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert main(["dump", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"orca-compile: error: no checkpoint directory at {str(tmp_path / 'nowhere')!r}"
+
+
+def test_generate_prints_tokens_and_logprobs(capsys):
+    assert main(["generate", "tiny-gpt2", "--prompt-ids", "1 2 3", "--prompt-ids", "4,5", "--max-tokens", "4",
+                 "--ignore-eos", "--logprobs", "--num-kv-blocks", "16"]) == 0
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if "tokens:" in l]
+    assert len(lines) == 2 and all(len(eval(l.split("tokens: ")[1].split("  (")[0])) == 4 for l in lines)
+    assert out.count("logprobs:") == 2
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", "tiny-llama", "--prompt", "hello"], "needs a tokenizer"),
+    (["generate", "tiny-llama", "--prompt-ids", "1 x"], "--prompt-ids takes integers"),
+    (["generate", "tiny-llama", "--prompt-ids", "1 2", "--top-p", "0"], "top_p"),
+    (["generate", "tiny-llama"], "at least one --prompt"),
+    (["bench", "w9"], "unknown workload"),
+])
+def test_generate_and_bench_errors_are_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0])
+
+
+def test_demo_serves_staggered_requests_with_a_live_table(capsys):
+    assert main(["demo", "--requests", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "passes" in out.lower()  # the rewrite summary comes first
+    rows = [l for l in out.splitlines() if re.match(r"\s+\d+\s+\d+\s+\d+\s+\d+\s+\d+\s+\d+/\d+", l)]
+    assert len(rows) > 6
+    assert any(":P" in r and ":D" in r for r in rows), "no iteration mixed a prefill chunk with decodes"
+    assert sum("joined" in r for r in rows) >= 2 and sum(r.count(",") + 1 for r in rows if "done" in r) >= 6
+    assert re.search(r"6 requests, \d+ tokens generated .* tokens/s", out)
+    assert out.rstrip().endswith("KV blocks in use at the end: 0")

@@ -1,0 +1,230 @@
+"""Serving benchmarks: the engine against HF baselines on the same weights, in the same process.
+
+Workload W1 (issue 3): a GPT-2-small-shaped model (random weights, float32), 32 requests with
+prompt lengths uniform in [16, 128] and output lengths uniform in [8, 64], all arriving at once,
+seed 0. Every system must produce each request's full output length (EOS is ignored), so
+"useful tokens" is the same number for all: the sum of the requested output lengths. Timings
+exclude one-off set-up (compiling, HF's cache allocation) and are reported separately.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import time
+
+import torch
+
+from orca_compile.presets import load_model, parse_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str
+    dtype: str
+    num_requests: int
+    prompt_len: tuple[int, int]
+    output_len: tuple[int, int]
+    seed: int = 0
+
+    def requests(self, vocab_size: int) -> list[tuple[list[int], int]]:
+        rng = random.Random(self.seed)
+        out = []
+        for _ in range(self.num_requests):
+            n = rng.randint(*self.prompt_len)
+            out.append(([rng.randrange(vocab_size) for _ in range(n)], rng.randint(*self.output_len)))
+        return out
+
+
+WORKLOADS = {
+    "w1": Workload("w1", "gpt2-small-random", "float32", 32, (16, 128), (8, 64)),
+    # the same shape on the tiny default model: seconds, for smoke runs and the tests
+    "w1-tiny": Workload("w1-tiny", "tiny-llama", "float32", 32, (16, 128), (8, 64)),
+}
+
+
+@dataclasses.dataclass
+class Result:
+    system: str
+    seconds: float
+    useful_tokens: int
+    setup_seconds: float = 0.0
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.useful_tokens / self.seconds
+
+
+def run_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, block_size=16, backend="eager",
+               compiled=None) -> tuple[Result, list[list[int]]]:
+    import orca_compile
+    from orca_compile import SamplingParams
+
+    t0 = time.perf_counter()
+    compiled = compiled or orca_compile.compile(model, keep_stages=False)
+    blocks = sum(-(-(len(p) + n) // block_size) for p, n in reqs) + 1
+    engine = orca_compile.optimize(compiled, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                   block_size=block_size, num_kv_blocks=blocks, backend=backend)
+    engine.generate([reqs[0][0]], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up: allocator, inductor
+    engine.iteration_stats.clear()
+    setup = time.perf_counter() - t0
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in reqs]
+    start = time.perf_counter()
+    outs = engine.generate([p for p, _ in reqs], params)
+    seconds = time.perf_counter() - start
+    its = list(engine.iteration_stats)
+    full = [it for it in its if len(it.request_ids) >= min(max_num_seqs, len(reqs))]
+    extra = {
+        "iterations": len(its),
+        "forward_share": sum(it.forward_seconds for it in its) / sum(it.seconds for it in its),
+        "full_batch_iterations": len(full),
+    }
+    if full:
+        extra |= {
+            "full_batch_iteration_ms": 1e3 * statistics.median(it.seconds for it in full),
+            "full_batch_overhead_ms": 1e3 * statistics.median(it.overhead_seconds for it in full),
+            "full_batch_overhead_share": statistics.median(it.overhead_seconds / it.seconds for it in full),
+            "overhead_breakdown_ms": {k: 1e3 * statistics.median(getattr(it, f"{k}_seconds") for it in full)
+                                      for k in ("schedule", "prepare", "sample", "update")},
+        }
+    tokens = [o.token_ids for o in outs]
+    return Result("orca-compile engine", seconds, sum(map(len, tokens)), setup, extra), tokens
+
+
+def run_hf_static(model, reqs, batch_size=8) -> tuple[Result, list[list[int]]]:
+    """HF ``generate`` on padded batches of ``batch_size`` in arrival order, each run to the
+    longest output of its batch (the static batching Orca improves on)."""
+    pad = 0
+    tokens, start = [], time.perf_counter()
+    computed = 0
+    for i in range(0, len(reqs), batch_size):
+        batch = reqs[i:i + batch_size]
+        longest = max(len(p) for p, _ in batch)
+        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (p, _) in enumerate(batch):  # left padding: every row's last prompt token lines up
+            ids[r, longest - len(p):] = torch.tensor(p)
+            mask[r, longest - len(p):] = 1
+        steps = max(n for _, n in batch)
+        with torch.no_grad():
+            out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=steps,
+                                 do_sample=False, eos_token_id=None, pad_token_id=pad)
+        computed += len(batch) * steps
+        tokens += [out[r, longest:longest + n].tolist() for r, (_, n) in enumerate(batch)]
+    seconds = time.perf_counter() - start
+    useful = sum(n for _, n in reqs)
+    return Result(f"HF generate, static batches of {batch_size}", seconds, useful,
+                  extra={"generated_incl_padding_waste": computed}), tokens
+
+
+def run_hf_continuous(model, reqs) -> tuple[Result, list[list[int]]]:
+    """HF's own continuous batching (``init_continuous_batching``), per-request ``max_new_tokens``."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in reqs), eos_token_id=-1, pad_token_id=0)
+    t0 = time.perf_counter()
+    results = {}
+    with model.continuous_batching_context_manager(generation_config=gen, warmup=True) as manager:
+        setup = time.perf_counter() - t0
+        start = time.perf_counter()
+        for i, (p, n) in enumerate(reqs):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
+        while len(results) < len(reqs):
+            r = manager.get_result(timeout=60)
+            if r is None:
+                if not manager.is_running():
+                    raise RuntimeError("HF continuous batching stopped before finishing the workload")
+                continue
+            if r.is_finished():
+                results[r.request_id] = r
+        seconds = time.perf_counter() - start
+    tokens = [list(results[f"r{i}"].generated_tokens) for i in range(len(reqs))]
+    return Result("HF continuous batching", seconds, sum(map(len, tokens)), setup), tokens
+
+
+def matmul_rate(dtype: torch.dtype, device="cpu") -> float:
+    """This machine's best measured dense matmul rate (FLOP/s) over GPT-2-small-like shapes."""
+    best = 0.0
+    for m, k, n in ((512, 768, 3072), (512, 3072, 768), (1024, 768, 2304), (256, 768, 50257)):
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
+        torch.mm(a, b)
+        reps = 0
+        start = time.perf_counter()
+        while reps < 3 or time.perf_counter() - start < 0.5:
+            torch.mm(a, b)
+            reps += 1
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start))
+    return best
+
+
+def workload_flops(compiled, reqs) -> float:
+    """FLOPs of the ideal run: each prompt and each generated token but the last fed once, the
+    LM head only for tokens that are sampled, attention over each token's causal context."""
+    from orca_compile.passes.partition.cost_model import graph_cost
+
+    cost = graph_cost(compiled.graph_module)
+    tokens = sum(len(p) + n - 1 for p, n in reqs)
+    rows = sum(n for _, n in reqs)
+    pairs = sum((len(p) + n - 1) * (len(p) + n) // 2 for p, n in reqs)
+    return cost.flops(tokens, rows, pairs)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of requests whose token ids agree exactly."""
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), max_num_seqs=32,
+        max_num_batched_tokens=512, backend="eager", threads: int | None = None, log=print) -> dict:
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
+    w = WORKLOADS[workload]
+    if threads:
+        torch.set_num_threads(threads)
+    import orca_compile
+
+    model = load_model(w.model, dtype=w.dtype)
+    compiled = orca_compile.compile(model, keep_stages=False)
+    reqs = w.requests(compiled.vocab_size)
+    rate = matmul_rate(parse_dtype(w.dtype))
+    flops = workload_flops(compiled, reqs)
+    floor = flops / rate
+    log(f"workload {w.name}: {w.model} {w.dtype}, {len(reqs)} requests, prompts {sum(len(p) for p, _ in reqs)} "
+        f"tokens, outputs {sum(n for _, n in reqs)} tokens; torch threads {torch.get_num_threads()}")
+    log(f"compute floor: {flops / 1e9:.1f} GFLOP / {rate / 1e9:.1f} GFLOP/s measured matmul rate = {floor:.2f} s")
+    results, tokens = [], {}
+    for system in systems:
+        if system == "engine":
+            res, tokens[system] = run_engine(model, reqs, max_num_seqs=max_num_seqs,
+                                             max_num_batched_tokens=max_num_batched_tokens, backend=backend,
+                                             compiled=compiled)
+        elif system == "hf-static":
+            res, tokens[system] = run_hf_static(model, reqs)
+        elif system == "hf-continuous":
+            res, tokens[system] = run_hf_continuous(model, reqs)
+        else:
+            raise ValueError(f"unknown system {system!r}; engine, hf-static, hf-continuous")
+        results.append(res)
+        log(f"  {res.system:38} {res.seconds:8.2f} s {res.tokens_per_second:9.1f} tok/s "
+            f"(set-up {res.setup_seconds:.1f} s)")
+    report = {"workload": dataclasses.asdict(w), "flops": flops, "matmul_rate": rate, "compute_floor_s": floor,
+              "threads": torch.get_num_threads(), "results": [dataclasses.asdict(r) | {
+                  "tokens_per_second": r.tokens_per_second} for r in results]}
+    if "engine" in tokens:
+        eng = next(r for r in results if r.system.startswith("orca"))
+        report["engine_over_floor"] = eng.seconds / floor
+        log(f"engine time / compute floor: {eng.seconds / floor:.2f}x")
+        for other, res in zip(systems, results):
+            if other != "engine":
+                log(f"engine speed-up over {res.system}: {res.seconds / eng.seconds:.2f}x; same tokens for "
+                    f"{agreement(tokens['engine'], tokens[other]):.0%} of requests")
+                report[f"speedup_over_{other}"] = res.seconds / eng.seconds
+        if "full_batch_overhead_share" in eng.extra:
+            x = eng.extra
+            log(f"engine iterations: {x['iterations']}; with a full batch: median {x['full_batch_iteration_ms']:.1f} ms, "
+                f"CPU overhead {x['full_batch_overhead_ms']:.2f} ms = {x['full_batch_overhead_share']:.1%} "
+                f"({', '.join(f'{k} {v:.2f}' for k, v in x['overhead_breakdown_ms'].items())} ms)")
+    return report

@@ -1,0 +1,213 @@
+"""The engine: requests in, one iteration per ``step()``, outputs out.
+
+``step()`` is three moves: the scheduler decides (``SchedulerOutput``), the executor runs the
+rewritten graph and samples (``RunnerOutput``), the scheduler applies the result. Requests join
+and leave between any two steps. Bad input is refused in ``add_request`` with a ``ValueError``
+before the request touches any state, so it fails alone and the engine goes on serving.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from orca_compile.compiler import CompiledModel
+from orca_compile.config import EngineConfig
+from orca_compile.runtime.block_manager import KVBlockManager
+from orca_compile.runtime.executor import LocalExecutor
+from orca_compile.runtime.model_runner import ModelRunner
+from orca_compile.runtime.request import Request, RequestOutput, SamplingParams
+from orca_compile.runtime.scheduler import Scheduler
+
+
+@dataclasses.dataclass
+class IterationStats:
+    """What one ``step()`` did and where its time went."""
+
+    iteration: int
+    request_ids: list[str]  # in the batch, in batch order
+    num_scheduled_tokens: list[int]  # tokens each of them fed (1 for a decode)
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_running: int  # admitted requests after the step (some may have sat this one out)
+    num_waiting: int
+    num_preempted: int
+    kv_blocks_used: int
+    schedule_seconds: float
+    prepare_seconds: float
+    forward_seconds: float
+    sample_seconds: float
+    update_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return (self.schedule_seconds + self.prepare_seconds + self.forward_seconds + self.sample_seconds
+                + self.update_seconds)
+
+    @property
+    def overhead_seconds(self) -> float:
+        """CPU time outside the graph: scheduling, batch building, sampling, bookkeeping."""
+        return self.seconds - self.forward_seconds
+
+
+class Engine:
+    def __init__(self, compiled: CompiledModel, config: EngineConfig, tokenizer=None, seed: int = 0):
+        self.compiled = compiled
+        self.config = config
+        self.tokenizer = tokenizer
+        self.block_manager = KVBlockManager(config.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.executor = LocalExecutor(ModelRunner(compiled, config.num_kv_blocks, config.block_size,
+                                                  backend=config.backend, seed=seed))
+        self.num_iterations = 0
+        self.num_generated_tokens = 0
+        self.num_computed_tokens = 0  # every token fed through the graph, recomputes included
+        self.iteration_stats: collections.deque[IterationStats] = collections.deque(maxlen=100_000)
+        self._arrivals = itertools.count()
+        self._auto_ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None) -> None:
+        """Queue a request; it joins the batch at the next iteration with room for it."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        prompt_ids = self._prompt_ids(prompt)
+        self._check_fits(prompt_ids, params)
+        self.scheduler.add(Request(request_id, prompt_ids, params, next(self._arrivals), self.compiled.eos_token_ids))
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop a request wherever it is and free its blocks; returns its final output (or None
+        if the engine does not know it)."""
+        req = self.scheduler.abort(request_id)
+        return None if req is None else RequestOutput.of(req, [], self.tokenizer)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one iteration -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run exactly one iteration. Returns an output for each request that got a token (a
+        request that only advanced its prompt by a chunk has nothing to report)."""
+        t0 = time.perf_counter()
+        decision = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        if decision.is_empty:
+            return []
+        result = self.executor.execute(decision)
+        t2 = time.perf_counter()
+        touched = self.scheduler.update(decision, result.sampled_token_ids, result.logprobs)
+        outputs = [RequestOutput.of(req, new, self.tokenizer) for req, new in touched]
+        t3 = time.perf_counter()
+        self.num_iterations += 1
+        self.num_generated_tokens += len(result.sampled_token_ids)
+        self.num_computed_tokens += decision.num_tokens
+        self.iteration_stats.append(IterationStats(
+            self.num_iterations, decision.request_ids, [len(t) for t in decision.new_token_ids],
+            decision.num_prefill_tokens, decision.num_decode_tokens,
+            len(self.scheduler.running), len(self.scheduler.waiting), len(decision.preempted_request_ids),
+            self.block_manager.num_used_blocks, t1 - t0, result.prepare_seconds, result.forward_seconds,
+            result.sample_seconds, (t2 - t1 - result.prepare_seconds - result.forward_seconds - result.sample_seconds)
+            + (t3 - t2)))
+        return outputs
+
+    @property
+    def last_iteration(self) -> IterationStats | None:
+        return self.iteration_stats[-1] if self.iteration_stats else None
+
+    # ---- blocking convenience ------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 on_step: Callable[[IterationStats, list[RequestOutput]], None] | None = None) -> list[RequestOutput]:
+        """Serve ``prompts`` to completion; returns their final outputs in prompt order.
+
+        Requests already in the engine keep being served alongside (their outputs go to nobody:
+        drive ``step()`` yourself to see them). If one prompt is refused, none of this call's
+        requests stays queued and the ``ValueError`` names the prompt's index.
+        """
+        if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
+            raise ValueError("prompts must be a list of prompts (strings or token-id lists), not a single prompt")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            rid = f"generate-{next(self._auto_ids)}"
+            try:
+                self.add_request(rid, prompt, p)
+            except ValueError as exc:
+                for added in ids:
+                    self.abort_request(added)
+                raise ValueError(f"prompt {i}: {exc}") from None
+            ids.append(rid)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            assert self.has_unfinished_requests(), "requests vanished without a final output"
+            outputs = self.step()
+            for out in outputs:
+                if out.finished:
+                    final[out.request_id] = out
+            if on_step is not None and self.last_iteration is not None:
+                on_step(self.last_iteration, outputs)
+        return [final[rid] for rid in ids]
+
+    def stats(self) -> dict:
+        return {
+            "num_waiting": len(self.scheduler.waiting),
+            "num_running": len(self.scheduler.running),
+            "kv_blocks_used": self.block_manager.num_used_blocks,
+            "kv_blocks_total": self.block_manager.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_iterations": self.num_iterations,
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_computed_tokens": self.num_computed_tokens,
+        }
+
+    # ---- validation ----------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: pass tokenizer= to optimize(), or give token ids")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point:
+                raise ValueError(f"a tensor prompt must be 1-D integer token ids, got {prompt.dtype} {tuple(prompt.shape)}")
+            ids = prompt.tolist()
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: at least 1 token is needed")
+        vocab = self.compiled.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"token id {t!r} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        cfg = self.config
+        total = len(ids) + params.max_tokens
+        if cfg.max_model_len and total > cfg.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
+                             f"model's context of {cfg.max_model_len} tokens")
+        kv_tokens = total - 1  # the last sampled token is never fed
+        blocks = self.block_manager.blocks_for(kv_tokens)
+        if blocks > cfg.num_kv_blocks:
+            raise ValueError(f"prompt + max_tokens needs {blocks} KV blocks of {cfg.block_size} tokens; the cache "
+                             f"has {cfg.num_kv_blocks} in all, so this request could never fit")
+        if not cfg.chunked_prefill:
+            # without chunking, a prompt (or, after a preemption, prompt + output) runs in one go
+            longest = len(ids) if cfg.kv_mode == "reserve" else kv_tokens
+            if longest > cfg.max_num_batched_tokens:
+                raise ValueError(f"{longest} tokens would have to run in one iteration, over "
+                                 f"max_num_batched_tokens={cfg.max_num_batched_tokens} (chunked_prefill is off)")

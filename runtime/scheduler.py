@@ -1,0 +1,184 @@
+"""Iteration-level scheduling (Orca, OSDI '22, Algorithm 1) with chunked prefill (Sarathi-Serve).
+
+Every iteration the scheduler picks which requests run and how many tokens each feeds, under two
+limits: ``max_num_seqs`` requests admitted at once (Orca's max batch size) and
+``max_num_batched_tokens`` tokens per iteration. Requests join and leave between iterations.
+
+Order within an iteration (``fcfs``):
+
+1. running requests that decode (one pending token), in arrival order: nobody's next token waits
+   behind a long prompt;
+2. running requests part-way through their prompt (or through a recompute), in arrival order;
+3. waiting requests in arrival order, while a slot, budget and KV blocks last. Admission stops at
+   the first request that does not fit (strict FCFS: a short request never overtakes a long one).
+
+KV modes. ``reserve`` is Orca's: a request is admitted only with blocks for
+``prompt + max_tokens - 1`` slots, so nothing is ever preempted. ``paged`` allocates blocks as
+tokens arrive; when they run out, the latest-arrived running request is preempted by recompute:
+its blocks are freed, its prompt and generated tokens go back to the head of the queue and are
+fed again later (chunked like any prompt). Generated tokens are kept, so the output is the same.
+No deadlock: ``add_request`` rejects a request that could not finish alone in the whole cache,
+and the earliest running request is the last to be preempted, so it always progresses.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+from orca_compile.config import EngineConfig
+from orca_compile.runtime.block_manager import KVBlockManager
+from orca_compile.runtime.request import Request, RequestStatus, SamplingParams
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """One iteration's decision; the only thing that crosses from the scheduler to the runner."""
+
+    request_ids: list[str]  # scheduled requests in batch order: decodes, then prefill chunks
+    new_token_ids: list[list[int]]  # the tokens each request feeds this iteration
+    num_computed_tokens: list[int]  # tokens each request already has in the KV cache
+    block_tables: list[list[int]]  # each request's blocks, covering computed + new tokens
+    sample: list[bool]  # True where the chunk ends at the request's last token: sample its next one
+    sampling_params: list[SamplingParams]  # each request's (the runner reads those that sample)
+    preempted_request_ids: list[str]  # preempted (by recompute) while making this decision
+    finished_request_ids: list[str]  # left the engine since the last iteration: drop their state
+    num_prefill_tokens: int = 0  # tokens of requests feeding more than one token
+    num_decode_tokens: int = 0  # tokens of requests feeding exactly their last token
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.request_ids
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: KVBlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: list[Request] = []  # sorted by arrival
+        self.running: list[Request] = []  # sorted by arrival
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+
+    # ---- requests in and out ---------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        assert req.request_id not in self.requests
+        self.requests[req.request_id] = req
+        bisect.insort(self.waiting, req, key=_arrival)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        (self.running if req.status is RequestStatus.RUNNING else self.waiting).remove(req)
+        req.status = RequestStatus.FINISHED_ABORT
+        self._retire(req)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the decision ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chosen: dict[str, tuple[Request, int]] = {}  # insertion order is batch order
+        preempted: list[str] = []
+
+        decodes = [r for r in self.running if r.num_pending_tokens == 1]
+        prefills = [r for r in self.running if r.num_pending_tokens > 1]
+        for req in decodes + prefills:
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(req.num_pending_tokens, budget)
+            while not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
+                victim = self.running[-1]  # latest arrival
+                budget += chosen.pop(victim.request_id, (None, 0))[1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                chosen[req.request_id] = (req, n)
+                budget -= n
+
+        # Admitting while preempting would only thrash: the freed blocks go to the running ones.
+        while not preempted and self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
+            req = self.waiting[0]
+            n = min(req.num_pending_tokens, budget)
+            if n < req.num_pending_tokens and not self.config.chunked_prefill:
+                break
+            need = req.max_kv_tokens if self.config.kv_mode == "reserve" else req.num_computed_tokens + n
+            if not self.block_manager.allocate(req.request_id, need):
+                break
+            self.waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=_arrival)
+            chosen[req.request_id] = (req, n)
+            budget -= n
+
+        out = SchedulerOutput([], [], [], [], [], [], preempted, self._finished_ids)
+        self._finished_ids = []
+        for req, n in chosen.values():
+            start = req.num_computed_tokens
+            out.request_ids.append(req.request_id)
+            out.new_token_ids.append(req.token_ids[start:start + n])
+            out.num_computed_tokens.append(start)
+            out.block_tables.append(self.block_manager.block_table(req.request_id))
+            last = start + n == req.num_tokens
+            out.sample.append(last)
+            out.sampling_params.append(req.params)
+            if last and n == 1:
+                out.num_decode_tokens += 1
+            else:
+                out.num_prefill_tokens += n
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: list[int], logprobs: list[float] | None) -> list[tuple[Request, list[int]]]:
+        """Apply one iteration's results; returns each request that got a token, with it.
+
+        ``sampled`` (and ``logprobs``) hold one entry per request whose ``out.sample`` is True.
+        """
+        touched = []
+        j = 0
+        for rid, new, do_sample in zip(out.request_ids, out.new_token_ids, out.sample):
+            req = self.requests[rid]
+            req.num_computed_tokens += len(new)
+            if not do_sample:
+                continue
+            token = sampled[j]
+            req.append_token(token, logprobs[j] if logprobs is not None and req.params.logprobs else None)
+            j += 1
+            if req.status.finished:
+                self.running.remove(req)
+                self._retire(req)
+            touched.append((req, [token]))
+        assert j == len(sampled), f"{len(sampled)} sampled tokens for {j} sampling requests"
+        return touched
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.block_manager.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, req, key=_arrival)
+
+    def _retire(self, req: Request) -> None:
+        self.block_manager.free(req.request_id)
+        del self.requests[req.request_id]
+        self._finished_ids.append(req.request_id)
+
+
+def _arrival(req: Request) -> int:
+    return req.arrival

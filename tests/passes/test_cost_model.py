@@ -1,0 +1,21 @@
+"""The graph-derived FLOP count against one computed from the HF model's own weights."""
+import pytest
+import torch
+
+from orca_compile.passes.partition.cost_model import graph_cost
+from tests.conftest import compiled_preset
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-llama-mqa"])
+def test_matmul_flops_equal_two_per_weight_per_token(name):
+    model, cm = compiled_preset(name)
+    head = model.get_output_embeddings().weight
+    body = sum(p.numel() for n, p in model.named_parameters()
+               if p.dim() == 2 and p is not head and "embed" not in n and "wte" not in n and "wpe" not in n)
+    cost = graph_cost(cm.graph_module)
+    # 7 tokens through the body, logits for 3 of them, no attention pairs
+    assert cost.flops(7, 3, 0) == 2 * body * 7 + 2 * head.numel() * 3
+    cfg = model.config
+    heads, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    assert cost.attention_flops_per_key == cfg.num_hidden_layers * 2 * heads * 2 * hd
+    assert cost.flops(0, 0, 10) == 10 * cost.attention_flops_per_key

@@ -1,0 +1,173 @@
+"""The engine's public API on a tiny float64 Llama: joins and leaves, aborts, seeds, bad input."""
+import math
+
+import pytest
+import torch
+
+import orca_compile
+from orca_compile import SamplingParams
+from tests.acceptance.test_engine_vs_hf import hf_generate
+from tests.conftest import compiled_preset
+
+
+def engine(**kw):
+    model, cm = compiled_preset("tiny-llama")
+    args = dict(max_num_seqs=4, max_num_batched_tokens=32, block_size=4, num_kv_blocks=64) | kw
+    return model, orca_compile.optimize(cm, **args)
+
+
+def finish(eng, limit=500):
+    final = {}
+    for _ in range(limit):
+        if not eng.has_unfinished_requests():
+            return final
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+    raise AssertionError("engine did not drain")
+
+
+def test_short_request_returns_while_long_one_runs():
+    model, eng = engine()
+    eng.add_request("long", [5, 6, 7], SamplingParams(max_tokens=30, ignore_eos=True))
+    eng.add_request("short", [8, 9], SamplingParams(max_tokens=3, ignore_eos=True))
+    steps = 0
+    while True:
+        outs = {o.request_id: o for o in eng.step()}
+        steps += 1
+        if "short" in outs and outs["short"].finished:
+            break
+    assert steps == 3
+    assert not outs["long"].finished and len(outs["long"].token_ids) == 3
+    assert eng.stats()["num_running"] == 1
+    rest = finish(eng)
+    assert rest["long"].token_ids == hf_generate(model, [5, 6, 7], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+
+
+def test_late_request_joins_the_next_iteration():
+    model, eng = engine()
+    eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=10, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    eng.add_request("b", [4, 5], SamplingParams(max_tokens=2, ignore_eos=True))
+    outs = {o.request_id: o for o in eng.step()}
+    assert eng.last_iteration.request_ids == ["a", "b"]
+    assert outs["b"].new_token_ids and len(outs["a"].token_ids) == 4
+    final = finish(eng)
+    assert final["b"].token_ids == hf_generate(model, [4, 5], SamplingParams(max_tokens=2, ignore_eos=True))[0]
+
+
+def test_abort_frees_blocks_and_others_complete():
+    model, eng = engine()
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    eng.add_request("a", [1, 2, 3, 4, 5], p)
+    eng.add_request("b", [6, 7, 8], p)
+    eng.add_request("c", [9] * 6, p)
+    eng.step()
+    eng.step()
+    used = eng.stats()["kv_blocks_used"]
+    assert len(eng.block_manager.block_table("b")) == 1  # 4 tokens computed (3 + 1 decode): 1 block of 4
+    out = eng.abort_request("b")
+    assert out.finished and out.finish_reason == "abort" and len(out.token_ids) == 2
+    assert eng.stats()["kv_blocks_used"] == used - 1
+    assert eng.abort_request("b") is None and eng.abort_request("nobody") is None
+    eng.abort_request("c")
+    final = finish(eng)
+    assert set(final) == {"a"}
+    assert final["a"].token_ids == hf_generate(model, [1, 2, 3, 4, 5], p)[0]
+    assert eng.stats()["kv_blocks_used"] == 0
+
+
+def test_seeded_request_gives_the_same_tokens_whatever_its_batch():
+    _, eng = engine()
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=1234, ignore_eos=True)
+    alone = eng.generate([[3, 1, 4, 1, 5]], params)[0].token_ids
+    crowd = [SamplingParams(max_tokens=n, temperature=0.8, ignore_eos=True) for n in (3, 15, 7)]
+    outs = eng.generate([[2, 7], [3, 1, 4, 1, 5], [9] * 20, [6, 6, 6]], [crowd[0], params, crowd[1], crowd[2]])
+    assert outs[1].token_ids == alone
+    other_seed = eng.generate([[3, 1, 4, 1, 5]], SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=99,
+                                                               ignore_eos=True))[0].token_ids
+    assert other_seed != alone  # the seed matters (12 draws from ~50 tokens cannot all collide)
+
+
+def test_seeded_request_survives_preemption_unchanged():
+    _, roomy = engine(num_kv_blocks=64)
+    params = [SamplingParams(max_tokens=14, temperature=1.0, seed=s, ignore_eos=True) for s in range(4)]
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10], [11] * 9, [12, 13]]
+    expected = [o.token_ids for o in roomy.generate(prompts, params)]
+    _, tight = engine(num_kv_blocks=8, max_num_seqs=4)
+    got = tight.generate(prompts, params)
+    assert tight.stats()["num_preemptions"] > 0
+    assert [o.token_ids for o in got] == expected
+
+
+BAD_REQUESTS = [
+    ("empty prompt", [], {}, "empty"),
+    ("id >= vocab", [1, 256], {}, "256.*vocabulary"),
+    ("negative id", [-3, 1], {}, "-3.*vocabulary"),
+    ("not an int", [1, 2.5], {}, "2.5"),
+    ("longer than the context", [1] * 500, dict(max_tokens=13), "513.*512"),
+    ("never fits the cache", [1] * 200, dict(max_tokens=100), "could never fit"),
+    ("text without tokenizer", "hello", {}, "tokenizer"),
+]
+
+
+@pytest.mark.parametrize("what,prompt,kw,match", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_fails_alone_and_the_engine_goes_on(what, prompt, kw, match):
+    model, eng = engine()
+    good = SamplingParams(max_tokens=6, ignore_eos=True)
+    eng.add_request("running", [7, 7, 7], good)
+    eng.step()
+    with pytest.raises(ValueError, match=match):
+        eng.add_request("bad", prompt, SamplingParams(**kw))
+    assert "bad" not in eng.scheduler.requests
+    eng.add_request("after", [1, 2, 3], good)
+    final = finish(eng)
+    assert final["running"].token_ids == hf_generate(model, [7, 7, 7], good)[0]
+    assert final["after"].token_ids == hf_generate(model, [1, 2, 3], good)[0]
+    assert eng.stats()["kv_blocks_used"] == 0
+
+
+def test_duplicate_request_id_is_refused_and_the_first_completes():
+    model, eng = engine()
+    p = SamplingParams(max_tokens=4, ignore_eos=True)
+    eng.add_request("x", [1, 2], p)
+    with pytest.raises(ValueError, match="'x' is already in the engine"):
+        eng.add_request("x", [3, 4], p)
+    final = finish(eng)
+    assert final["x"].token_ids == hf_generate(model, [1, 2], p)[0]
+    eng.add_request("x", [3, 4], p)  # a finished id may be reused
+    assert finish(eng)["x"].token_ids == hf_generate(model, [3, 4], p)[0]
+
+
+def test_generate_refuses_a_bad_prompt_without_leaving_others_queued():
+    _, eng = engine()
+    with pytest.raises(ValueError, match="prompt 1: .*empty"):
+        eng.generate([[1, 2], [], [3]], SamplingParams(max_tokens=2))
+    assert not eng.has_unfinished_requests() and eng.stats()["kv_blocks_used"] == 0
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        eng.generate([[1], [2], [3]], [SamplingParams(), SamplingParams()])
+    with pytest.raises(ValueError, match="params must be a SamplingParams"):
+        eng.add_request("y", [1], {"max_tokens": 3})
+    assert len(eng.generate([[5, 6]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_num_seqs=0), "max_num_seqs"), (dict(max_num_batched_tokens=-1), "max_num_batched_tokens"),
+    (dict(block_size=0), "block_size"), (dict(num_kv_blocks=0), "num_kv_blocks"), (dict(policy="lifo"), "policy"),
+    (dict(kv_mode="swap-everything"), "kv_mode"), (dict(backend="tensorrt"), "backend"),
+    (dict(max_model_len=10_000), "exceeds the model's context of 512"),
+])
+def test_bad_engine_config_is_refused(kw, match):
+    _, cm = compiled_preset("tiny-llama")
+    with pytest.raises(ValueError, match=match):
+        orca_compile.optimize(cm, **({"num_kv_blocks": 8} | kw))
+
+
+def test_default_cache_size_covers_max_num_seqs_full_contexts():
+    _, cm = compiled_preset("tiny-llama")
+    eng = orca_compile.optimize(cm, max_num_seqs=3, block_size=16)
+    assert eng.config.num_kv_blocks == 3 * math.ceil(512 / 16)
+    assert eng.config.max_model_len == 512
+    k, v = eng.executor.runner.kv_cache[0]
+    assert k.shape == (96, 16, 2, 16) and k.dtype == torch.float64

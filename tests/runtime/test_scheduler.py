@@ -1,0 +1,148 @@
+"""The scheduler's decisions on their own (no model): order, budgets, admission, preemption."""
+import itertools
+import random
+
+import pytest
+
+from orca_compile.config import EngineConfig
+from orca_compile.runtime.block_manager import KVBlockManager
+from orca_compile.runtime.request import Request, SamplingParams
+from orca_compile.runtime.scheduler import Scheduler
+
+
+def make(num_blocks=64, block_size=4, **kw):
+    cfg = EngineConfig(num_kv_blocks=num_blocks, block_size=block_size, **kw)
+    return Scheduler(cfg, KVBlockManager(num_blocks, block_size))
+
+
+_ARRIVALS = itertools.count()
+
+
+def add(s, rid, n_prompt, max_tokens=8):
+    req = Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                  next(_ARRIVALS))
+    s.add(req)
+    return req
+
+
+def run(s, out, token=7):
+    return s.update(out, [token] * sum(out.sample), None)
+
+
+def test_decodes_first_then_partial_prefills_then_new_requests():
+    s = make(max_num_seqs=8, max_num_batched_tokens=10)
+    add(s, "a", 3)
+    add(s, "b", 20)
+    out = s.schedule()
+    assert out.request_ids == ["a", "b"] and [len(t) for t in out.new_token_ids] == [3, 7]
+    assert out.sample == [True, False]  # b's chunk does not reach its last token
+    run(s, out)
+    add(s, "c", 4)
+    out = s.schedule()
+    # a decodes (1), b continues its prompt (9 of 13 left), c waits: the budget is spent
+    assert out.request_ids == ["a", "b"] and [len(t) for t in out.new_token_ids] == [1, 9]
+    assert (out.num_decode_tokens, out.num_prefill_tokens) == (1, 9)
+    run(s, out)
+    out = s.schedule()
+    assert out.request_ids == ["a", "b", "c"] and [len(t) for t in out.new_token_ids] == [1, 4, 4]
+    assert out.num_computed_tokens == [4, 16, 0]
+
+
+def test_max_num_seqs_bounds_admission_and_a_leaver_makes_room():
+    s = make(max_num_seqs=2, max_num_batched_tokens=100)
+    add(s, "a", 2, max_tokens=1)
+    add(s, "b", 2, max_tokens=5)
+    add(s, "c", 2)
+    out = s.schedule()
+    assert out.request_ids == ["a", "b"]
+    run(s, out)  # a finishes (max_tokens=1) and leaves between iterations
+    assert "a" not in s.requests and out.request_ids
+    out = s.schedule()
+    assert out.request_ids == ["b", "c"]
+
+
+def test_fcfs_head_of_line_blocks_later_requests():
+    """The head that does not fit is not overtaken by a smaller later request."""
+    s = make(num_blocks=6, block_size=4, max_num_seqs=8, max_num_batched_tokens=100, kv_mode="reserve")
+    add(s, "a", 8, max_tokens=9)  # reserves ceil(16/4) = 4 blocks
+    add(s, "b", 8, max_tokens=5)  # needs 3: only 2 left
+    add(s, "c", 1, max_tokens=2)  # would fit in 1, but must wait behind b
+    out = s.schedule()
+    assert out.request_ids == ["a"]
+    assert s.block_manager.num_used_blocks == 4
+
+
+def test_paged_preemption_takes_the_latest_arrival_and_requeues_it_first():
+    s = make(num_blocks=4, block_size=2, max_num_seqs=8, max_num_batched_tokens=100)
+    a = add(s, "a", 4, max_tokens=5)
+    b = add(s, "b", 4, max_tokens=5)
+    out = s.schedule()  # 2 + 2 blocks: the cache is full
+    assert out.request_ids == ["a", "b"] and s.block_manager.num_free_blocks == 0
+    run(s, out)  # both now have 5 tokens; feeding the 5th needs a 3rd block each
+    add(s, "c", 1)
+    out = s.schedule()
+    assert out.preempted_request_ids == ["b"] and out.request_ids == ["a"]
+    assert b.num_computed_tokens == 0 and b.num_preemptions == 1 and b.num_output_tokens == 1
+    assert [r.request_id for r in s.waiting] == ["b", "c"]  # b keeps its place before c
+    assert a.num_preemptions == 0
+    s.block_manager.check()
+
+
+def test_a_request_that_cannot_grow_preempts_itself_when_it_is_the_latest():
+    s = make(num_blocks=3, block_size=2, max_num_seqs=8, max_num_batched_tokens=100)
+    a = add(s, "a", 2, max_tokens=5)  # 6 KV slots at most: the whole cache
+    b = add(s, "b", 2, max_tokens=3)
+    out = s.schedule()
+    assert out.request_ids == ["a", "b"]
+    run(s, out)
+    out = s.schedule()  # a takes the last block; b cannot grow and is the latest: b goes
+    assert out.request_ids == ["a"] and out.preempted_request_ids == ["b"]
+    while a.request_id in s.requests:
+        out = s.schedule()
+        assert "b" not in out.request_ids or a.status.finished
+        run(s, out)
+    out = s.schedule()
+    assert out.request_ids == ["b"] and out.new_token_ids == [[1, 2, 7]]  # prompt + its kept token
+    assert b.num_preemptions == 1
+
+
+@pytest.mark.parametrize("kv_mode", ["paged", "reserve"])
+@pytest.mark.parametrize("seed", range(5))
+def test_random_workloads_always_finish_with_exact_block_accounting(kv_mode, seed):
+    """Property test: tight caches, random sizes and arrivals. Every request finishes with
+    exactly its max_tokens, blocks are exact after every step, the earliest running request is
+    never the one preempted, and every iteration respects both budgets."""
+    rng = random.Random(seed)
+    s = make(num_blocks=rng.randint(6, 12), block_size=rng.choice([1, 2, 4]), max_num_seqs=rng.randint(1, 6),
+             max_num_batched_tokens=rng.randint(4, 24), kv_mode=kv_mode)
+    cap = s.block_manager.num_blocks * s.block_manager.block_size
+    todo = []
+    for i in range(20):
+        n = rng.randint(1, 12)
+        todo.append((rng.randint(0, 40), f"r{i}", n, rng.randint(1, max(1, min(10, cap - n + 1)))))
+    todo.sort()
+    done, it = {}, 0
+    reqs = {}
+    while todo or s.has_unfinished():
+        while todo and todo[0][0] <= it:
+            _, rid, n, m = todo.pop(0)
+            reqs[rid] = add(s, rid, n, max_tokens=m)
+        earliest = s.running[0].request_id if s.running else None
+        out = s.schedule()
+        assert earliest not in out.preempted_request_ids
+        assert out.num_tokens <= s.config.max_num_batched_tokens
+        assert len(out.request_ids) <= s.config.max_num_seqs
+        if kv_mode == "reserve":
+            assert not out.preempted_request_ids
+        for rid, new, computed, table in zip(out.request_ids, out.new_token_ids, out.num_computed_tokens,
+                                             out.block_tables):
+            assert len(table) * s.block_manager.block_size >= computed + len(new)
+        for req, _ in run(s, out, token=rng.randrange(1, 50)):
+            if req.status.finished:
+                done[req.request_id] = req
+        s.block_manager.check()
+        it += 1
+        assert it < 5000, "no progress"
+    assert len(done) == 20
+    assert all(r.num_output_tokens == r.params.max_tokens for r in done.values())
+    assert s.block_manager.num_used_blocks == 0
