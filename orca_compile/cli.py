@@ -84,7 +84,14 @@ def cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     engine = orca_compile.optimize(args.model or DEFAULT_PRESET, tokenizer=args.tokenizer, dtype=args.dtype,
                                    device=args.device, **_engine_kwargs(args))
-    for i, out in enumerate(engine.generate(prompts, params)):
+    def progress(it, outs):  # a live status line where a person waits (a terminal only)
+        print(f"\r  iteration {it.iteration}: {it.num_running} running, {it.num_waiting} waiting, "
+              f"KV blocks {it.kv_blocks_used}/{engine.block_manager.num_blocks}", end="", file=sys.stderr, flush=True)
+
+    results = engine.generate(prompts, params, on_step=progress if sys.stderr.isatty() else None)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    for i, out in enumerate(results):
         print(f"[{i}] prompt: {prompts[i]!r}")
         if out.text is not None:
             print(f"[{i}] text: {out.text!r}")

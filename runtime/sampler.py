@@ -39,8 +39,9 @@ class Sampler:
             tokens = self._sample_mixed(logits, request_ids, params)
         logprobs = None
         if any(p.logprobs for p in params):
-            chosen = logits.gather(1, tokens[:, None])[:, 0]
-            logprobs = (chosen - torch.logsumexp(logits, dim=-1)).tolist()
+            wide = logits if logits.dtype.itemsize >= 4 else logits.float()  # bf16's logsumexp is too coarse
+            chosen = wide.gather(1, tokens[:, None])[:, 0]
+            logprobs = (chosen - torch.logsumexp(wide, dim=-1)).tolist()
         return tokens.tolist(), logprobs
 
     def _sample_mixed(self, logits, request_ids, params):

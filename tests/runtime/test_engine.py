@@ -109,6 +109,11 @@ BAD_REQUESTS = [
     ("longer than the context", [1] * 500, dict(max_tokens=13), "513.*512"),
     ("never fits the cache", [1] * 200, dict(max_tokens=100), "could never fit"),
     ("text without tokenizer", "hello", {}, "tokenizer"),
+    ("max_tokens 0", [1, 2], dict(max_tokens=0), "max_tokens"),
+    ("negative temperature", [1, 2], dict(temperature=-1.0), "temperature"),
+    ("NaN temperature", [1, 2], dict(temperature=math.nan), "temperature"),
+    ("top_p 0", [1, 2], dict(top_p=0.0), "top_p"),
+    ("top_p above 1", [1, 2], dict(top_p=1.01), "top_p"),
 ]
 
 
@@ -171,6 +176,27 @@ def test_default_cache_size_covers_max_num_seqs_full_contexts():
     assert eng.config.max_model_len == 512
     k, v = eng.executor.runner.kv_cache[0]
     assert k.shape == (96, 16, 2, 16) and k.dtype == torch.float64
+
+
+def test_bfloat16_model_serves_and_matches_its_own_graph():
+    """A bf16 model end to end: tokens equal a manual greedy loop over the same compiled graph
+    (HF's own bf16 kernels round differently, so the oracle here is the graph itself), and
+    log-probs are computed in float32 (they sum sensibly: each is < 0)."""
+    from orca_compile.presets import load_model
+    from orca_compile.runtime.batch import RaggedBatch
+
+    cm = orca_compile.compile(load_model("tiny-qwen2", dtype=torch.bfloat16), keep_stages=False)
+    eng = orca_compile.optimize(cm, num_kv_blocks=32, block_size=4)
+    out = eng.generate([[5, 4, 3, 2]], SamplingParams(max_tokens=5, ignore_eos=True, logprobs=True))[0]
+    cache, seq, table = cm.new_kv_cache(8, 4), [5, 4, 3, 2], [0, 1, 2]
+    manual, new, done = [], seq, 0
+    for _ in range(5):
+        logits = cm(RaggedBatch.build([new], [done], [table], 4), cache)
+        done += len(new)
+        new = [int(logits[0].argmax())]
+        manual.append(new[0])
+    assert out.token_ids == manual
+    assert all(lp < 0 for lp in out.logprobs) and eng.compiled.layers[0].dtype == torch.bfloat16
 
 
 @pytest.mark.slow
