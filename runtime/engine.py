@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import operator
 import time
 from typing import Callable, Sequence
 
@@ -189,10 +190,18 @@ class Engine:
         if not ids:
             raise ValueError("the prompt is empty: at least 1 token is needed")
         vocab = self.compiled.vocab_size
+        out = []
         for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"token id {t!r} is outside the vocabulary [0, {vocab})")
-        return ids
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                t = operator.index(t)  # int, numpy integers; not floats or strings
+            except TypeError:
+                raise ValueError(f"token ids must be integers, got {t!r} ({type(t).__name__})") from None
+            if not 0 <= t < vocab:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab})")
+            out.append(t)
+        return out
 
     def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
         cfg = self.config

@@ -105,7 +105,7 @@ BAD_REQUESTS = [
     ("empty prompt", [], {}, "empty"),
     ("id >= vocab", [1, 256], {}, "256.*vocabulary"),
     ("negative id", [-3, 1], {}, "-3.*vocabulary"),
-    ("not an int", [1, 2.5], {}, "2.5"),
+    ("not an int", [1, 2.5], {}, "integers, got 2.5"),
     ("longer than the context", [1] * 500, dict(max_tokens=13), "513.*512"),
     ("never fits the cache", [1] * 200, dict(max_tokens=100), "could never fit"),
     ("text without tokenizer", "hello", {}, "tokenizer"),
@@ -131,6 +131,16 @@ def test_bad_request_fails_alone_and_the_engine_goes_on(what, prompt, kw, match)
     assert final["running"].token_ids == hf_generate(model, [7, 7, 7], good)[0]
     assert final["after"].token_ids == hf_generate(model, [1, 2, 3], good)[0]
     assert eng.stats()["kv_blocks_used"] == 0
+
+
+def test_numpy_and_tensor_prompts_are_token_ids():
+    import numpy as np
+
+    model, eng = engine()
+    p = SamplingParams(max_tokens=3, ignore_eos=True)
+    outs = eng.generate([np.array([4, 5, 6]), torch.tensor([4, 5, 6]), [4, 5, 6]], p)
+    assert outs[0].token_ids == outs[1].token_ids == outs[2].token_ids == hf_generate(model, [4, 5, 6], p)[0]
+    assert outs[0].prompt_token_ids == [4, 5, 6] and type(outs[0].prompt_token_ids[0]) is int
 
 
 def test_duplicate_request_id_is_refused_and_the_first_completes():
