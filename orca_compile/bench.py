@@ -91,6 +91,9 @@ def run_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, bloc
             "overhead_breakdown_ms": {k: 1e3 * statistics.median(getattr(it, f"{k}_seconds") for it in full)
                                       for k in ("schedule", "prepare", "sample", "update")},
         }
+    extra["iteration_log"] = [dict(requests=len(it.request_ids), prefill_tokens=it.num_prefill_tokens,
+                                   decode_tokens=it.num_decode_tokens, forward_ms=round(1e3 * it.forward_seconds, 2),
+                                   total_ms=round(1e3 * it.seconds, 2)) for it in its]
     tokens = [o.token_ids for o in outs]
     name = "orca-compile engine" + (f" ({backend})" if backend != "eager" else "")
     return Result(name, seconds, sum(map(len, tokens)), setup, extra), tokens
