@@ -20,6 +20,7 @@ from orca_compile.compiler import CompiledModel
 from orca_compile.config import EngineConfig
 from orca_compile.runtime.block_manager import KVBlockManager
 from orca_compile.runtime.executor import LocalExecutor
+from orca_compile.runtime.host import tune_malloc
 from orca_compile.runtime.model_runner import ModelRunner
 from orca_compile.runtime.request import Request, RequestOutput, SamplingParams
 from orca_compile.runtime.scheduler import Scheduler
@@ -60,6 +61,8 @@ class Engine:
         self.compiled = compiled
         self.config = config
         self.tokenizer = tokenizer
+        if compiled.device.type == "cpu":
+            tune_malloc()  # see runtime/host.py: no page-faulting of activations every iteration
         self.block_manager = KVBlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.block_manager)
         self.executor = LocalExecutor(ModelRunner(compiled, config.num_kv_blocks, config.block_size,
