@@ -6,7 +6,6 @@ import random
 import sys
 import time
 
-import torch
 
 
 def iteration_line(it, engine) -> str:

@@ -1,6 +1,5 @@
 """The graph-derived FLOP count against one computed from the HF model's own weights."""
 import pytest
-import torch
 
 from orca_compile.passes.partition.cost_model import graph_cost
 from tests.conftest import compiled_preset
