@@ -62,6 +62,20 @@ def _allowed(q_pos, k_pos, seq_lens, sliding_window):
     return allowed
 
 
+def _length_buckets(reqs, lens, keep=0.6):
+    """Decodes grouped by context length, longest first, each group padded to its own longest:
+    a group takes requests down to ``keep`` x its longest, so padding stays under 40% of a group
+    while the number of groups grows only with log(longest / shortest)."""
+    order = sorted(reqs, key=lambda r: -lens[r])
+    buckets = []
+    for r in order:
+        if buckets and lens[r] >= keep * lens[buckets[-1][0]]:
+            buckets[-1].append(r)
+        else:
+            buckets.append([r])
+    return buckets
+
+
 def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
               scale, sliding_window=0, softcap=0.0):
     store_kv(k, v, k_cache, v_cache, slot_mapping)
@@ -72,10 +86,10 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
     device = q.device
 
     decode = [r for r, n in enumerate(q_lens) if n == 1]
-    if decode:
-        idx = torch.tensor(decode, device=device)
+    for bucket in _length_buckets(decode, lens):
+        idx = torch.tensor(bucket, device=device)
         d_lens = seq_lens[idx]
-        max_len = max(lens[r] for r in decode)
+        max_len = lens[bucket[0]]
         k_ctx = _gather_context(k_cache, block_tables[idx], max_len)
         v_ctx = _gather_context(v_cache, block_tables[idx], max_len)
         rows = query_start_loc[idx]
