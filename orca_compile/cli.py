@@ -107,7 +107,8 @@ def cmd_demo(args) -> int:
     from orca_compile.demo import run_demo
     from orca_compile.presets import DEFAULT_PRESET
 
-    run_demo(args.model or DEFAULT_PRESET, num_requests=args.requests, seed=args.seed, dtype=args.dtype or "float32")
+    run_demo(args.model or DEFAULT_PRESET, num_requests=args.requests, seed=args.seed, dtype=args.dtype or "float32",
+             device=args.device)
     return 0
 
 

@@ -30,8 +30,10 @@ class EngineConfig:
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks"):
             _positive_int(name, getattr(self, name))
-        if self.max_model_len < 0:
-            raise ValueError(f"max_model_len must be >= 0, got {self.max_model_len}")
+        if isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 0:
+            raise ValueError(f"max_model_len must be an integer >= 0 (0: no limit), got {self.max_model_len!r}")
+        if not isinstance(self.chunked_prefill, bool):
+            raise ValueError(f"chunked_prefill must be True or False, got {self.chunked_prefill!r}")
         for name, value, allowed in (("policy", self.policy, POLICIES), ("kv_mode", self.kv_mode, KV_MODES),
                                      ("backend", self.backend, BACKENDS)):
             if value not in allowed:

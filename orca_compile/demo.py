@@ -24,12 +24,15 @@ HEADER = " iter prefill decode  run wait   KV used      ms  batch (id:Pn prefill
 
 def run_demo(model_name: str, num_requests: int = 12, seed: int = 0, max_num_seqs: int = 6,
              max_num_batched_tokens: int = 48, num_kv_blocks: int = 40, block_size: int = 8,
-             dtype: str = "float32", out=sys.stdout) -> dict:
+             dtype: str = "float32", device: str | None = None, out=None) -> dict:
     import orca_compile
     from orca_compile import SamplingParams, dump
     from orca_compile.presets import load_model
 
-    model = load_model(model_name, dtype=dtype)
+    out = out or sys.stdout  # looked up now: a default bound at import would outlive a redirected stdout
+    if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
+        raise ValueError(f"the demo needs at least 1 request, got {num_requests!r}")
+    model = load_model(model_name, dtype=dtype, device=device)
     compiled = orca_compile.compile(model)
     print(dump.summary(compiled), file=out)
     engine = orca_compile.optimize(compiled, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

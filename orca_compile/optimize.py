@@ -35,6 +35,9 @@ def optimize(model_or_path, *, max_num_seqs: int = 64, max_num_batched_tokens: i
         if tokenizer is None and name not in preset_names():
             tokenizer = _try_tokenizer(name)
         compiled = compile(model, keep_stages=False)
+    elif dtype is not None or device is not None:
+        raise ValueError("dtype= and device= apply when optimize() loads a model by name; move a model object "
+                         "with .to() before passing it")
     elif isinstance(model_or_path, CompiledModel):
         compiled = model_or_path
     elif isinstance(model_or_path, torch.nn.Module):
@@ -50,6 +53,8 @@ def optimize(model_or_path, *, max_num_seqs: int = 64, max_num_batched_tokens: i
     limit = compiled.max_model_len
     if max_model_len is None:
         max_model_len = limit
+    elif isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 1:
+        raise ValueError(f"max_model_len must be an integer >= 1 (or None: the model's), got {max_model_len!r}")
     elif limit and max_model_len > limit:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's context of {limit} tokens")
     if num_kv_blocks is None:

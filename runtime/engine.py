@@ -105,6 +105,8 @@ class Engine:
         decision = self.scheduler.schedule()
         t1 = time.perf_counter()
         if decision.is_empty:
+            if decision.finished_request_ids:  # nothing to run, but the runner must drop their state
+                self.executor.release(decision.finished_request_ids)
             return []
         result = self.executor.execute(decision)
         t2 = time.perf_counter()
@@ -138,7 +140,8 @@ class Engine:
         drive ``step()`` yourself to see them). If one prompt is refused, none of this call's
         requests stays queued and the ``ValueError`` names the prompt's index.
         """
-        if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or getattr(prompts, "ndim", 2) == 1 or (
+                len(prompts) > 0 and isinstance(prompts[0], int)):
             raise ValueError("prompts must be a list of prompts (strings or token-id lists), not a single prompt")
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -147,12 +150,16 @@ class Engine:
         ids = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             rid = f"generate-{next(self._auto_ids)}"
+            while rid in self.scheduler.requests:  # a caller's own request may hold the name
+                rid = f"generate-{next(self._auto_ids)}"
             try:
                 self.add_request(rid, prompt, p)
-            except ValueError as exc:
+            except Exception as exc:
                 for added in ids:
                     self.abort_request(added)
-                raise ValueError(f"prompt {i}: {exc}") from None
+                if isinstance(exc, ValueError):
+                    raise ValueError(f"prompt {i}: {exc}") from None
+                raise
             ids.append(rid)
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
@@ -189,7 +196,10 @@ class Engine:
                 raise ValueError(f"a tensor prompt must be 1-D integer token ids, got {prompt.dtype} {tuple(prompt.shape)}")
             ids = prompt.tolist()
         else:
-            ids = list(prompt)
+            try:
+                ids = list(prompt)
+            except TypeError:
+                raise ValueError(f"a prompt is a string or a sequence of token ids, got {type(prompt).__name__}") from None
         if not ids:
             raise ValueError("the prompt is empty: at least 1 token is needed")
         vocab = self.compiled.vocab_size

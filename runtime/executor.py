@@ -14,5 +14,9 @@ class LocalExecutor:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(out)
 
+    def release(self, request_ids: list[str]) -> None:
+        """Drop per-request state (seeded generators) of requests that left the engine."""
+        self.runner.sampler.forget(request_ids)
+
     def shutdown(self) -> None:
         pass

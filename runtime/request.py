@@ -7,11 +7,14 @@ import enum
 import math
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as in vLLM)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    ``temperature=0`` is greedy. ``top_k=0`` and ``top_p=1.0`` switch those filters off. ``seed``
+    ``temperature=0`` (or anything below 1e-5) is greedy. ``top_k=0`` and ``top_p=1.0`` switch those filters off. ``seed``
     gives the request its own random stream: the same seed yields the same tokens whatever else
     shares the batch. ``logprobs=True`` returns the log-probability of each chosen token under
     the model's own distribution (before temperature, top-k and top-p).
@@ -36,16 +39,21 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):  # NaN fails this too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        stops = tuple(self.stop_token_ids)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
+        try:
+            stops = tuple(self.stop_token_ids)
+        except TypeError:
+            raise ValueError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}") from None
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stops):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", stops)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, logits / temperature overflows float32 and the draw is argmax anyway
+        return self.temperature < GREEDY_BELOW
 
 
 class RequestStatus(enum.Enum):

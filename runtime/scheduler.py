@@ -42,8 +42,8 @@ class SchedulerOutput:
     sampling_params: list[SamplingParams]  # each request's (the runner reads those that sample)
     preempted_request_ids: list[str]  # preempted (by recompute) while making this decision
     finished_request_ids: list[str]  # left the engine since the last iteration: drop their state
-    num_prefill_tokens: int = 0  # tokens of requests feeding more than one token
-    num_decode_tokens: int = 0  # tokens of requests feeding exactly their last token
+    num_prefill_tokens: int = 0  # prompt tokens, prompt chunks, and recomputed tokens
+    num_decode_tokens: int = 0  # requests feeding exactly their last generated token
 
     @property
     def num_tokens(self) -> int:
@@ -135,7 +135,7 @@ class Scheduler:
             last = start + n == req.num_tokens
             out.sample.append(last)
             out.sampling_params.append(req.params)
-            if last and n == 1:
+            if last and n == 1 and start >= req.num_prompt_tokens:  # feeds a generated token
                 out.num_decode_tokens += 1
             else:
                 out.num_prefill_tokens += n

@@ -124,6 +124,8 @@ def test_generate_prints_tokens_and_logprobs(capsys):
     (["generate", "tiny-llama", "--prompt-ids", "1 2", "--top-p", "0"], "top_p"),
     (["generate", "tiny-llama"], "at least one --prompt"),
     (["bench", "w9"], "unknown workload"),
+    (["bench", "w1-tiny", "--systems", "engine,vllm"], "unknown system 'vllm'"),
+    (["demo", "--requests", "0"], "at least 1 request"),
 ])
 def test_generate_and_bench_errors_are_one_line(argv, match, capsys):
     assert main(argv) == 2

@@ -114,6 +114,8 @@ BAD_REQUESTS = [
     ("NaN temperature", [1, 2], dict(temperature=math.nan), "temperature"),
     ("top_p 0", [1, 2], dict(top_p=0.0), "top_p"),
     ("top_p above 1", [1, 2], dict(top_p=1.01), "top_p"),
+    ("seed beyond 64 bits", [1, 2], dict(temperature=1.0, seed=2**64), "seed"),
+    ("a number, not a prompt", 5, {}, "a prompt is a string or a sequence"),
 ]
 
 
@@ -155,8 +157,30 @@ def test_duplicate_request_id_is_refused_and_the_first_completes():
     assert finish(eng)["x"].token_ids == hf_generate(model, [3, 4], p)[0]
 
 
+def test_seeded_id_reused_after_an_idle_step_draws_the_same_tokens():
+    """The sampler forgets a finished request's generator even if the engine idled in between."""
+    _, eng = engine()
+    p = SamplingParams(max_tokens=6, temperature=1.0, seed=7, ignore_eos=True)
+    first = _run_one(eng, "r", [1, 2, 3], p)
+    assert eng.step() == []  # nothing to do
+    assert _run_one(eng, "r", [1, 2, 3], p) == first
+    assert eng.step() == []
+    assert "r" not in eng.executor.runner.sampler._generators  # released though nothing ran
+
+
+def _run_one(eng, rid, prompt, params):
+    eng.add_request(rid, prompt, params)
+    return finish(eng)[rid].token_ids
+
+
 def test_generate_refuses_a_bad_prompt_without_leaving_others_queued():
     _, eng = engine()
+    with pytest.raises(ValueError, match="prompt 1: a prompt is a string"):
+        eng.generate([[1, 2, 3], 5], SamplingParams(max_tokens=2))
+    assert not eng.has_unfinished_requests()
+    import numpy as np
+    with pytest.raises(ValueError, match="not a single prompt"):
+        eng.generate(np.array([1, 2, 3]))
     with pytest.raises(ValueError, match="prompt 1: .*empty"):
         eng.generate([[1, 2], [], [3]], SamplingParams(max_tokens=2))
     assert not eng.has_unfinished_requests() and eng.stats()["kv_blocks_used"] == 0
@@ -172,6 +196,9 @@ def test_generate_refuses_a_bad_prompt_without_leaving_others_queued():
     (dict(block_size=0), "block_size"), (dict(num_kv_blocks=0), "num_kv_blocks"), (dict(policy="lifo"), "policy"),
     (dict(kv_mode="swap-everything"), "kv_mode"), (dict(backend="tensorrt"), "backend"),
     (dict(max_model_len=10_000), "exceeds the model's context of 512"),
+    (dict(max_model_len=0), "max_model_len must be an integer >= 1"),
+    (dict(chunked_prefill="no"), "chunked_prefill must be True or False"),
+    (dict(dtype="float32"), "dtype= and device= apply when optimize"),
 ])
 def test_bad_engine_config_is_refused(kw, match):
     _, cm = compiled_preset("tiny-llama")

@@ -42,6 +42,13 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
     assert s.sample(logits, list("abcd"), [SamplingParams(temperature=1.0, top_p=1e-9)] * 4)[0] == greedy
 
 
+def test_vanishing_temperature_is_greedy_not_overflow():
+    logits = logits_rows(3, seed=5)
+    for t in (1e-6, 1e-40, 1e-50):
+        tokens, _ = Sampler("cpu").sample(logits, list("abc"), [SamplingParams(temperature=t)] * 3)
+        assert tokens == logits.argmax(-1).tolist(), t
+
+
 def test_draws_follow_the_tempered_distribution():
     """20000 draws of a 4-token distribution: each frequency within 4 standard errors."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], dtype=torch.float64).repeat(20000, 1)
@@ -75,7 +82,8 @@ def test_a_seeded_row_ignores_its_batch_mates():
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=2.5), "max_tokens"), (dict(temperature=-0.1), "temperature"),
     (dict(temperature=math.nan), "temperature"), (dict(temperature=math.inf), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p=math.nan), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(seed="x"), "seed"), (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+    (dict(top_k=-1), "top_k"), (dict(seed="x"), "seed"), (dict(seed=2**64), "seed"), (dict(seed=-(2**63) - 1), "seed"),
+    (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop_token_ids=(-1,)), "stop_token_ids"),
 ])
 def test_invalid_sampling_params_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

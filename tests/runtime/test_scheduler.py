@@ -46,6 +46,10 @@ def test_decodes_first_then_partial_prefills_then_new_requests():
     out = s.schedule()
     assert out.request_ids == ["a", "b", "c"] and [len(t) for t in out.new_token_ids] == [1, 4, 4]
     assert out.num_computed_tokens == [4, 16, 0]
+    run(s, out)
+    add(s, "d", 1)  # a one-token prompt is a prefill, not a decode
+    out = s.schedule()
+    assert out.request_ids[-1] == "d" and (out.num_decode_tokens, out.num_prefill_tokens) == (3, 1)
 
 
 def test_max_num_seqs_bounds_admission_and_a_leaver_makes_room():
