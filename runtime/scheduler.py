@@ -131,7 +131,7 @@ class Scheduler:
             out.request_ids.append(req.request_id)
             out.new_token_ids.append(req.token_ids[start:start + n])
             out.num_computed_tokens.append(start)
-            out.block_tables.append(self.block_manager.block_table(req.request_id))
+            out.block_tables.append(list(self.block_manager.block_table(req.request_id)))  # a snapshot
             last = start + n == req.num_tokens
             out.sample.append(last)
             out.sampling_params.append(req.params)
