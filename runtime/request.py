@@ -142,13 +142,19 @@ class RequestOutput:
     logprobs: list[float] | None  # log-prob of each generated token, when asked
     finished: bool
     finish_reason: str | None  # "length", "stop", "abort"; None while running
-    text: str | None = None  # the decoded generated tokens, when a tokenizer is known
     num_preemptions: int = 0
+    tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def text(self) -> str | None:
+        """The generated tokens decoded, when a tokenizer is known. Decoded when read, not at
+        every step: a stream that never reads it pays nothing, one that does pays one decode."""
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
 
     @classmethod
     def of(cls, req: Request, new_token_ids: list[int], tokenizer=None) -> "RequestOutput":
-        token_ids = req.output_token_ids
-        text = tokenizer.decode(token_ids, skip_special_tokens=True) if tokenizer is not None else None
-        return cls(req.request_id, req.prompt_token_ids, token_ids, new_token_ids,
+        return cls(req.request_id, req.prompt_token_ids, req.output_token_ids, new_token_ids,
                    list(req.logprobs) if req.params.logprobs else None, req.status.finished,
-                   req.status.value if req.status.finished else None, text, req.num_preemptions)
+                   req.status.value if req.status.finished else None, req.num_preemptions, tokenizer)
