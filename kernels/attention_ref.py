@@ -28,7 +28,7 @@ def _gather_context(cache, block_tables, max_len):
     ids = block_tables[:, :num_blocks_needed].clamp(min=0)
     r, nb = ids.shape
     # index_select copies whole blocks (memcpy per row); advanced indexing, cache[ids], goes element
-    # by element and is ~7x slower on the CPU, where this gather is most of a decode's attention
+    # by element and is 3-7x slower on the CPU (benchmarks/cpu_attention.py)
     blocks = cache.reshape(cache.shape[0], -1).index_select(0, ids.reshape(-1))
     return blocks.view(r, nb * cache.shape[1], *cache.shape[2:])[:, :max_len]
 
@@ -37,7 +37,7 @@ def _attend(q, k, v, allowed, scale, softcap):
     """q [N, Lq, nh, hd], k/v [N, Lk, nkv, hd], allowed [N, Lq, Lk] -> [N, Lq, nh, hdv]."""
     if not softcap and k.shape[-1] == v.shape[-1]:
         # PyTorch's fused CPU attention reads the gathered K/V through strides (no permuted
-        # copy) and groups heads itself: half the time of the einsum form on GPT-2-small decodes.
+        # copy) and groups heads itself: 2.3x faster than the einsum form on W1's decodes.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype).transpose(1, 2),
                                              v.to(q.dtype).transpose(1, 2), attn_mask=allowed[:, None],
                                              scale=scale, enable_gqa=k.shape[2] != q.shape[2])

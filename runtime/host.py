@@ -1,11 +1,13 @@
 """Host-side tuning of the serving process.
 
-glibc serves allocations above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh
-``mmap`` calls and returns them to the kernel on free, so every iteration of a CPU engine
-page-faults its large activations and K/V gathers in again: on GPT-2 small with 32 decodes that
-is ~40% of the iteration (docs/benchmarks.md). Raising the mmap and trim thresholds keeps freed
-memory in the heap for reuse. The cost is that the process keeps its peak heap instead of giving
-it back, which is what a serving process wants. Set ``ORCA_TUNE_MALLOC=0`` to leave malloc alone.
+glibc serves allocations above its mmap threshold (128 KiB at start) with fresh ``mmap`` calls
+and returns them to the kernel on free, so a CPU engine page-faults its large activations and
+K/V gathers in again at every iteration. glibc raises the threshold by itself as such blocks are
+freed, but only after paying for it: in a fresh process W1's full-batch decode iterations took
+a median 316 ms instead of 183 ms until it had (docs/benchmarks.md). Setting the mmap threshold
+to its ceiling (32 MiB) and a high trim threshold at start skips that ramp. The cost is that the
+process keeps its peak heap instead of giving it back, which is what a serving process wants.
+Set ``ORCA_TUNE_MALLOC=0`` to leave malloc alone.
 """
 from __future__ import annotations
 

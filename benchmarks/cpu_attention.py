@@ -1,0 +1,90 @@
+"""The CPU choices of the reference attention and the engine, each against its alternative in the
+same run, at W1's decode shapes (GPT-2 small: 12 heads of 64; 32 decodes, contexts 20-190, cache
+blocks of 16). docs/benchmarks.md quotes its output.
+
+    python benchmarks/cpu_attention.py            # gather, attention form, length buckets
+    python benchmarks/cpu_attention.py --malloc   # also W1's engine with and without malloc tuning
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import time
+
+import torch
+
+from orca_compile.kernels import attention_ref as ref
+
+
+def timed(fn, reps=50):
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def decode_batch(seed=0, num_reqs=32, heads=12, head_dim=64, block_size=16, num_blocks=600):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    kc, vc = (torch.randn(num_blocks, block_size, heads, head_dim) for _ in range(2))
+    lens = [rng.randint(20, 190) for _ in range(num_reqs)]
+    free = torch.randperm(num_blocks).tolist()
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    q, k, v = (torch.randn(num_reqs, heads, head_dim) for _ in range(3))
+    slots = torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables, lens)])
+    return (q, k, v, kc, vc, slots, torch.arange(num_reqs + 1), torch.tensor(lens), bt, head_dim ** -0.5), bt, lens
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--malloc", action="store_true")
+    args = p.parse_args()
+    batch, bt, lens = decode_batch()
+    kc = batch[3]
+    max_len = max(lens)
+    nb = -(-max_len // kc.shape[1])
+    ids = bt[:, :nb]
+    print(f"torch threads {torch.get_num_threads()}; 32 decodes, contexts {min(lens)}-{max(lens)}, per layer:")
+    adv = timed(lambda: kc[ids])
+    sel = timed(lambda: ref._gather_context(kc, bt, max_len))
+    print(f"  gather K of all contexts: advanced indexing {adv:.2f} ms, index_select {sel:.2f} ms ({adv / sel:.1f}x)")
+
+    q, _, _, _, vc, _, _, seq_lens, _, scale = batch
+    k_ctx, v_ctx = ref._gather_context(kc, bt, max_len), ref._gather_context(vc, bt, max_len)
+    allowed = ref._allowed((seq_lens - 1)[:, None], torch.arange(max_len), seq_lens, 0)
+    # softcap=1e9 takes the einsum form (tanh(s / c) * c == s to float32 rounding at this c)
+    ein = timed(lambda: ref._attend(q[:, None], k_ctx, v_ctx, allowed, scale, 1e9))
+    sdpa = timed(lambda: ref._attend(q[:, None], k_ctx, v_ctx, allowed, scale, 0.0))
+    print(f"  attention over the gathered contexts: einsum {ein:.2f} ms, SDPA {sdpa:.2f} ms ({ein / sdpa:.1f}x)")
+
+    buckets = ref._length_buckets
+    one = lambda reqs, lens: [sorted(reqs, key=lambda r: -lens[r])] if reqs else []  # noqa: E731
+    results = {"one bucket": [], "length buckets": []}
+    for _ in range(3):  # interleaved: this machine's speed drifts
+        ref._length_buckets = one
+        results["one bucket"].append(timed(lambda: ref.attention(*batch)))
+        ref._length_buckets = buckets
+        results["length buckets"].append(timed(lambda: ref.attention(*batch)))
+    a, b = min(results["one bucket"]), min(results["length buckets"])
+    print(f"  whole decode op (store + gather + attend): one padded group {a:.2f} ms, length buckets {b:.2f} ms "
+          f"({a / b:.2f}x; best of 3)")
+
+    if args.malloc:
+        script = ("import orca_compile; from orca_compile import bench; w = bench.WORKLOADS['w1']; "
+                  "m = bench.load_model(w.model, dtype=w.dtype); r, _ = bench.run_engine(m, w.requests(50257)); "
+                  "print(f'{r.seconds:.2f} {r.extra[\"full_batch_iteration_ms\"]:.1f}')")
+        for tune in ("0", "1"):
+            env = dict(os.environ, ORCA_TUNE_MALLOC=tune)
+            out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+            total, it = out.stdout.split()[-2:]
+            print(f"  W1 engine, ORCA_TUNE_MALLOC={tune}: {total} s, full-batch decode iteration {it} ms")
+
+
+if __name__ == "__main__":
+    main()
