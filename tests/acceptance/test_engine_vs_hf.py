@@ -142,18 +142,33 @@ def test_orca_reservation_never_preempts_and_equals_hf(name):
     assert_drained(engine)
 
 
-def test_without_chunked_prefill_prompts_run_whole():
+def _whole_prompts(chunked):
+    """Serve a workload; for each request, whether its whole prompt ran in its first iteration."""
     model, cm = compiled_preset("tiny-llama")
-    work = random_workload(cm.vocab_size, 6, seed=4, max_prompt=20, max_out=6)
-    engine = orca_compile.optimize(cm, max_num_seqs=4, max_num_batched_tokens=32, block_size=4, num_kv_blocks=128,
-                                   chunked_prefill=False)
+    # all at once, so several prompts compete for one iteration's 24 tokens
+    work = [(rid, p, s, 0) for rid, p, s, _ in random_workload(cm.vocab_size, 6, seed=4, max_prompt=20, max_out=6)]
+    engine = orca_compile.optimize(cm, max_num_seqs=6, max_num_batched_tokens=24, block_size=4, num_kv_blocks=128,
+                                   chunked_prefill=chunked)
     final = serve(engine, work)
     check_against_hf(model, work, final)
-    prompt_lens = {len(p) for _, p, _, _ in work}
+    first_feed = {}  # each request's token count in the first iteration it ran in
     for it in engine.iteration_stats:
-        assert it.num_prefill_tokens + it.num_decode_tokens <= 32
+        assert it.num_prefill_tokens + it.num_decode_tokens <= 24
+        for rid, n in zip(it.request_ids, it.num_scheduled_tokens):
+            first_feed.setdefault(rid, n)
+    whole = [first_feed[rid] == len(prompt) for rid, prompt, _, _ in work]
     assert_drained(engine)
-    assert prompt_lens
+    return whole
+
+
+def test_without_chunked_prefill_prompts_run_whole():
+    assert all(_whole_prompts(chunked=False))
+
+
+def test_with_chunked_prefill_the_same_workload_splits_a_prompt():
+    """The counterpart: this workload does make the chunked scheduler split a prompt, so the
+    test above checks something."""
+    assert not all(_whole_prompts(chunked=True))
 
 
 def test_hf_module_is_never_called():
