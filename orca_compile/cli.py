@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from orca_compile.config import BACKENDS
 from orca_compile.dump import FORMATS
 
 
@@ -56,7 +57,8 @@ def _add_engine_args(p, max_num_seqs=64, max_num_batched_tokens=512):
     g.add_argument("--num-kv-blocks", type=int, default=None, help="default: max-num-seqs full contexts, memory permitting")
     g.add_argument("--kv-mode", default="paged", choices=["paged", "reserve"])
     g.add_argument("--no-chunked-prefill", action="store_true")
-    g.add_argument("--backend", default="eager", choices=["eager", "inductor"])
+    g.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="auto: oneDNN-lowered linears on a float32 CPU model, else eager")
 
 
 def _engine_kwargs(args) -> dict:
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default="engine,hf-static,hf-continuous")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--backend", default="eager", choices=["eager", "inductor"])
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS), help="the engine system's backend")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the report here")
     p.set_defaults(func=cmd_bench)

@@ -5,7 +5,7 @@ import dataclasses
 
 POLICIES = ("fcfs",)
 KV_MODES = ("paged", "reserve")
-BACKENDS = ("eager", "inductor")
+BACKENDS = ("auto", "eager", "onednn", "inductor")
 
 
 def _positive_int(name, value):
@@ -25,7 +25,10 @@ class EngineConfig:
     kv_mode: str = "paged"
     chunked_prefill: bool = True  # split prompts across iterations under the token budget (Sarathi)
     max_model_len: int = 0  # longest prompt + output; 0: no limit of the model's own
-    backend: str = "eager"  # "inductor": torch.compile the rewritten graph, dynamic in T
+    # "eager": run the rewritten graph as it is. "onednn": lower its linear layers to oneDNN with
+    # weights packed once and activations fused (passes/lower_cpu.py; CPU float32). "inductor":
+    # torch.compile the rewritten graph, dynamic in T. "auto": "onednn" where it applies, else "eager".
+    backend: str = "auto"
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks"):

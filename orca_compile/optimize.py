@@ -16,7 +16,7 @@ DEVICE_MEMORY_FRACTION = 0.9  # of the GPU's free memory (after the weights), by
 
 def optimize(model_or_path, *, max_num_seqs: int = 64, max_num_batched_tokens: int = 512, block_size: int = 16,
              num_kv_blocks: int | None = None, policy: str = "fcfs", tokenizer=None, kv_mode: str = "paged",
-             chunked_prefill: bool = True, max_model_len: int | None = None, backend: str = "eager",
+             chunked_prefill: bool = True, max_model_len: int | None = None, backend: str = "auto",
              dtype: torch.dtype | str | None = None, device: str | None = None, seed: int = 0) -> Engine:
     """Turn an HF causal LM into an iteration-level serving engine.
 

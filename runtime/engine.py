@@ -172,6 +172,11 @@ class Engine:
                 on_step(self.last_iteration, outputs)
         return [final[rid] for rid in ids]
 
+    @property
+    def backend(self) -> str:
+        """The backend the graph runs on (``auto`` resolved): eager, onednn or inductor."""
+        return self.executor.runner.backend
+
     def stats(self) -> dict:
         return {
             "num_waiting": len(self.scheduler.waiting),

@@ -9,6 +9,7 @@ import time
 import torch
 
 from orca_compile.compiler import CompiledModel
+from orca_compile.passes import lower_cpu
 from orca_compile.runtime.batch import RaggedBatch
 from orca_compile.runtime.sampler import Sampler
 from orca_compile.runtime.scheduler import SchedulerOutput
@@ -23,6 +24,18 @@ class RunnerOutput:
     sample_seconds: float = 0.0
 
 
+def resolve_backend(backend: str, compiled: CompiledModel) -> str:
+    """``auto`` -> ``onednn`` where the CPU lowering applies (float32 weights on the CPU, oneDNN
+    built in), else ``eager``; an explicit ``onednn`` that cannot apply is a ``ValueError``."""
+    if backend == "auto":
+        return "onednn" if lower_cpu.applies(compiled.graph_module) else "eager"
+    if backend == "onednn" and not lower_cpu.applies(compiled.graph_module):
+        weights = {f"{p.dtype} on {p.device}" for p in compiled.graph_module.parameters()}
+        raise ValueError(f"backend='onednn' needs float32 weights on the CPU and oneDNN (available: "
+                         f"{lower_cpu.available()}); this model has {', '.join(sorted(weights)) or 'no weights'}")
+    return backend
+
+
 class ModelRunner:
     def __init__(self, compiled: CompiledModel, num_kv_blocks: int, block_size: int, backend: str = "eager",
                  seed: int = 0):
@@ -31,8 +44,11 @@ class ModelRunner:
         self.device = compiled.device
         self.kv_cache = compiled.new_kv_cache(num_kv_blocks, block_size)
         self.sampler = Sampler(self.device, seed=seed)
+        self.backend = resolve_backend(backend, compiled)
         self.forward = compiled.graph_module
-        if backend == "inductor":
+        if self.backend == "onednn":
+            self.forward = lower_cpu.lower_cpu(compiled.graph_module)
+        elif self.backend == "inductor":
             # dynamic=True: T, R and the block-table width change every iteration; one graph
             # for all of them instead of a recompile per shape.
             self.forward = torch.compile(compiled.graph_module, dynamic=True)
