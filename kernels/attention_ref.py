@@ -80,12 +80,18 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
               scale, sliding_window=0, softcap=0.0):
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    attend_decodes(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap, out)
+    attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap, out)
+    return out
+
+
+def attend_decodes(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap,
+                   out):
+    """Fill ``out``'s rows of the one-token requests: length buckets, each one batched SDPA."""
     starts = query_start_loc.tolist()
-    q_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
     lens = seq_lens.tolist()
     device = q.device
-
-    decode = [r for r, n in enumerate(q_lens) if n == 1]
+    decode = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
     for bucket in _length_buckets(decode, lens):
         idx = torch.tensor(bucket, device=device)
         d_lens = seq_lens[idx]
@@ -97,7 +103,15 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
         allowed = _allowed((d_lens - 1)[:, None], k_pos, d_lens, sliding_window)
         out[rows] = _attend(q[rows][:, None], k_ctx, v_ctx, allowed, scale, softcap)[:, 0]
 
-    for r, n in enumerate(q_lens):
+
+def attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap,
+                    out):
+    """Fill ``out``'s rows of the multi-token requests, each against its own context."""
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    device = q.device
+    for r in range(len(lens)):
+        n = starts[r + 1] - starts[r]
         if n <= 1:
             continue
         ctx = lens[r]
@@ -106,4 +120,3 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
         q_pos = torch.arange(ctx - n, ctx, device=device)[None]
         allowed = _allowed(q_pos, torch.arange(ctx, device=device), seq_lens[r : r + 1], sliding_window)
         out[starts[r] : starts[r] + n] = _attend(q[None, starts[r] : starts[r] + n], k_ctx, v_ctx, allowed, scale, softcap)[0]
-    return out

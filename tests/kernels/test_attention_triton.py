@@ -16,7 +16,7 @@ if sys.platform.startswith("linux"):
 else:
     pytest.importorskip("triton")  # no triton wheels off Linux
 
-from orca_compile.kernels import attention_ref, attention_triton, dispatch  # noqa: E402
+from orca_compile.kernels import attention_cpu, attention_ref, attention_triton, dispatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
@@ -201,7 +201,8 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
 def test_backend_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # only dispatch reads it here; nothing is launched
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    assert dispatch.attention_backend("cpu") == "torch"
+    # auto on the CPU: the C decode kernel where it builds (tests/kernels/test_attention_cpu.py)
+    assert dispatch.attention_backend("cpu") == ("cpu" if attention_cpu.available() else "torch")
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     assert dispatch.attention_backend("cpu") == "triton"
     assert dispatch.attention_backend("cpu", torch.float64) == "torch"
@@ -221,17 +222,19 @@ def test_backend_choice(monkeypatch):
     assert dispatch.attention_backend("cuda") == "torch"  # auto without triton
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_op_runs_the_chosen_backend(monkeypatch, backend):
+    if backend == "cpu" and not attention_cpu.available():
+        pytest.skip(f"C decode kernel not built: {attention_cpu.why_unavailable()}")
     calls = []
-    for mod in (attention_ref, attention_triton):
+    for mod in (attention_ref, attention_triton, attention_cpu):
         real = mod.attention
         monkeypatch.setattr(mod, "attention", lambda *a, _m=mod, _f=real: calls.append(_m) or _f(*a))
     monkeypatch.setenv(dispatch.ENV_VAR, backend)
     args = _batch([(2, 3), (5, 1)], 4, 2, 16, 16, 4, torch.float32)
     out = torch.ops.orca.attention(*args, 0.25)
     assert out.shape == (4, 4, 16)
-    want = attention_triton if backend == "triton" else attention_ref
+    want = {"triton": attention_triton, "cpu": attention_cpu, "torch": attention_ref}[backend]
     assert calls[0] is want
 
 

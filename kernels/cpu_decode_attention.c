@@ -1,0 +1,118 @@
+/* Paged decode attention for the CPU: every one-token request of the iteration, attended in place
+ * over its blocks of the paged KV cache (no gathered copy of its context).
+ *
+ * Built and loaded by kernels/attention_cpu.py (the system C compiler, ctypes; no torch headers).
+ * Semantics are those of orca::attention (orca_compile/ops.py) restricted to requests with one new
+ * token: the query sits at position L-1 of a context of L = seq_lens[r] tokens and sees keys
+ * max(0, L - window) .. L-1; scores are scale * q.k, then softcap * tanh(s / softcap) if softcap > 0.
+ * Multi-token requests are skipped (the caller attends them).
+ *
+ * Work items are (request, KV head) pairs, so the query heads of a GQA group read each key and
+ * value row once. Two passes per item: scores of the whole context into a scratch row per head,
+ * then softmax and the weighted sum of V rows.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const void *q; int64_t q_row, q_head;           /* strides in elements */
+    const void *k_cache, *v_cache;                  /* [num_blocks, bs, nkv, hd] / [.., hdv], contiguous */
+    int64_t bs, nkv, hd, hdv, nh;
+    const int64_t *qsl, *seq_lens, *block_tables;   /* [R + 1], [R], [R, bt_stride] */
+    int64_t bt_stride;
+    double scale, softcap;
+    int64_t window;
+    void *out; int64_t out_row, out_head;
+} job_t;
+
+/* one (request r, KV head kvh) item; scores: group x max_len, acc: group x hdv */
+#define DEFINE_ITEM(NAME, T, EXP, TANH)                                                             \
+static void NAME(const job_t *j, int64_t r, int64_t kvh, T *scores, T *acc) {                      \
+    const int64_t group = j->nh / j->nkv;                                                           \
+    const T *q = (const T *)j->q, *kc = (const T *)j->k_cache, *vc = (const T *)j->v_cache;         \
+    T *out = (T *)j->out;                                                                           \
+    const int64_t k_slot = j->nkv * j->hd, v_slot = j->nkv * j->hdv;                                \
+    const T scale = (T)j->scale, softcap = (T)j->softcap;                                           \
+    const int64_t row = j->qsl[r], len = j->seq_lens[r];                                            \
+    const int64_t start = (j->window > 0 && len > j->window) ? len - j->window : 0;                 \
+    const int64_t *table = j->block_tables + r * j->bt_stride;                                      \
+    const int64_t n = len - start;                                                                  \
+    for (int64_t p = start; p < len; p++) {                                                         \
+        const T *krow = kc + (table[p / j->bs] * j->bs + p % j->bs) * k_slot + kvh * j->hd;         \
+        for (int64_t g = 0; g < group; g++) {                                                       \
+            const T *qh = q + row * j->q_row + (kvh * group + g) * j->q_head;                       \
+            T s = 0;                                                                                \
+            _Pragma("omp simd reduction(+:s)")                                                      \
+            for (int64_t d = 0; d < j->hd; d++) s += qh[d] * krow[d];                               \
+            s *= scale;                                                                             \
+            if (softcap > 0) s = softcap * TANH(s / softcap);                                       \
+            scores[g * n + (p - start)] = s;                                                        \
+        }                                                                                           \
+    }                                                                                               \
+    for (int64_t g = 0; g < group; g++) {                                                           \
+        T *sg = scores + g * n, m = -INFINITY, sum = 0;                                             \
+        for (int64_t i = 0; i < n; i++) m = sg[i] > m ? sg[i] : m;                                  \
+        for (int64_t i = 0; i < n; i++) { sg[i] = EXP(sg[i] - m); sum += sg[i]; }                   \
+        T inv = n > 0 ? (T)1 / sum : 0;                                                             \
+        for (int64_t i = 0; i < n; i++) sg[i] *= inv;                                               \
+    }                                                                                               \
+    memset(acc, 0, sizeof(T) * (size_t)(group * j->hdv));                                           \
+    for (int64_t p = start; p < len; p++) {                                                         \
+        const T *vrow = vc + (table[p / j->bs] * j->bs + p % j->bs) * v_slot + kvh * j->hdv;        \
+        for (int64_t g = 0; g < group; g++) {                                                       \
+            const T w = scores[g * n + (p - start)];                                                \
+            T *a = acc + g * j->hdv;                                                                \
+            _Pragma("omp simd")                                                                     \
+            for (int64_t d = 0; d < j->hdv; d++) a[d] += w * vrow[d];                               \
+        }                                                                                           \
+    }                                                                                               \
+    for (int64_t g = 0; g < group; g++)                                                             \
+        memcpy(out + row * j->out_row + (kvh * group + g) * j->out_head, acc + g * j->hdv,          \
+               sizeof(T) * (size_t)j->hdv);                                                         \
+}
+
+DEFINE_ITEM(item_f32, float, expf, tanhf)
+DEFINE_ITEM(item_f64, double, exp, tanh)
+
+/* dtype: 0 float32, 1 float64. Returns 0 on success, -1 when a scratch buffer could not be had.
+ * Parallel over (request, KV head) items with OpenMP. Built with -fopenmp, this library needs
+ * libgomp.so.1, which the loader resolves to the copy torch has loaded already: one thread pool
+ * for torch's ops and this kernel (a second pool would spin against torch's on the same cores). */
+int orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head,
+                          const void *k_cache, const void *v_cache, int64_t bs, int64_t nkv, int64_t hd,
+                          int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
+                          const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
+                          int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
+                          int64_t max_len, int num_threads) {
+    const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
+                     bt_stride, scale, softcap, window, out, out_row, out_head};
+    int64_t *decodes = (int64_t *)malloc(sizeof(int64_t) * (size_t)(num_reqs > 0 ? num_reqs : 1));
+    if (!decodes) return -1;
+    int64_t nd = 0;
+    for (int64_t r = 0; r < num_reqs; r++)
+        if (qsl[r + 1] - qsl[r] == 1) decodes[nd++] = r;
+    const int64_t items = nd * nkv, group = nh / nkv;
+    const size_t elem = dtype == 0 ? sizeof(float) : sizeof(double);
+    int failed = 0;
+    if (num_threads < 1) num_threads = 1;
+    #pragma omp parallel num_threads(num_threads) if(items > 1) reduction(|:failed)
+    {
+        void *scores = malloc(elem * (size_t)(group * (max_len > 0 ? max_len : 1)));
+        void *acc = malloc(elem * (size_t)(group * hdv));
+        if (!scores || !acc) {
+            failed = 1;
+        } else {
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < items; i++) {
+                if (dtype == 0) item_f32(&j, decodes[i / nkv], i % nkv, (float *)scores, (float *)acc);
+                else item_f64(&j, decodes[i / nkv], i % nkv, (double *)scores, (double *)acc);
+            }
+        }
+        free(scores);
+        free(acc);
+    }
+    free(decodes);
+    return failed ? -1 : 0;
+}

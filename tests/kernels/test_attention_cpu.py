@@ -1,0 +1,211 @@
+"""The C decode kernel (kernels/cpu_decode_attention.c) against the torch reference.
+
+float64: the two differ only in summation order, so 1e-12. float32: ~1e-7 relative per score and
+softmax over at most a few hundred keys; 2e-6 absolute on outputs of magnitude ~1 leaves ten times
+the largest difference seen (3.6e-7) and still fails on any indexing or masking bug (those move
+outputs by ~1e-1).
+"""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from orca_compile.kernels import attention_cpu, attention_ref, dispatch
+from tests.kernels.test_attention_ref import test_reference_matches_dense as _dense_check
+
+LINUX_WITH_CC = sys.platform.startswith("linux") and attention_cpu._compiler() is not None
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+
+
+def test_the_kernel_builds_where_a_compiler_is():
+    # Not a skip: on Linux with a C compiler (CI) a failed build must fail the run, not quietly
+    # hand every decode to the slower reference.
+    if LINUX_WITH_CC:
+        assert attention_cpu.available(), attention_cpu.why_unavailable()
+    else:
+        assert not attention_cpu.available() and attention_cpu.why_unavailable()
+
+
+pytestmark_kernel = pytest.mark.skipif(not attention_cpu.available(),
+                                       reason=f"C decode kernel not built: {attention_cpu.why_unavailable()}")
+
+
+def _case(reqs, nh, nkv, hd, hdv, bs, dtype, seed=0, q_noncontiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    tables, used = [], 0
+    for n in (c + q for c, q in reqs):
+        tables.append(list(range(used, used + max(1, -(-n // bs)))))
+        used += len(tables[-1])
+    nb = used + 2
+    perm = torch.randperm(nb, generator=g).tolist()
+    tables = [[perm[b] for b in t] for t in tables]
+    kc = torch.randn(nb, bs, nkv, hd, generator=g, dtype=torch.float64).to(dtype)
+    vc = torch.randn(nb, bs, nkv, hdv, generator=g, dtype=torch.float64).to(dtype)
+    t = sum(q for _, q in reqs)
+    if q_noncontiguous:  # a view into a fused qkv projection, as the graph hands it over
+        q = torch.randn(t, 3 * nh * hd, generator=g, dtype=torch.float64).to(dtype)[:, nh * hd: 2 * nh * hd]
+        q = q.view(t, nh, hd)
+        assert not q.is_contiguous()
+    else:
+        q = torch.randn(t, nh, hd, generator=g, dtype=torch.float64).to(dtype)
+    qsl = torch.tensor([0] + [n for _, n in reqs]).cumsum(0)
+    bt = torch.full((len(reqs), max(map(len, tables))), 7, dtype=torch.long)  # padding: a real block id
+    for r, tab in enumerate(tables):
+        bt[r, : len(tab)] = torch.tensor(tab)
+    seq_lens = torch.tensor([c + n for c, n in reqs])
+    return q, kc, vc, qsl, seq_lens, bt
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("nh,nkv,hd,hdv,bs", [(4, 4, 16, 16, 4), (8, 2, 64, 64, 16), (4, 1, 80, 80, 1),
+                                              (6, 3, 128, 128, 32), (2, 2, 16, 8, 16)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0), (16, 50.0)])
+def test_decodes_match_the_reference(dtype, nh, nkv, hd, hdv, bs, window, softcap):
+    # (cached, new): decodes with 1 token of context, at a block boundary, long; prefills mixed in
+    reqs = [(0, 1), (15, 1), (31, 1), (4, 6), (200, 1), (63, 1), (0, 9), (7, 1)]
+    q, kc, vc, qsl, lens, bt = _case(reqs, nh, nkv, hd, hdv, bs, dtype, q_noncontiguous=(hd == 64))
+    want = torch.full((q.shape[0], nh, hdv), float("nan"), dtype=dtype)
+    got = want.clone()
+    attention_ref.attend_decodes(q, kc, vc, qsl, lens, bt, hd ** -0.5, window, softcap, want)
+    attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, hd ** -0.5, window, softcap, got)
+    decode_rows = [int(qsl[r]) for r, (_, n) in enumerate(reqs) if n == 1]
+    prefill_rows = [i for i in range(q.shape[0]) if i not in decode_rows]
+    torch.testing.assert_close(got[decode_rows], want[decode_rows], atol=TOL[dtype], rtol=0)
+    assert got[prefill_rows].isnan().all()  # multi-token requests are left to the caller
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_count_does_not_change_the_result(threads):
+    reqs = [(c, 1) for c in (3, 40, 17, 90, 1, 64)]
+    q, kc, vc, qsl, lens, bt = _case(reqs, 8, 2, 32, 32, 8, torch.float64, seed=3)
+    one, many = torch.zeros(len(reqs), 8, 32, dtype=torch.float64), torch.zeros(len(reqs), 8, 32, dtype=torch.float64)
+    attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, 0.2, 0, 0.0, one, num_threads=1)
+    attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, 0.2, 0, 0.0, many, num_threads=threads)
+    assert torch.equal(one, many)  # each (request, head) is computed by one thread, in one order
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 20.0)])
+def test_whole_op_matches_a_dense_computation(monkeypatch, nh, nkv, window, softcap):
+    # the reference's dense check (store, decodes, prefills, an empty request), on the C path
+    monkeypatch.setattr("tests.kernels.test_attention_ref.attention", attention_cpu.attention)
+    _dense_check(nh, nkv, window, softcap)
+
+
+@pytestmark_kernel
+def test_bad_inputs_raise():
+    q, kc, vc, qsl, lens, bt = _case([(3, 1)], 2, 2, 16, 16, 4, torch.float32)
+    out = torch.empty(1, 2, 16)
+    with pytest.raises(ValueError, match="one dtype"):
+        attention_cpu.decode_attention(q.double(), kc, vc, qsl, lens, bt, 0.25, 0, 0.0, out)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        attention_cpu.decode_attention(q.half(), kc.half(), vc.half(), qsl, lens, bt, 0.25, 0, 0.0, out.half())
+    with pytest.raises(ValueError, match="3 query heads"):
+        attention_cpu.decode_attention(torch.zeros(1, 3, 16), kc, vc, qsl, lens, bt, 0.25, 0, 0.0,
+                                       torch.empty(1, 3, 16))
+    with pytest.raises(ValueError, match="contiguous caches"):
+        attention_cpu.decode_attention(q, kc.transpose(1, 2), vc, qsl, lens, bt, 0.25, 0, 0.0, out)
+
+
+# ---------------------------------------------------------------------------------------- building
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """The loader as on first use, building into an empty cache directory."""
+    monkeypatch.setattr(attention_cpu, "_lib", None)
+    monkeypatch.setattr(attention_cpu, "_error", None)
+    monkeypatch.setenv("ORCA_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.skipif(not LINUX_WITH_CC, reason="building needs Linux and a C compiler")
+def test_build_goes_to_the_cache_dir_and_is_reused(fresh_loader, monkeypatch):
+    assert attention_cpu.available()
+    built = list(fresh_loader.glob("cpu_decode_attention-*.so"))
+    assert len(built) == 1 and list(fresh_loader.iterdir()) == built  # no temporary file left
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(attention_cpu, "_lib", None)
+    calls = []
+    real_run = attention_cpu.subprocess.run
+    monkeypatch.setattr(attention_cpu.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real_run(cmd, **kw))
+    assert attention_cpu.available()
+    assert built[0].stat().st_mtime_ns == stamp
+    assert all("--version" in c for c in calls)  # only the compiler's version was asked, nothing rebuilt
+
+
+def test_no_compiler_means_the_reference(fresh_loader, monkeypatch):
+    monkeypatch.setattr(attention_cpu, "_compiler", lambda: None)
+    assert not attention_cpu.available()
+    assert "no C compiler" in attention_cpu.why_unavailable()
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.attention_backend("cpu", torch.float32) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "cpu")
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        dispatch.attention_backend("cpu", torch.float32)
+
+
+def test_env_var_disables_the_kernel(fresh_loader, monkeypatch):
+    monkeypatch.setenv("ORCA_CPU_KERNELS", "0")
+    assert not attention_cpu.available()
+    assert "ORCA_CPU_KERNELS=0" in attention_cpu.why_unavailable()
+    assert not list(fresh_loader.iterdir())
+
+
+@pytest.mark.skipif(not LINUX_WITH_CC, reason="building needs Linux and a C compiler")
+def test_a_broken_compiler_means_the_reference(fresh_loader, monkeypatch, tmp_path_factory):
+    fake = tmp_path_factory.mktemp("bin") / "cc"
+    fake.write_text("#!/bin/sh\necho 'fake cc 1.0'\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    assert not attention_cpu.available()
+    assert "failed to build" in attention_cpu.why_unavailable()
+    assert not list(fresh_loader.glob("*.so"))  # nothing half-written left behind
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+
+@pytestmark_kernel
+def test_auto_picks_the_kernel_on_the_cpu(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.attention_backend("cpu", torch.float32) == "cpu"
+    assert dispatch.attention_backend("cpu", torch.float64) == "cpu"  # the float64 acceptance tests run it
+    assert dispatch.attention_backend("cpu", torch.bfloat16) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.attention_backend("cpu", torch.float32) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "cpu")
+    assert dispatch.attention_backend("cpu", torch.float64) == "cpu"
+    with pytest.raises(RuntimeError, match="float32/float64 CPU tensors"):
+        dispatch.attention_backend("cpu", torch.bfloat16)
+
+
+@pytestmark_kernel
+def test_op_runs_the_kernel(monkeypatch):
+    calls = []
+    real = attention_cpu.decode_attention
+    monkeypatch.setattr(attention_cpu, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    q, kc, vc, qsl, lens, bt = _case([(5, 1), (0, 3)], 4, 2, 16, 16, 4, torch.float64)
+    k = torch.randn(4, 2, 16, dtype=torch.float64)
+    slots = torch.tensor([int(bt[0, 1]) * 4 + 1, int(bt[1, 0]) * 4, int(bt[1, 0]) * 4 + 1, int(bt[1, 0]) * 4 + 2])
+    out = torch.ops.orca.attention(q, k, k, kc, vc, slots, qsl, lens, bt, 0.25)
+    ref = attention_ref.attention(q, k, k, kc.clone(), vc.clone(), slots, qsl, lens, bt, 0.25)
+    assert calls and torch.allclose(out, ref, atol=1e-12, rtol=0)
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_scores_do_not_overflow(dtype):
+    # scores in the thousands: exp() overflows unless the row maximum is subtracted first
+    reqs = [(40, 1), (9, 1)]
+    q, kc, vc, qsl, lens, bt = _case(reqs, 4, 2, 32, 32, 8, dtype, seed=5)
+    q = q * 400
+    want, got = torch.zeros(2, 4, 32, dtype=dtype), torch.zeros(2, 4, 32, dtype=dtype)
+    attention_ref.attend_decodes(q, kc, vc, qsl, lens, bt, 1.0, 0, 0.0, want)
+    attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, 1.0, 0, 0.0, got)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want, atol=1e-4 if dtype == torch.float32 else 1e-10, rtol=0)
