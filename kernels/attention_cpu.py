@@ -167,5 +167,5 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
     decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
                      softcap, out)
     attention_ref.attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                  sliding_window, softcap, out)
+                                  sliding_window, softcap, out, k=k, v=v)
     return out

@@ -81,7 +81,8 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     attend_decodes(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap, out)
-    attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap, out)
+    attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap, out,
+                    k=k, v=v)
     return out
 
 
@@ -105,16 +106,27 @@ def attend_decodes(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
 
 
 def attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap,
-                    out):
-    """Fill ``out``'s rows of the multi-token requests, each against its own context."""
+                    out, k=None, v=None):
+    """Fill ``out``'s rows of the multi-token requests, each against its own context.
+
+    A request with no cached context (a whole prompt, or its first chunk) attends over this
+    iteration's ``k``/``v`` when they are given: no gather from the cache and no mask tensor, just
+    causal SDPA (where there is no window or soft-cap)."""
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     device = q.device
+    plain = not sliding_window and not softcap and v_cache.shape[-1] == k_cache.shape[-1]
     for r in range(len(lens)):
         n = starts[r + 1] - starts[r]
         if n <= 1:
             continue
         ctx = lens[r]
+        if ctx == n and plain and k is not None:
+            a, b = starts[r], starts[r] + n
+            qr, kr, vr = (t[a:b].transpose(0, 1) for t in (q, k.to(q.dtype), v.to(q.dtype)))
+            out[a:b] = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=scale,
+                                                      enable_gqa=kr.shape[0] != qr.shape[0]).transpose(0, 1)
+            continue
         k_ctx = _gather_context(k_cache, block_tables[r : r + 1], ctx)
         v_ctx = _gather_context(v_cache, block_tables[r : r + 1], ctx)
         q_pos = torch.arange(ctx - n, ctx, device=device)[None]

@@ -7,8 +7,8 @@
  * max(0, L - window) .. L-1; scores are scale * q.k, then softcap * tanh(s / softcap) if softcap > 0.
  * Multi-token requests are skipped (the caller attends them).
  *
- * Work items are (request, KV head) pairs, so the query heads of a GQA group read each key and
- * value row once. Two passes per item: scores of the whole context into a scratch row per head,
+ * Work items are a request and a slice of its KV heads (the whole request when there are enough
+ * requests for the threads), so the query heads of a GQA group read each key and value row once. Two passes per item: scores of the whole context into a scratch row per head,
  * then softmax and the weighted sum of V rows.
  */
 #include <math.h>
@@ -27,10 +27,11 @@ typedef struct {
     void *out; int64_t out_row, out_head;
 } job_t;
 
-/* one (request r, KV head kvh) item; scores: group x max_len, acc: group x hdv */
+/* one item: request r, KV heads [h0, h1); scores: (h1 - h0) * group x max_len, acc: same x hdv.
+ * Positions outer, heads inner: each position's K (then V) row is read front to back, once. */
 #define DEFINE_ITEM(NAME, T, EXP, TANH)                                                             \
-static void NAME(const job_t *j, int64_t r, int64_t kvh, T *scores, T *acc) {                      \
-    const int64_t group = j->nh / j->nkv;                                                           \
+static void NAME(const job_t *j, int64_t r, int64_t h0, int64_t h1, T *scores, T *acc) {           \
+    const int64_t group = j->nh / j->nkv, heads = (h1 - h0) * group;                                \
     const T *q = (const T *)j->q, *kc = (const T *)j->k_cache, *vc = (const T *)j->v_cache;         \
     T *out = (T *)j->out;                                                                           \
     const int64_t k_slot = j->nkv * j->hd, v_slot = j->nkv * j->hdv;                                \
@@ -40,36 +41,41 @@ static void NAME(const job_t *j, int64_t r, int64_t kvh, T *scores, T *acc) {   
     const int64_t *table = j->block_tables + r * j->bt_stride;                                      \
     const int64_t n = len - start;                                                                  \
     for (int64_t p = start; p < len; p++) {                                                         \
-        const T *krow = kc + (table[p / j->bs] * j->bs + p % j->bs) * k_slot + kvh * j->hd;         \
-        for (int64_t g = 0; g < group; g++) {                                                       \
-            const T *qh = q + row * j->q_row + (kvh * group + g) * j->q_head;                       \
-            T s = 0;                                                                                \
-            _Pragma("omp simd reduction(+:s)")                                                      \
-            for (int64_t d = 0; d < j->hd; d++) s += qh[d] * krow[d];                               \
-            s *= scale;                                                                             \
-            if (softcap > 0) s = softcap * TANH(s / softcap);                                       \
-            scores[g * n + (p - start)] = s;                                                        \
+        const T *kslot = kc + (table[p / j->bs] * j->bs + p % j->bs) * k_slot;                      \
+        for (int64_t kvh = h0; kvh < h1; kvh++) {                                                   \
+            const T *krow = kslot + kvh * j->hd;                                                    \
+            for (int64_t g = 0; g < group; g++) {                                                   \
+                const int64_t h = kvh * group + g;                                                  \
+                const T *qh = q + row * j->q_row + h * j->q_head;                                   \
+                T s = 0;                                                                            \
+                _Pragma("omp simd reduction(+:s)")                                                  \
+                for (int64_t d = 0; d < j->hd; d++) s += qh[d] * krow[d];                           \
+                s *= scale;                                                                         \
+                if (softcap > 0) s = softcap * TANH(s / softcap);                                   \
+                scores[(h - h0 * group) * n + (p - start)] = s;                                     \
+            }                                                                                       \
         }                                                                                           \
     }                                                                                               \
-    for (int64_t g = 0; g < group; g++) {                                                           \
-        T *sg = scores + g * n, m = -INFINITY, sum = 0;                                             \
-        for (int64_t i = 0; i < n; i++) m = sg[i] > m ? sg[i] : m;                                  \
-        for (int64_t i = 0; i < n; i++) { sg[i] = EXP(sg[i] - m); sum += sg[i]; }                   \
+    for (int64_t i = 0; i < heads; i++) {                                                           \
+        T *sg = scores + i * n, m = -INFINITY, sum = 0;                                             \
+        for (int64_t t = 0; t < n; t++) m = sg[t] > m ? sg[t] : m;                                  \
+        for (int64_t t = 0; t < n; t++) { sg[t] = EXP(sg[t] - m); sum += sg[t]; }                   \
         T inv = n > 0 ? (T)1 / sum : 0;                                                             \
-        for (int64_t i = 0; i < n; i++) sg[i] *= inv;                                               \
+        for (int64_t t = 0; t < n; t++) sg[t] *= inv;                                               \
     }                                                                                               \
-    memset(acc, 0, sizeof(T) * (size_t)(group * j->hdv));                                           \
+    memset(acc, 0, sizeof(T) * (size_t)(heads * j->hdv));                                           \
     for (int64_t p = start; p < len; p++) {                                                         \
-        const T *vrow = vc + (table[p / j->bs] * j->bs + p % j->bs) * v_slot + kvh * j->hdv;        \
-        for (int64_t g = 0; g < group; g++) {                                                       \
-            const T w = scores[g * n + (p - start)];                                                \
-            T *a = acc + g * j->hdv;                                                                \
+        const T *vslot = vc + (table[p / j->bs] * j->bs + p % j->bs) * v_slot;                      \
+        for (int64_t i = 0; i < heads; i++) {                                                       \
+            const T *vrow = vslot + (h0 + i / group) * j->hdv;                                      \
+            const T w = scores[i * n + (p - start)];                                                \
+            T *a = acc + i * j->hdv;                                                                \
             _Pragma("omp simd")                                                                     \
             for (int64_t d = 0; d < j->hdv; d++) a[d] += w * vrow[d];                               \
         }                                                                                           \
     }                                                                                               \
-    for (int64_t g = 0; g < group; g++)                                                             \
-        memcpy(out + row * j->out_row + (kvh * group + g) * j->out_head, acc + g * j->hdv,          \
+    for (int64_t i = 0; i < heads; i++)                                                             \
+        memcpy(out + row * j->out_row + (h0 * group + i) * j->out_head, acc + i * j->hdv,           \
                sizeof(T) * (size_t)j->hdv);                                                         \
 }
 
@@ -77,7 +83,7 @@ DEFINE_ITEM(item_f32, float, expf, tanhf)
 DEFINE_ITEM(item_f64, double, exp, tanh)
 
 /* dtype: 0 float32, 1 float64. Returns 0 on success, -1 when a scratch buffer could not be had.
- * Parallel over (request, KV head) items with OpenMP. Built with -fopenmp, this library needs
+ * Parallel over the items with OpenMP. Built with -fopenmp, this library needs
  * libgomp.so.1, which the loader resolves to the copy torch has loaded already: one thread pool
  * for torch's ops and this kernel (a second pool would spin against torch's on the same cores). */
 int orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head,
@@ -93,21 +99,29 @@ int orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_hea
     int64_t nd = 0;
     for (int64_t r = 0; r < num_reqs; r++)
         if (qsl[r + 1] - qsl[r] == 1) decodes[nd++] = r;
-    const int64_t items = nd * nkv, group = nh / nkv;
+    /* Items: each request's KV heads in `chunks` slices. Whole requests when there are enough
+     * of them to keep every thread busy (rows then read front to back), else finer slices. */
+    if (num_threads < 1) num_threads = 1;
+    int64_t chunks = 1;
+    while (chunks < nkv && nd * chunks < 4 * (int64_t)num_threads) chunks *= 2;
+    if (chunks > nkv) chunks = nkv;
+    const int64_t per = (nkv + chunks - 1) / chunks, items = nd * chunks, group = nh / nkv;
     const size_t elem = dtype == 0 ? sizeof(float) : sizeof(double);
     int failed = 0;
-    if (num_threads < 1) num_threads = 1;
     #pragma omp parallel num_threads(num_threads) if(items > 1) reduction(|:failed)
     {
-        void *scores = malloc(elem * (size_t)(group * (max_len > 0 ? max_len : 1)));
-        void *acc = malloc(elem * (size_t)(group * hdv));
+        void *scores = malloc(elem * (size_t)(per * group * (max_len > 0 ? max_len : 1)));
+        void *acc = malloc(elem * (size_t)(per * group * hdv));
         if (!scores || !acc) {
             failed = 1;
         } else {
             #pragma omp for schedule(dynamic, 1)
             for (int64_t i = 0; i < items; i++) {
-                if (dtype == 0) item_f32(&j, decodes[i / nkv], i % nkv, (float *)scores, (float *)acc);
-                else item_f64(&j, decodes[i / nkv], i % nkv, (double *)scores, (double *)acc);
+                const int64_t r = decodes[i / chunks], h0 = (i % chunks) * per;
+                const int64_t h1 = h0 + per < nkv ? h0 + per : nkv;
+                if (h0 >= h1) continue;
+                if (dtype == 0) item_f32(&j, r, h0, h1, (float *)scores, (float *)acc);
+                else item_f64(&j, r, h0, h1, (double *)scores, (double *)acc);
             }
         }
         free(scores);
