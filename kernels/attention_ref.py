@@ -123,9 +123,10 @@ def attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
         ctx = lens[r]
         if ctx == n and plain and k is not None:
             a, b = starts[r], starts[r] + n
-            qr, kr, vr = (t[a:b].transpose(0, 1) for t in (q, k.to(q.dtype), v.to(q.dtype)))
+            # 4-D [1, heads, n, hd]: with 3-D inputs the CPU dispatcher falls back to bmm + softmax
+            qr, kr, vr = (t[None, a:b].transpose(1, 2) for t in (q, k.to(q.dtype), v.to(q.dtype)))
             out[a:b] = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=scale,
-                                                      enable_gqa=kr.shape[0] != qr.shape[0]).transpose(0, 1)
+                                                      enable_gqa=kr.shape[1] != qr.shape[1])[0].transpose(0, 1)
             continue
         k_ctx = _gather_context(k_cache, block_tables[r : r + 1], ctx)
         v_ctx = _gather_context(v_cache, block_tables[r : r + 1], ctx)
