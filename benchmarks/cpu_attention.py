@@ -2,7 +2,7 @@
 same run, at W1's decode shapes (GPT-2 small: 12 heads of 64; 32 decodes, contexts 20-190, cache
 blocks of 16). docs/benchmarks.md quotes its output.
 
-    python benchmarks/cpu_attention.py            # gather, attention form, length buckets
+    python benchmarks/cpu_attention.py            # gather, attention form, length buckets, C kernel
     python benchmarks/cpu_attention.py --malloc   # also W1's engine with and without malloc tuning
 """
 from __future__ import annotations
@@ -74,6 +74,19 @@ def main():
     a, b = min(results["one bucket"]), min(results["length buckets"])
     print(f"  whole decode op (store + gather + attend): one padded group {a:.2f} ms, length buckets {b:.2f} ms "
           f"({a / b:.2f}x; best of 3)")
+
+    from orca_compile.kernels import attention_cpu
+
+    if attention_cpu.available():
+        res = {"reference": [], "C kernel": []}
+        for _ in range(3):
+            res["reference"].append(timed(lambda: ref.attention(*batch)))
+            res["C kernel"].append(timed(lambda: attention_cpu.attention(*batch)))
+        a, b = min(res["reference"]), min(res["C kernel"])
+        print(f"  whole decode op: reference (length buckets) {a:.2f} ms, C kernel in place over the blocks "
+              f"{b:.2f} ms ({a / b:.1f}x; best of 3)")
+    else:
+        print(f"  C decode kernel not built: {attention_cpu.why_unavailable()}")
 
     if args.malloc:
         script = ("import orca_compile; from orca_compile import bench; w = bench.WORKLOADS['w1']; "
