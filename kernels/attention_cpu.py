@@ -13,7 +13,7 @@ cache directory (``$ORCA_CACHE_DIR``, else ``$XDG_CACHE_HOME/orca_compile``, els
 ``~/.cache/orca_compile``) under a name that hashes the source, the flags, the compiler and the
 CPU's feature flags, and loaded with ``ctypes`` (which releases the GIL during the call). Where no
 compiler is found or the build fails, ``available()`` is False and dispatch keeps the reference;
-``why_unavailable()`` says why.
+``why_unavailable()`` says why. ``ORCA_CPU_KERNELS=0`` turns the kernel off.
 """
 from __future__ import annotations
 
