@@ -71,18 +71,28 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def applies(gm: torch.fx.GraphModule) -> bool:
-    """The lowering is available and the graph's linear layers are float32 on the CPU."""
+def unmet(gm: torch.fx.GraphModule) -> str | None:
+    """Why the lowering cannot apply to ``gm`` (None: it can): oneDNN missing, no linear layers,
+    or linear weights that are not float32 on the CPU."""
     if not available():
-        return False
-    found = [w for _, w, _ in _linears(gm)]
-    return bool(found) and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in found)
+        return "this torch is built without oneDNN"
+    weights = [w for _, w, _ in _linears(gm)]
+    if not weights:
+        return "the graph has no linear layers on its weights"
+    kinds = sorted({f"{w.dtype} on {w.device}" for w in weights})
+    if kinds != ["torch.float32 on cpu"]:
+        return f"it needs float32 weights on the CPU; this model has {', '.join(kinds)}"
+    return None
+
+
+def applies(gm: torch.fx.GraphModule) -> bool:
+    return unmet(gm) is None
 
 
 def lower_cpu(gm: torch.fx.GraphModule, *, fuse_activations: bool = True) -> torch.fx.GraphModule:
-    if not applies(gm):
-        raise ValueError("lower_cpu needs oneDNN and float32 CPU weights; "
-                         f"oneDNN available: {available()}, weights: {_weight_kinds(gm)}")
+    why = unmet(gm)
+    if why:
+        raise ValueError(f"lower_cpu cannot apply: {why}")
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out.meta.update(gm.meta)
     graph = out.graph
@@ -111,7 +121,8 @@ def lower_cpu(gm: torch.fx.GraphModule, *, fuse_activations: bool = True) -> tor
         for dead in reversed(chain if act else [node]):
             graph.erase_node(dead)
         if act:
-            fused[f"{attr}/{alg}" if alg else attr] = fused.get(f"{attr}/{alg}" if alg else attr, 0) + 1
+            key = f"{attr}/{alg}" if alg else attr
+            fused[key] = fused.get(key, 0) + 1
     graph.eliminate_dead_code()
     out.meta["orca_lowering"] = {"packed_weights": len(packed), "fused_activations": fused}
     _postcondition(out)
@@ -215,10 +226,6 @@ def _evaluate(chain, probe):
         return None
     out = env[chain[-1]]
     return out if isinstance(out, torch.Tensor) and out.shape == probe.shape else None
-
-
-def _weight_kinds(gm):
-    return sorted({f"{w.dtype} on {w.device}" for _, w, _ in _linears(gm)}) or ["no linear layers"]
 
 
 def _postcondition(gm):

@@ -29,15 +29,14 @@ def resolve_backend(backend: str, compiled: CompiledModel) -> str:
     built in), else ``eager``; an explicit ``onednn`` that cannot apply is a ``ValueError``."""
     if backend == "auto":
         return "onednn" if lower_cpu.applies(compiled.graph_module) else "eager"
-    if backend == "onednn" and not lower_cpu.applies(compiled.graph_module):
-        weights = {f"{p.dtype} on {p.device}" for p in compiled.graph_module.parameters()}
-        raise ValueError(f"backend='onednn' needs float32 weights on the CPU and oneDNN (available: "
-                         f"{lower_cpu.available()}); this model has {', '.join(sorted(weights)) or 'no weights'}")
+    why = lower_cpu.unmet(compiled.graph_module) if backend == "onednn" else None
+    if why:
+        raise ValueError(f"backend='onednn' cannot apply: {why}")
     return backend
 
 
 class ModelRunner:
-    def __init__(self, compiled: CompiledModel, num_kv_blocks: int, block_size: int, backend: str = "eager",
+    def __init__(self, compiled: CompiledModel, num_kv_blocks: int, block_size: int, backend: str = "auto",
                  seed: int = 0):
         self.compiled = compiled
         self.block_size = block_size

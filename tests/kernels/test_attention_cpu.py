@@ -5,15 +5,12 @@ softmax over at most a few hundred keys; 2e-6 absolute on outputs of magnitude ~
 the largest difference seen (3.6e-7) and still fails on any indexing or masking bug (those move
 outputs by ~1e-1).
 """
-import os
-import shutil
 import sys
 
 import pytest
 import torch
 
 from orca_compile.kernels import attention_cpu, attention_ref, dispatch
-from tests.kernels.test_attention_ref import test_reference_matches_dense as _dense_check
 
 LINUX_WITH_CC = sys.platform.startswith("linux") and attention_cpu._compiler() is not None
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
@@ -28,6 +25,7 @@ def test_the_kernel_builds_where_a_compiler_is():
         assert not attention_cpu.available() and attention_cpu.why_unavailable()
 
 
+# reason: no C compiler (not Linux, or none on PATH); the test above fails instead where one is
 pytestmark_kernel = pytest.mark.skipif(not attention_cpu.available(),
                                        reason=f"C decode kernel not built: {attention_cpu.why_unavailable()}")
 
@@ -86,15 +84,6 @@ def test_thread_count_does_not_change_the_result(threads):
     attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, 0.2, 0, 0.0, one, num_threads=1)
     attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, 0.2, 0, 0.0, many, num_threads=threads)
     assert torch.equal(one, many)  # each (request, head) is computed by one thread, in one order
-
-
-@pytestmark_kernel
-@pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2), (4, 1)])
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 20.0)])
-def test_whole_op_matches_a_dense_computation(monkeypatch, nh, nkv, window, softcap):
-    # the reference's dense check (store, decodes, prefills, an empty request), on the C path
-    monkeypatch.setattr("tests.kernels.test_attention_ref.attention", attention_cpu.attention)
-    _dense_check(nh, nkv, window, softcap)
 
 
 @pytestmark_kernel

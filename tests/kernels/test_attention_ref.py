@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from orca_compile.kernels.attention_ref import attention
+from orca_compile.kernels import attention_cpu, attention_ref
+
+IMPLS = {"reference": attention_ref.attention, "C decode kernel": attention_cpu.attention}
 
 
 def _dense(q, k, v, scale, window, softcap):
@@ -22,9 +24,16 @@ def _dense(q, k, v, scale, window, softcap):
     return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 20.0)])
-def test_reference_matches_dense(nh, nkv, window, softcap):
+def test_matches_dense(impl, nh, nkv, window, softcap):
+    """The whole op (store, decodes, fresh and chunked prefills, an empty request) of the
+    reference and of the C decode path against a dense per-request computation."""
+    if impl == "C decode kernel" and not attention_cpu.available():
+        # reason: no C compiler here; on Linux with one, test_attention_cpu asserts it builds
+        pytest.skip(f"C decode kernel not built: {attention_cpu.why_unavailable()}")
+    attention = IMPLS[impl]
     g = torch.Generator().manual_seed(0)
     hd, bs, nb = 8, 4, 32
     # (cached, new): decodes, prefills, a chunk on top of a context, an empty request
@@ -67,6 +76,6 @@ def test_padding_slots_are_not_written():
     vc = torch.zeros_like(kc)
     q = torch.ones(2, 1, 2)
     k = torch.full((2, 1, 2), 3.0)
-    attention(q, k, k, kc, vc, torch.tensor([1, -1]), torch.tensor([0, 1, 2]), torch.tensor([2, 1]),
+    attention_ref.attention(q, k, k, kc, vc, torch.tensor([1, -1]), torch.tensor([0, 1, 2]), torch.tensor([2, 1]),
               torch.tensor([[0], [1]]), 1.0)
     assert kc.view(-1, 1, 2)[1].eq(3).all() and kc.count_nonzero() == 2
