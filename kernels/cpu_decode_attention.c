@@ -82,23 +82,27 @@ static void NAME(const job_t *j, int64_t r, int64_t h0, int64_t h1, T *scores, T
 DEFINE_ITEM(item_f32, float, expf, tanhf)
 DEFINE_ITEM(item_f64, double, exp, tanh)
 
-/* dtype: 0 float32, 1 float64. Returns 0 on success, -1 when a scratch buffer could not be had.
+/* dtype: 0 float32, 1 float64. Returns the number of requests it left to the caller (those with
+ * more than one token this iteration: prefills), or -1 when a scratch buffer could not be had.
  * Parallel over the items with OpenMP. Built with -fopenmp, this library needs
  * libgomp.so.1, which the loader resolves to the copy torch has loaded already: one thread pool
  * for torch's ops and this kernel (a second pool would spin against torch's on the same cores). */
-int orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head,
-                          const void *k_cache, const void *v_cache, int64_t bs, int64_t nkv, int64_t hd,
-                          int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
-                          const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
-                          int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
-                          int64_t max_len, int num_threads) {
+int64_t orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head,
+                              const void *k_cache, const void *v_cache, int64_t bs, int64_t nkv, int64_t hd,
+                              int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
+                              const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
+                              int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
+                              int num_threads) {
     const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
                      bt_stride, scale, softcap, window, out, out_row, out_head};
     int64_t *decodes = (int64_t *)malloc(sizeof(int64_t) * (size_t)(num_reqs > 0 ? num_reqs : 1));
     if (!decodes) return -1;
-    int64_t nd = 0;
+    int64_t nd = 0, max_len = 1;
     for (int64_t r = 0; r < num_reqs; r++)
-        if (qsl[r + 1] - qsl[r] == 1) decodes[nd++] = r;
+        if (qsl[r + 1] - qsl[r] == 1) {
+            decodes[nd++] = r;
+            if (seq_lens[r] > max_len) max_len = seq_lens[r];
+        }
     /* Items: each request's KV heads in `chunks` slices. Whole requests when there are enough
      * of them to keep every thread busy (rows then read front to back), else finer slices. */
     if (num_threads < 1) num_threads = 1;
@@ -110,7 +114,7 @@ int orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_hea
     int failed = 0;
     #pragma omp parallel num_threads(num_threads) if(items > 1) reduction(|:failed)
     {
-        void *scores = malloc(elem * (size_t)(per * group * (max_len > 0 ? max_len : 1)));
+        void *scores = malloc(elem * (size_t)(per * group * max_len));
         void *acc = malloc(elem * (size_t)(per * group * hdv));
         if (!scores || !acc) {
             failed = 1;
@@ -128,5 +132,31 @@ int orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_hea
         free(acc);
     }
     free(decodes);
-    return failed ? -1 : 0;
+    if (failed) return -1;
+    int64_t left = 0;
+    for (int64_t r = 0; r < num_reqs; r++) left += qsl[r + 1] - qsl[r] > 1;
+    return left;
+}
+
+/* This iteration's K and V rows into their cache slots: token t's heads go to slot slots[t] of
+ * the flattened [num_slots, nkv, hd] caches; slots < 0 are padding and skipped. k: [T, nkv, hd]
+ * with strides (k_row, k_head, 1), v likewise with hdv. Returns 0, or -1 (nothing written) when a
+ * slot is num_slots or beyond. */
+int orca_store_kv(int dtype, const void *k, int64_t k_row, int64_t k_head, const void *v, int64_t v_row,
+                  int64_t v_head, void *k_cache, void *v_cache, int64_t nkv, int64_t hd, int64_t hdv,
+                  const int64_t *slots, int64_t T, int64_t num_slots) {
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] >= num_slots) return -1;
+    const size_t elem = dtype == 0 ? sizeof(float) : sizeof(double);
+    const char *kb = (const char *)k, *vb = (const char *)v;
+    char *kc = (char *)k_cache, *vc = (char *)v_cache;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slots[t];
+        if (s < 0) continue;
+        for (int64_t h = 0; h < nkv; h++) {
+            memcpy(kc + ((s * nkv + h) * hd) * elem, kb + (t * k_row + h * k_head) * elem, hd * elem);
+            memcpy(vc + ((s * nkv + h) * hdv) * elem, vb + (t * v_row + h * v_head) * elem, hdv * elem);
+        }
+    }
+    return 0;
 }

@@ -37,8 +37,8 @@ class Workload:
         return out
 
 
-SYSTEMS = ("engine", "engine-eager", "engine-inductor", "hf-static", "hf-continuous")
-ENGINE_VARIANTS = {"engine-eager": "eager", "engine-inductor": "inductor"}  # the engine on another backend
+SYSTEMS = ("engine", "engine-onednn", "engine-eager", "engine-inductor", "hf-static", "hf-continuous")
+ENGINE_VARIANTS = {"engine-onednn": "onednn", "engine-eager": "eager", "engine-inductor": "inductor"}  # the engine on another backend
 WORKLOADS = {
     "w1": Workload("w1", "gpt2-small-random", "float32", 32, (16, 128), (8, 64)),
     # the same shape on the tiny default model: seconds, for smoke runs and the tests

@@ -58,7 +58,8 @@ def _add_engine_args(p, max_num_seqs=64, max_num_batched_tokens=512):
     g.add_argument("--kv-mode", default="paged", choices=["paged", "reserve"])
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--backend", default="auto", choices=list(BACKENDS),
-                   help="auto: oneDNN-lowered linears on a float32 CPU model, else eager")
+                   help="auto: the C kernels (cpu) on a float32/float64 CPU model where a C compiler is found, "
+                        "else oneDNN-lowered linears (float32), else eager")
 
 
 def _engine_kwargs(args) -> dict:

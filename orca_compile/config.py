@@ -5,7 +5,7 @@ import dataclasses
 
 POLICIES = ("fcfs",)
 KV_MODES = ("paged", "reserve")
-BACKENDS = ("auto", "eager", "onednn", "inductor")
+BACKENDS = ("auto", "eager", "cpu", "onednn", "inductor")
 
 
 def _positive_int(name, value):
@@ -25,9 +25,11 @@ class EngineConfig:
     kv_mode: str = "paged"
     chunked_prefill: bool = True  # split prompts across iterations under the token budget (Sarathi)
     max_model_len: int = 0  # longest prompt + output; 0: no limit of the model's own
-    # "eager": run the rewritten graph as it is. "onednn": lower its linear layers to oneDNN with
-    # weights packed once and activations fused (passes/lower_cpu.py; CPU float32). "inductor":
-    # torch.compile the rewritten graph, dynamic in T. "auto": "onednn" where it applies, else "eager".
+    # "eager": run the rewritten graph as it is. "cpu": lower its linear layers to this project's C
+    # GEMM on weights packed once, activations fused, attention called directly (passes/lower_cpu.py;
+    # CPU float32/float64, needs a C compiler). "onednn": the same lowering onto oneDNN (CPU float32).
+    # "inductor": torch.compile the rewritten graph, dynamic in T. "auto": the first of cpu, onednn
+    # that applies, else "eager".
     backend: str = "auto"
 
     def __post_init__(self):

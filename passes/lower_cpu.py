@@ -1,29 +1,37 @@
-"""lower_cpu: lower the final graph's linear layers to oneDNN with weights packed once, and fold the
-activation that follows each one into the GEMM's epilogue.
+"""lower_cpu: lower the final graph's linear layers (and its attention) to CPU kernels that run
+on weights packed once, with the activation after each linear folded into the GEMM's epilogue.
 
-Requires: the ``final`` graph, weights on the CPU in float32, oneDNN available (``applies(gm)``
-says whether it does). Ensures (checked): no ``addmm`` / ``linear`` / ``mm`` on a weight of the
-graph is left; each became ``mkldnn._linear_pointwise`` on a packed copy of its weight; a
-pointwise chain that hangs off one linear alone and computes an activation oneDNN has (GELU,
-tanh-GELU, SiLU, ReLU, sigmoid, tanh) is gone, done in the linear's epilogue. Everything else is
-untouched; the input graph module is not modified (the result is a new module sharing its other
-weights).
+Two kernels (``kernel=``):
+
+* ``"orca"`` (the engine's ``cpu`` backend): this project's C GEMM (``kernels/cpu_gemm.c`` via
+  ``kernels/gemm_cpu.linear``), float32 and float64, fusing bias and GELU-tanh / SiLU / ReLU /
+  sigmoid. Every ``orca::attention`` also becomes a direct call of ``kernels/attention_cpu``'s
+  C path (when dispatch would pick it), skipping the custom op's dispatch (~0.1 ms a call).
+* ``"onednn"`` (the ``onednn`` backend): ``mkldnn._linear_pointwise`` on oneDNN's packed layout,
+  float32 only, fusing GELU (tanh and erf), SiLU, ReLU, sigmoid, tanh.
+
+Requires: the ``final`` graph, weights on the CPU in a dtype the kernel takes, the kernel
+available (``unmet(gm, kernel)`` says why not). Ensures (checked): no ``addmm`` / ``linear`` /
+``mm`` on a weight of the graph is left; each became the kernel's linear on a packed copy of its
+weight; a pointwise chain that hangs off one linear alone and computes an activation the kernel
+fuses is gone, done in the epilogue. Everything else is untouched; the input graph module is not
+modified (the result is a new module sharing its other weights).
 
 Why. Decode iterations multiply a few dozen rows by every weight matrix. ``torch.addmm`` hands
 the weight to MKL, which re-packs it on every call; with weights streamed from DRAM that costs as
-much as the product. A weight packed once into oneDNN's blocked layout (``_reorder_linear_weight``)
-makes GPT-2 small's 48 layer GEMMs plus its LM head 1.75x faster at 32 rows, 2.34x at 8, 1.53x
-at 1 and 1.20x at 512 (``benchmarks/cpu_linear.py``). It costs memory: one packed copy of each linear weight (the
-original stays with the unlowered graph).
+much as the product. oneDNN's packed layout makes GPT-2 small's 48 layer GEMMs plus its LM head
+1.75x faster at 32 rows and 2.3x at 8; the C kernel, which prefetches the weight stream ahead of
+its FMAs, is another 1.2-1.7x at 1-32 rows (``benchmarks/cpu_linear.py``). It costs memory: one
+packed copy of each linear weight (the original stays with the unlowered graph).
 
 How the activation is found. Like ``split_attention`` with the mask, this pass does not
 pattern-match HF's activation code: it collects the pointwise nodes whose only tensor input is
 the linear's output (transitively), requires one exit, *evaluates* that subgraph in float64 on a
-probe range and compares it with each activation oneDNN can fuse. GPT-2's ``gelu_new`` (eight
-ATen ops: pow, mul, add, tanh, ...) matches ``gelu/tanh``; Llama's ``silu(gate_proj(x))`` matches
-``swish``. A chain that matches nothing stays as it was.
+probe range and compares it with each activation the kernel can fuse. GPT-2's ``gelu_new`` (eight
+ATen ops: pow, mul, add, tanh, ...) matches tanh-GELU; Llama's ``silu(gate_proj(x))`` matches
+SiLU. A chain that matches nothing stays as it was.
 
-Before / after (GPT-2 MLP)::
+Before / after (GPT-2 MLP, ``kernel="orca"``)::
 
     addmm_2 = aten.addmm(mlp_c_fc_bias, layer_norm_1, mlp_c_fc_weight)
     mul_8 = aten.mul.Tensor(addmm_2, 0.5)
@@ -31,9 +39,9 @@ Before / after (GPT-2 MLP)::
     ...                                                  # mul, add, mul, tanh, add
     mul_11 = aten.mul.Tensor(mul_8, add_5)
   ->
-    _packed_mlp_c_fc_weight = get_attr[_packed_mlp_c_fc_weight]   # [out, in], oneDNN layout
-    linear_pointwise = mkldnn._linear_pointwise(layer_norm_1, _packed_mlp_c_fc_weight, mlp_c_fc_bias,
-                                                "gelu", [], "tanh")
+    _packed_mlp_c_fc_weight = get_attr[_packed_mlp_c_fc_weight]   # [out / 16, in, 16] panels
+    linear = orca_compile.kernels.gemm_cpu.linear(layer_norm_1, _packed_mlp_c_fc_weight,
+                                                  mlp_c_fc_bias, 3072, 3)       # 3: gelu_tanh
 """
 from __future__ import annotations
 
@@ -42,9 +50,12 @@ import copy
 import torch
 import torch.fx
 
+from orca_compile.kernels import gemm_cpu
+
 aten = torch.ops.aten
 PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise.default
 PACK_ROWS_HINT = 32  # the row count oneDNN tunes the packed layout for; any count runs (measured: 1-512 within 10%)
+KERNELS = ("orca", "onednn")
 
 # pointwise ops an activation chain may consist of (one tensor input each, scalars otherwise)
 _POINTWISE = {
@@ -53,44 +64,54 @@ _POINTWISE = {
     aten.tanh.default, aten.sigmoid.default, aten.silu.default, aten.relu.default, aten.gelu.default,
     aten.erf.default, aten.exp.default, aten.neg.default, aten.reciprocal.default, aten.sqrt.default,
 }
-# (oneDNN post-op, algorithm, float64 reference)
-_ACTIVATIONS = (
-    ("gelu", "tanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh")),
-    ("gelu", "none", torch.nn.functional.gelu),
-    ("swish", "", torch.nn.functional.silu),
-    ("relu", "", torch.relu),
-    ("sigmoid", "", torch.sigmoid),
-    ("tanh", "", torch.tanh),
-)
+# name -> (float64 reference, oneDNN (post-op, algorithm) or None, the C kernel's code or None)
+_ACTIVATIONS = {
+    "gelu_tanh": (lambda x: torch.nn.functional.gelu(x, approximate="tanh"), ("gelu", "tanh"), gemm_cpu.ACTIVATIONS["gelu_tanh"]),
+    "gelu": (torch.nn.functional.gelu, ("gelu", "none"), None),
+    "silu": (torch.nn.functional.silu, ("swish", ""), gemm_cpu.ACTIVATIONS["silu"]),
+    "relu": (torch.relu, ("relu", ""), gemm_cpu.ACTIVATIONS["relu"]),
+    "sigmoid": (torch.sigmoid, ("sigmoid", ""), gemm_cpu.ACTIVATIONS["sigmoid"]),
+    "tanh": (torch.tanh, ("tanh", ""), None),
+}
 _PROBE = torch.cat([torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64),
                     torch.tensor([-1e-3, -1e-6, 0.0, 1e-6, 1e-3, 30.0, -30.0], dtype=torch.float64)])
 
 
-def available() -> bool:
-    """oneDNN is built in and has the packed-linear ops this pass emits."""
+def available(kernel: str = "onednn") -> bool:
+    """The kernel is there: oneDNN built into torch with the packed-linear ops, or the C GEMM built."""
+    _check_kernel(kernel)
+    if kernel == "orca":
+        return gemm_cpu.available()
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def unmet(gm: torch.fx.GraphModule) -> str | None:
-    """Why the lowering cannot apply to ``gm`` (None: it can): oneDNN missing, no linear layers,
-    or linear weights that are not float32 on the CPU."""
-    if not available():
-        return "this torch is built without oneDNN"
+def unmet(gm: torch.fx.GraphModule, kernel: str = "onednn") -> str | None:
+    """Why the lowering to ``kernel`` cannot apply to ``gm`` (None: it can): the kernel missing, no
+    linear layers, or linear weights in a dtype or on a device it does not take."""
+    _check_kernel(kernel)
+    if not available(kernel):
+        return ("this torch is built without oneDNN" if kernel == "onednn"
+                else f"the C GEMM kernel is unavailable: {gemm_cpu.why_unavailable()}")
     weights = [w for _, w, _ in _linears(gm)]
     if not weights:
         return "the graph has no linear layers on its weights"
     kinds = sorted({f"{w.dtype} on {w.device}" for w in weights})
-    if kinds != ["torch.float32 on cpu"]:
-        return f"it needs float32 weights on the CPU; this model has {', '.join(kinds)}"
+    ok = [["torch.float32 on cpu"]] + ([["torch.float64 on cpu"]] if kernel == "orca" else [])
+    if kinds not in ok:
+        need = "float32 or float64 weights (one dtype)" if kernel == "orca" else "float32 weights"
+        return f"it needs {need} on the CPU; this model has {', '.join(kinds)}"
     return None
 
 
-def applies(gm: torch.fx.GraphModule) -> bool:
-    return unmet(gm) is None
+def applies(gm: torch.fx.GraphModule, kernel: str = "onednn") -> bool:
+    return unmet(gm, kernel) is None
 
 
-def lower_cpu(gm: torch.fx.GraphModule, *, fuse_activations: bool = True) -> torch.fx.GraphModule:
-    why = unmet(gm)
+def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activations: bool = True,
+              attention: bool = True) -> torch.fx.GraphModule:
+    """The lowered copy of ``gm``. ``attention`` (``kernel="orca"`` only): call the C attention
+    path directly where dispatch would choose it for this graph's dtype."""
+    why = unmet(gm, kernel)
     if why:
         raise ValueError(f"lower_cpu cannot apply: {why}")
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -101,33 +122,76 @@ def lower_cpu(gm: torch.fx.GraphModule, *, fuse_activations: bool = True) -> tor
     for node, weight, weight_is_in_out in _linears(out):
         key = id(weight)
         if key not in packed:
-            w = weight.detach().t() if weight_is_in_out else weight.detach()
+            w = (weight.detach().t() if weight_is_in_out else weight.detach()).contiguous()
             name = "_packed_" + _attr_name(node, weight_is_in_out)
             while hasattr(out, name):
                 name += "_"
-            out.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS_HINT),
-                                persistent=False)
+            w = gemm_cpu.pack(w) if kernel == "orca" else torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
+            out.register_buffer(name, w, persistent=False)
             packed[key] = name
+        out_features = weight.shape[1] if weight_is_in_out else weight.shape[0]
         x, bias = _operands(node)
-        chain, exit_node, act = (_activation(node) if fuse_activations else (None, None, None))
+        separate_bias = kernel == "orca" and bias is not None and not _plain_bias(out, bias, weight, out_features)
+        chain, act = _activation(node, kernel) if fuse_activations and not separate_bias else (None, None)
         with graph.inserting_before(node):
             w_node = graph.get_attr(packed[key])
-            attr, alg = act if act else ("none", "")
-            new = graph.call_function(PACKED_LINEAR, (x, w_node, bias, attr, [], alg))
-        replaced = exit_node if act else node
+            if kernel == "orca":
+                code = _ACTIVATIONS[act][2] if act else 0
+                new = graph.call_function(gemm_cpu.linear, (x, w_node, None if separate_bias else bias,
+                                                            out_features, code))
+            else:
+                attr, alg = _ACTIVATIONS[act][1] if act else ("none", "")
+                new = graph.call_function(PACKED_LINEAR, (x, w_node, bias, attr, [], alg))
+        replaced = chain[-1] if act else node
         new.meta = dict(node.meta)
         new.meta["val"] = replaced.meta.get("val")
-        replaced.replace_all_uses_with(new)
+        result = new
+        if separate_bias:  # a bias the kernel cannot read in place: added after, as aten.addmm would
+            with graph.inserting_after(new):
+                result = graph.call_function(aten.add.Tensor, (new, bias))
+            result.meta = dict(new.meta)
+        replaced.replace_all_uses_with(result)
         for dead in reversed(chain if act else [node]):
             graph.erase_node(dead)
         if act:
-            key = f"{attr}/{alg}" if alg else attr
-            fused[key] = fused.get(key, 0) + 1
+            fused[act] = fused.get(act, 0) + 1
+    direct = 0
+    if kernel == "orca" and attention:
+        direct = _direct_attention(graph)
     graph.eliminate_dead_code()
-    out.meta["orca_lowering"] = {"packed_weights": len(packed), "fused_activations": fused}
+    out.meta["orca_lowering"] = {"kernel": kernel, "packed_weights": len(packed), "fused_activations": fused,
+                                 "direct_attention": direct}
     _postcondition(out)
     out.recompile()
     return out
+
+
+def _check_kernel(kernel):
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
+
+
+def _plain_bias(gm, bias, weight, out_features) -> bool:
+    """The C kernel reads the bias in place: a contiguous [out] tensor of the weight's dtype."""
+    t = _fetch(gm, bias.target) if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
+    return (isinstance(t, torch.Tensor) and t.shape == (out_features,) and t.dtype == weight.dtype
+            and t.is_contiguous() and t.device == weight.device)
+
+
+def _direct_attention(graph) -> int:
+    """Retarget each ``orca::attention`` to ``attention_cpu.attention`` where dispatch picks the C
+    path for its dtype (read from the node's meta): the same function the op would reach."""
+    from orca_compile.kernels import attention_cpu, dispatch
+    from orca_compile.ops import ATTENTION
+
+    count = 0
+    for node in list(graph.find_nodes(op="call_function", target=ATTENTION)):
+        q = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        if q is None or dispatch.attention_backend(torch.device("cpu"), q.dtype) != "cpu":
+            continue
+        node.target = attention_cpu.attention
+        count += 1
+    return count
 
 
 def _linears(gm):
@@ -181,8 +245,8 @@ def _attr_name(node, weight_is_in_out):
     return str(arg.target).replace(".", "_")
 
 
-def _activation(linear):
-    """(chain nodes in graph order, exit node, (post-op, algorithm)) or (None, None, None)."""
+def _activation(linear, kernel):
+    """(chain nodes in graph order, activation name) or (None, None): the activation the kernel fuses."""
     chain, members = [linear], {linear}
     ref = linear.meta.get("val")
     for node in _after(linear):
@@ -197,15 +261,16 @@ def _activation(linear):
             members.add(node)
     exits = [n for n in chain if any(u not in members for u in n.users) or not n.users]
     if len(chain) == 1 or exits != [chain[-1]] or linear in exits:
-        return None, None, None
+        return None, None
     got = _evaluate(chain, _PROBE)
     if got is None:
-        return None, None, None
-    for attr, alg, fn in _ACTIVATIONS:
-        want = fn(_PROBE)
-        if torch.allclose(got, want, rtol=1e-9, atol=1e-9):
-            return chain, chain[-1], (attr, alg)
-    return None, None, None
+        return None, None
+    for name, (fn, onednn, orca) in _ACTIVATIONS.items():
+        if (onednn if kernel == "onednn" else orca) is None:
+            continue
+        if torch.allclose(got, fn(_PROBE), rtol=1e-9, atol=1e-9):
+            return chain, name
+    return None, None
 
 
 def _after(node):

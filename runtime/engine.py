@@ -174,7 +174,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """The backend the graph runs on (``auto`` resolved): eager, onednn or inductor."""
+        """The backend the graph runs on (``auto`` resolved): eager, cpu, onednn or inductor."""
         return self.executor.runner.backend
 
     def stats(self) -> dict:

@@ -24,14 +24,18 @@ class RunnerOutput:
     sample_seconds: float = 0.0
 
 
+_LOWERED = {"cpu": "orca", "onednn": "onednn"}  # backend -> lower_cpu's kernel
+
+
 def resolve_backend(backend: str, compiled: CompiledModel) -> str:
-    """``auto`` -> ``onednn`` where the CPU lowering applies (float32 weights on the CPU, oneDNN
-    built in), else ``eager``; an explicit ``onednn`` that cannot apply is a ``ValueError``."""
+    """``auto`` -> ``cpu`` where the C kernels apply (float32/float64 weights on the CPU, a C
+    compiler), else ``onednn`` where it applies (float32 on the CPU, oneDNN built in), else
+    ``eager``. An explicit ``cpu`` or ``onednn`` that cannot apply is a ``ValueError``."""
     if backend == "auto":
-        return "onednn" if lower_cpu.applies(compiled.graph_module) else "eager"
-    why = lower_cpu.unmet(compiled.graph_module) if backend == "onednn" else None
+        return next((b for b, k in _LOWERED.items() if lower_cpu.applies(compiled.graph_module, k)), "eager")
+    why = lower_cpu.unmet(compiled.graph_module, _LOWERED[backend]) if backend in _LOWERED else None
     if why:
-        raise ValueError(f"backend='onednn' cannot apply: {why}")
+        raise ValueError(f"backend={backend!r} cannot apply: {why}")
     return backend
 
 
@@ -45,8 +49,8 @@ class ModelRunner:
         self.sampler = Sampler(self.device, seed=seed)
         self.backend = resolve_backend(backend, compiled)
         self.forward = compiled.graph_module
-        if self.backend == "onednn":
-            self.forward = lower_cpu.lower_cpu(compiled.graph_module)
+        if self.backend in _LOWERED:
+            self.forward = lower_cpu.lower_cpu(compiled.graph_module, kernel=_LOWERED[self.backend])
         elif self.backend == "inductor":
             # dynamic=True: T, R and the block-table width change every iteration; one graph
             # for all of them instead of a recompile per shape.

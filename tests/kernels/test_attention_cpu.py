@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from orca_compile.kernels import attention_cpu, attention_ref, dispatch
+from orca_compile.kernels import attention_cpu, attention_ref, cbuild, dispatch
 
-LINUX_WITH_CC = sys.platform.startswith("linux") and attention_cpu._compiler() is not None
+LINUX_WITH_CC = sys.platform.startswith("linux") and cbuild.compiler() is not None
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
 
@@ -68,7 +68,8 @@ def test_decodes_match_the_reference(dtype, nh, nkv, hd, hdv, bs, window, softca
     want = torch.full((q.shape[0], nh, hdv), float("nan"), dtype=dtype)
     got = want.clone()
     attention_ref.attend_decodes(q, kc, vc, qsl, lens, bt, hd ** -0.5, window, softcap, want)
-    attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, hd ** -0.5, window, softcap, got)
+    left = attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, hd ** -0.5, window, softcap, got)
+    assert left == sum(n > 1 for _, n in reqs)  # the caller attends these (and only needs to when > 0)
     decode_rows = [int(qsl[r]) for r, (_, n) in enumerate(reqs) if n == 1]
     prefill_rows = [i for i in range(q.shape[0]) if i not in decode_rows]
     torch.testing.assert_close(got[decode_rows], want[decode_rows], atol=TOL[dtype], rtol=0)
@@ -101,13 +102,37 @@ def test_bad_inputs_raise():
         attention_cpu.decode_attention(q, kc.transpose(1, 2), vc, qsl, lens, bt, 0.25, 0, 0.0, out)
 
 
+# ---------------------------------------------------------------------------------------- store_kv
+
+@pytestmark_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_store_kv_matches_the_reference(dtype):
+    g = torch.Generator().manual_seed(4)
+    nb, bs, nkv, hd, hdv, t = 6, 4, 3, 16, 8, 7
+    kc, vc = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype), torch.randn(nb, bs, nkv, hdv, generator=g).to(dtype)
+    # k as a view into a fused projection (row stride > nkv * hd), v contiguous; slot -1 is padding
+    k = torch.randn(t, 2 * nkv * hd, generator=g).to(dtype)[:, nkv * hd:].view(t, nkv, hd)
+    v = torch.randn(t, nkv, hdv, generator=g).to(dtype)
+    slots = torch.tensor([5, 0, -1, 23, 12, 13, -1])
+    want_k, want_v, got_k, got_v = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    attention_ref.store_kv(k, v, want_k, want_v, slots)
+    attention_cpu.store_kv(k, v, got_k, got_v, slots)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    assert not torch.equal(got_k, kc)  # it wrote something
+    with pytest.raises(IndexError, match="outside the cache's 24 slots"):
+        attention_cpu.store_kv(k, v, got_k, got_v, torch.tensor([0, 1, 2, 3, 4, 24, 5]))
+    assert torch.equal(got_k, want_k)  # a bad slot list writes nothing
+    with pytest.raises(ValueError, match="3 slots for 7 tokens"):
+        attention_cpu.store_kv(k, v, got_k, got_v, slots[:3])
+
+
 # ---------------------------------------------------------------------------------------- building
 
 @pytest.fixture
 def fresh_loader(monkeypatch, tmp_path):
     """The loader as on first use, building into an empty cache directory."""
-    monkeypatch.setattr(attention_cpu, "_lib", None)
-    monkeypatch.setattr(attention_cpu, "_error", None)
+    monkeypatch.setattr(attention_cpu.LIB, "_lib", None)
+    monkeypatch.setattr(attention_cpu.LIB, "_error", None)
     monkeypatch.setenv("ORCA_CACHE_DIR", str(tmp_path))
     return tmp_path
 
@@ -118,17 +143,17 @@ def test_build_goes_to_the_cache_dir_and_is_reused(fresh_loader, monkeypatch):
     built = list(fresh_loader.glob("cpu_decode_attention-*.so"))
     assert len(built) == 1 and list(fresh_loader.iterdir()) == built  # no temporary file left
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(attention_cpu, "_lib", None)
+    monkeypatch.setattr(attention_cpu.LIB, "_lib", None)
     calls = []
-    real_run = attention_cpu.subprocess.run
-    monkeypatch.setattr(attention_cpu.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real_run(cmd, **kw))
+    real_run = cbuild.subprocess.run
+    monkeypatch.setattr(cbuild.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real_run(cmd, **kw))
     assert attention_cpu.available()
     assert built[0].stat().st_mtime_ns == stamp
     assert all("--version" in c for c in calls)  # only the compiler's version was asked, nothing rebuilt
 
 
 def test_no_compiler_means_the_reference(fresh_loader, monkeypatch):
-    monkeypatch.setattr(attention_cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(cbuild, "compiler", lambda: None)
     assert not attention_cpu.available()
     assert "no C compiler" in attention_cpu.why_unavailable()
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)

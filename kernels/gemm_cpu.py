@@ -1,0 +1,85 @@
+"""Linear layers on the CPU with the C kernel in ``cpu_gemm.c``: ``act(x @ W^T + bias)`` on a weight
+packed once, float32 and float64.
+
+``passes/lower_cpu.py`` (``kernel="orca"``) packs every linear weight of the graph with ``pack``
+and calls ``linear`` from the lowered graph. On W1's decode steps (GPT-2 small, 1-32 rows, the
+497 MB of weights streaming from DRAM) it takes 0.6-0.8x the time of oneDNN on weights packed in
+its own layout, and about the same at 512 rows (``benchmarks/cpu_linear.py``; docs/benchmarks.md).
+
+Activations fused into the epilogue: ``ACTIVATIONS``. float32 computes them with a vectorised exp
+(a few ulp from torch's); float64 with libm.
+
+Built and loaded by ``cbuild`` like the attention kernel: ``available()`` is False (and
+``why_unavailable()`` says why) without a C compiler or with ``ORCA_CPU_KERNELS=0``.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from orca_compile.kernels import cbuild
+
+DTYPES = {torch.float32: 0, torch.float64: 1}
+PANEL = {torch.float32: 16, torch.float64: 8}  # output columns per packed panel: 64 bytes per k either way
+ACTIVATIONS = {"none": 0, "relu": 1, "silu": 2, "gelu_tanh": 3, "sigmoid": 4}
+
+
+def _declare(lib):
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.orca_gemm
+    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+
+LIB = cbuild.CLibrary("cpu_gemm.c", _declare)
+
+
+def available() -> bool:
+    return LIB.available()
+
+
+def why_unavailable() -> str | None:
+    return LIB.why_unavailable()
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] -> [ceil(out / NR), in, NR], NR = ``PANEL[dtype]``, zero-padded past ``out``."""
+    if weight.dim() != 2 or weight.dtype not in DTYPES or weight.device.type != "cpu":
+        raise ValueError(f"pack takes a 2-D float32/float64 CPU weight, got {tuple(weight.shape)} {weight.dtype} "
+                         f"on {weight.device}")
+    n, k = weight.shape
+    nr = PANEL[weight.dtype]
+    padded = weight.new_zeros(-(-n // nr) * nr, k)
+    padded[:n] = weight
+    return padded.view(-1, nr, k).transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+           activation: int = 0) -> torch.Tensor:
+    """``act(x @ W^T + bias)`` for ``packed = pack(W)``; ``x`` [..., in]; ``activation`` a value of
+    ``ACTIVATIONS``."""
+    lib = LIB.load()
+    if lib is None:
+        raise RuntimeError(f"the C GEMM kernel is unavailable: {LIB.why_unavailable()}")
+    k = x.shape[-1]
+    dtype = x.dtype
+    if dtype not in DTYPES or packed.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        raise ValueError(f"linear takes float32 or float64 tensors of one dtype, got x {dtype}, weight "
+                         f"{packed.dtype}, bias {None if bias is None else bias.dtype}")
+    nr = PANEL[dtype]
+    if packed.shape != (-(-out_features // nr), k, nr) or not packed.is_contiguous():
+        raise ValueError(f"weight packed as {tuple(packed.shape)} does not hold {out_features} outputs of {k} inputs")
+    if bias is not None and (bias.shape != (out_features,) or not bias.is_contiguous()):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} for {out_features} outputs")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = x.new_empty(m, out_features)
+    rc = lib.orca_gemm(DTYPES[dtype], x2.data_ptr(), x2.stride(0), packed.data_ptr(),
+                       None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, m, out_features, k,
+                       activation, torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"linear: activation code {activation} is not one of {ACTIVATIONS}")
+    return out.view(*x.shape[:-1], out_features)

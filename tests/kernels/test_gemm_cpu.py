@@ -1,0 +1,164 @@
+"""The C GEMM (kernels/cpu_gemm.c via gemm_cpu.linear) against a float64 torch reference.
+
+float64: the kernel and the reference differ in summation order only: 1e-12 relative to the
+outputs' scale. float32: each output sums K products with float32 rounding (~K * 6e-8 relative to
+sum |a||w|); with K <= 768 and entries ~N(0, 1) that is < 1e-4 absolute on outputs of scale ~30,
+so 2e-4 fails any indexing, packing or epilogue bug (those move outputs by O(1)). The vectorised
+exp of the float32 activations is checked separately at 2 ulp-ish (4e-7 relative).
+"""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orca_compile.kernels import cbuild, gemm_cpu
+
+LINUX_WITH_CC = sys.platform.startswith("linux") and cbuild.compiler() is not None
+REFERENCE = {"none": lambda x: x, "relu": torch.relu, "silu": F.silu,
+             "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "sigmoid": torch.sigmoid}
+
+
+def test_the_kernel_builds_where_a_compiler_is():
+    if LINUX_WITH_CC:
+        assert gemm_cpu.available(), gemm_cpu.why_unavailable()
+    else:
+        assert not gemm_cpu.available() and gemm_cpu.why_unavailable()
+
+
+pytestmark_kernel = pytest.mark.skipif(not gemm_cpu.available(),
+                                       reason=f"C GEMM not built: {gemm_cpu.why_unavailable()}")
+
+
+def _want(x, w, b, act):
+    y = x.double() @ w.double().t()
+    if b is not None:
+        y = y + b.double()
+    return REFERENCE[act](y)
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,k", [(16, 8), (37, 19), (8, 1), (5, 3), (64, 768), (1000, 64)])
+@pytest.mark.parametrize("m", [0, 1, 5, 6, 7, 13, 96, 97, 200])
+def test_matches_the_reference(dtype, n, k, m):
+    # m: empty, one row, row blocks of 6 and their remainders, the 96-row chunk and past it;
+    # n: whole panels, a partial last panel, fewer outputs than a panel
+    g = torch.Generator().manual_seed(n * 1000 + k + m)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype)
+    got = gemm_cpu.linear(x, gemm_cpu.pack(w), b, n)
+    want = _want(x, w, b, "none")
+    assert got.shape == (m, n) and got.dtype == dtype
+    tol = 1e-12 * (1 + want.abs().max().item() if m else 1) if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=0)
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", list(gemm_cpu.ACTIVATIONS))
+def test_fused_activations(dtype, act):
+    g = torch.Generator().manual_seed(1)
+    n, k, m = 45, 33, 11
+    w = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype)
+    got = gemm_cpu.linear(x, gemm_cpu.pack(w), b, n, gemm_cpu.ACTIVATIONS[act])
+    torch.testing.assert_close(got.double(), _want(x, w, b, act), atol=1e-12 if dtype == torch.float64 else 2e-4,
+                               rtol=0)
+
+
+def _stable(act, x):
+    """float64 reference in the overflow-free form the kernel uses, and the exp argument z.
+    (torch's float64 gelu-tanh, 0.5x(1 + tanh(u)), cancels to 0 below x = -9.)"""
+    if act == "relu":
+        return torch.relu(x), torch.zeros_like(x)
+    if act == "gelu_tanh":
+        z = -2 * 0.7978845608028654 * (x + 0.044715 * x ** 3)
+        return x / (1 + torch.exp(z)), z
+    z = -x
+    return (x if act == "silu" else 1.0) / (1 + torch.exp(z)), z
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "sigmoid", "relu"])
+def test_float32_activation_on_its_whole_range(act):
+    # one input, weight 1, no bias: the epilogue alone, from far negative (exp's clamp) to far positive.
+    # Tolerance: float32 rounds z to ~6e-8 relative, which moves exp(z) by |z| * 6e-8 relative; the
+    # polynomial adds ~2 ulp. Below 1e-30 (near float32's denormals) only smallness is asked.
+    x = torch.cat([torch.linspace(-100, 100, 4001), torch.tensor([-1e-3, -1e-6, 0.0, 1e-6, 1e-3])])[:, None]
+    got = gemm_cpu.linear(x, gemm_cpu.pack(torch.ones(1, 1)), None, 1, gemm_cpu.ACTIVATIONS[act])[:, 0].double()
+    want, z = (t[:, 0] for t in _stable(act, x.double()))
+    assert got.isfinite().all()
+    normal = want.abs() > 1e-30
+    err = (got - want).abs()[normal] / want.abs()[normal]
+    assert (err <= 3e-7 + 1.2e-7 * z.abs()[normal]).all(), float(err.max())
+    assert (got.abs()[~normal] <= 1e-29).all()
+
+
+@pytestmark_kernel
+def test_strided_rows_no_bias_and_leading_dims():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    wide = torch.randn(9, 48, generator=g, dtype=torch.float64)
+    x = wide[:, 16:32]  # rows 48 apart, as a slice of a fused projection
+    assert not x.is_contiguous()
+    got = gemm_cpu.linear(x, gemm_cpu.pack(w), None, 24)
+    torch.testing.assert_close(got, x @ w.t(), atol=1e-12, rtol=0)
+    x3 = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(gemm_cpu.linear(x3, gemm_cpu.pack(w), None, 24), x3 @ w.t(), atol=1e-12, rtol=0)
+    cols = torch.randn(16, 9, generator=g, dtype=torch.float64).t()  # unit stride on the wrong dim
+    torch.testing.assert_close(gemm_cpu.linear(cols, gemm_cpu.pack(w), None, 24), cols @ w.t(), atol=1e-12, rtol=0)
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_count_does_not_change_the_result(threads, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(100, 40, generator=g), torch.randn(20, 40, generator=g)
+    packed = gemm_cpu.pack(w)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = gemm_cpu.linear(x, packed, None, 100)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert torch.equal(gemm_cpu.linear(x, packed, None, 100), one)  # each output: one thread, one order
+
+
+def test_pack_layout():
+    w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
+    p = gemm_cpu.pack(w)
+    assert p.shape == (2, 3, 16)
+    assert torch.equal(p[0, :, 5], w[5]) and torch.equal(p[1, :, 3], w[19])
+    assert p[1, :, 4:].eq(0).all()  # padding past the 20 outputs
+    assert gemm_cpu.pack(w.double()).shape == (3, 3, 8)
+    with pytest.raises(ValueError, match="2-D float32/float64 CPU weight"):
+        gemm_cpu.pack(w.half())
+
+
+@pytestmark_kernel
+def test_bad_inputs_raise():
+    w = torch.randn(20, 8)
+    p = gemm_cpu.pack(w)
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="one dtype"):
+        gemm_cpu.linear(x.double(), p, None, 20)
+    with pytest.raises(ValueError, match="does not hold 40 outputs of 8 inputs"):
+        gemm_cpu.linear(x, p, None, 40)
+    with pytest.raises(ValueError, match="does not hold 20 outputs of 7 inputs"):
+        gemm_cpu.linear(x[:, :7], p, None, 20)
+    with pytest.raises(ValueError, match=r"bias of shape \(19,\)"):
+        gemm_cpu.linear(x, p, torch.zeros(19), 20)
+    with pytest.raises(ValueError, match="activation code 9"):
+        gemm_cpu.linear(x, p, None, 20, 9)
+
+
+def test_env_var_disables_the_kernel(monkeypatch, tmp_path):
+    monkeypatch.setattr(gemm_cpu.LIB, "_lib", None)
+    monkeypatch.setattr(gemm_cpu.LIB, "_error", None)
+    monkeypatch.setenv("ORCA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ORCA_CPU_KERNELS", "0")
+    assert not gemm_cpu.available()
+    assert "ORCA_CPU_KERNELS=0" in gemm_cpu.why_unavailable()
+    with pytest.raises(RuntimeError, match="C GEMM kernel is unavailable"):
+        gemm_cpu.linear(torch.randn(1, 8), gemm_cpu.pack(torch.randn(4, 8)), None, 4)
+    assert not list(tmp_path.iterdir())
