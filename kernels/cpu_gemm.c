@@ -10,12 +10,12 @@
  * register each, two for the line of W, one for the broadcast A value: 15 of the 16 registers) and
  * runs over k: per k, one line of W, R broadcasts, 2R fused multiply-adds.
  *
- * Memory. Each thread takes a contiguous range of panels and streams it front to back; while it
- * computes panel p it prefetches panel p + 2 into L2 (one line per k, in the first row block), so
- * the DRAM stream of W hides behind the arithmetic when there are enough rows and runs near the
- * machine's read bandwidth when there are not. Rows go in chunks of MC so that a chunk of A stays in
- * L2 while the panels go by. This is what oneDNN's small-M kernels lacked on W1's decode steps
- * (docs/benchmarks.md: GPT-2 small's 49 GEMMs at 1-32 rows).
+ * Memory. Each thread takes a contiguous range of panels and streams it front to back, in groups
+ * that fit L2 (see the driver): every panel of W comes from DRAM once per call, and while the first
+ * row block passes over a group the next group is prefetched into L2 (one line per k), so the DRAM
+ * stream of W hides behind the arithmetic when there are enough rows and runs near the machine's
+ * read bandwidth when there are not. This is what oneDNN's small-M kernels lacked on W1's decode
+ * steps (docs/benchmarks.md: GPT-2 small's 49 GEMMs at 1-32 rows).
  *
  * Epilogue, on the registers before the store: bias, then an activation (ACT_*). float32 uses a
  * vectorised exp (Cephes-style range reduction and polynomial, ~2 ulp); float64 calls libm per
@@ -33,8 +33,9 @@
 #endif
 
 #define R_MAX 6
-#define MC 96
-#define PREFETCH_PANELS 2
+#ifndef GROUP_BYTES
+#define GROUP_BYTES (256 * 1024)
+#endif
 
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2, ACT_GELU_TANH = 3, ACT_SIGMOID = 4 };
 
@@ -155,8 +156,11 @@ static void kernel_##S##_##R(int64_t K, const T *a, int64_t lda, const T *b, con
     }                                                                                               \
 }
 
-/* The driver: panels split into one contiguous range per thread; rows in chunks of MC; row blocks
- * of up to R_MAX. */
+/* The driver. Each thread takes a contiguous range of panels and walks it in groups of G panels
+ * (G * K * 64 bytes ~ GROUP_BYTES, so a group and the next fit in L2 together); every row block of
+ * R_MAX rows passes over a group before the next group starts, so each panel of W comes from DRAM
+ * once per call however many rows there are (A, M x K, is re-read per group from L2/L3). While the
+ * first row block passes over a group, the next group is prefetched into L2. */
 #define DEFINE_GEMM(S, T, V, L)                                                                     \
 DEFINE_KERNEL(S, T, V, L, 1)                                                                        \
 DEFINE_KERNEL(S, T, V, L, 2)                                                                        \
@@ -170,7 +174,8 @@ static const kernel_##S##_t KERNELS_##S[R_MAX + 1] = {0, kernel_##S##_1, kernel_
                                                      kernel_##S##_4, kernel_##S##_5, kernel_##S##_6}; \
 static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T *c, int64_t ldc,     \
                      int64_t M, int64_t N, int64_t K, int act, int num_threads) {                   \
-    const int64_t nr = 2 * L, panels = (N + nr - 1) / nr;                                           \
+    const int64_t nr = 2 * L, panels = (N + nr - 1) / nr, panel_bytes = K * nr * (int64_t)sizeof(T); \
+    const int64_t group = GROUP_BYTES / panel_bytes > 1 ? GROUP_BYTES / panel_bytes : 1;            \
     if (num_threads > panels) num_threads = (int)panels;                                            \
     if (num_threads < 1) num_threads = 1;                                                           \
     _Pragma("omp parallel num_threads(num_threads) if(num_threads > 1)")                            \
@@ -178,16 +183,16 @@ static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T 
         int t = 0, nt = 1;                                                                          \
         OMP_IDS(t, nt);                                                                             \
         const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;                             \
-        for (int64_t m0 = 0; m0 < M; m0 += MC) {                                                    \
-            const int64_t mc = M - m0 < MC ? M - m0 : MC;                                           \
-            for (int64_t p = p0; p < p1; p++) {                                                     \
-                const T *b = packed + p * K * nr;                                                   \
-                const int64_t cols = N - p * nr < nr ? N - p * nr : nr;                             \
-                const T *pf = p + PREFETCH_PANELS < p1 ? b + PREFETCH_PANELS * K * nr : NULL;       \
-                for (int64_t i = 0; i < mc; i += R_MAX) {                                           \
-                    const int64_t rows = mc - i < R_MAX ? mc - i : R_MAX;                           \
-                    KERNELS_##S[rows](K, a + (m0 + i) * lda, lda, b, bias ? bias + p * nr : NULL,   \
-                                      c + (m0 + i) * ldc + p * nr, ldc, cols, i == 0 ? pf : NULL, act); \
+        for (int64_t g0 = p0; g0 < p1; g0 += group) {                                               \
+            const int64_t g1 = g0 + group < p1 ? g0 + group : p1;                                   \
+            for (int64_t i = 0; i < M; i += R_MAX) {                                                \
+                const int64_t rows = M - i < R_MAX ? M - i : R_MAX;                                 \
+                for (int64_t p = g0; p < g1; p++) {                                                 \
+                    const T *b = packed + p * K * nr;                                               \
+                    const int64_t cols = N - p * nr < nr ? N - p * nr : nr;                         \
+                    const T *pf = i == 0 && p + group < p1 ? b + group * K * nr : NULL;             \
+                    KERNELS_##S[rows](K, a + i * lda, lda, b, bias ? bias + p * nr : NULL,          \
+                                      c + i * ldc + p * nr, ldc, cols, pf, act);                    \
                 }                                                                                   \
             }                                                                                       \
         }                                                                                           \
