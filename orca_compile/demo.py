@@ -45,7 +45,7 @@ def run_demo(model_name: str, num_requests: int = 12, seed: int = 0, max_num_seq
             for _, rid in arrivals}
     print(f"\nserving {num_requests} requests arriving over {arrivals[-1][0] + 1} iterations "
           f"(max_num_seqs={max_num_seqs}, token budget {max_num_batched_tokens}, {num_kv_blocks} KV blocks "
-          f"of {block_size}):\n", file=out)
+          f"of {block_size}; backend {engine.backend}):\n", file=out)
     print(HEADER, file=out)
     iteration, finished, start = 0, [], time.perf_counter()
     while arrivals or engine.has_unfinished_requests():
