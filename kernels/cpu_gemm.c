@@ -108,30 +108,20 @@ static inline v4d act_f64(v4d x, int act) {
 }
 
 /* R x NR block: c[r][0 .. cols) = act(sum_k a[r][k] * b[k][0 .. NR) + bias). pf: a panel to
- * prefetch into L2 (one line per k), or NULL. S: type suffix, T: element, V: vector of L elements. */
+ * prefetch into L2 (one line per k), or NULL for none. S: type suffix, T: element, V: vector of L elements. */
 #define DEFINE_KERNEL(S, T, V, L, R)                                                                \
 static void kernel_##S##_##R(int64_t K, const T *a, int64_t lda, const T *b, const T *bias, T *c,   \
                              int64_t ldc, int64_t cols, const T *pf, int act) {                     \
     V acc0[R], acc1[R];                                                                             \
     for (int r = 0; r < R; r++) { acc0[r] = splat_##S(0); acc1[r] = splat_##S(0); }                 \
-    if (pf) {                                                                                       \
-        for (int64_t k = 0; k < K; k++) {                                                           \
-            __builtin_prefetch(pf + k * 2 * L, 0, 2);                                               \
-            const V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                 \
-            for (int r = 0; r < R; r++) {                                                           \
-                const V x = splat_##S(a[r * lda + k]);                                              \
-                acc0[r] += x * b0;                                                                  \
-                acc1[r] += x * b1;                                                                  \
-            }                                                                                       \
-        }                                                                                           \
-    } else {                                                                                        \
-        for (int64_t k = 0; k < K; k++) {                                                           \
-            const V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                 \
-            for (int r = 0; r < R; r++) {                                                           \
-                const V x = splat_##S(a[r * lda + k]);                                              \
-                acc0[r] += x * b0;                                                                  \
-                acc1[r] += x * b1;                                                                  \
-            }                                                                                       \
+    if (!pf) pf = b; /* a prefetch of lines already in cache costs next to nothing: one loop */     \
+    for (int64_t k = 0; k < K; k++) {                                                               \
+        __builtin_prefetch(pf + k * 2 * L, 0, 2);                                                   \
+        const V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                     \
+        for (int r = 0; r < R; r++) {                                                               \
+            const V x = splat_##S(a[r * lda + k]);                                                  \
+            acc0[r] += x * b0;                                                                      \
+            acc1[r] += x * b1;                                                                      \
         }                                                                                           \
     }                                                                                               \
     if (bias) {                                                                                     \
