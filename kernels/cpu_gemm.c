@@ -108,7 +108,7 @@ static inline v4d act_f64(v4d x, int act) {
 }
 
 /* R x NR block: c[r][0 .. cols) = act(sum_k a[r][k] * b[k][0 .. NR) + bias). pf: lines to prefetch
- * into L2, one every 2^pf_shift k-steps (K >> pf_shift of them, contiguous), or NULL for none.
+ * into L2, one every 2^pf_shift k-steps (ceil(K / 2^pf_shift) of them, contiguous), or NULL for none.
  * S: type suffix, T: element, V: vector of L elements. */
 #define DEFINE_KERNEL(S, T, V, L, R)                                                                \
 static void kernel_##S##_##R(int64_t K, const T *a, int64_t lda, const T *b, const T *bias, T *c,   \
@@ -154,8 +154,8 @@ static void kernel_##S##_##R(int64_t K, const T *a, int64_t lda, const T *b, con
  * once per call however many rows there are (A, M x K, is re-read per group from L2/L3). While a
  * group is computed, the next one is prefetched into L2, spread evenly over all of the group's
  * micro-kernel calls (row blocks x panels), each taking a contiguous slice. Issuing the whole next
- * group during the first row block alone was 4-13% slower at 8-32 rows (an interleaved A/B of the
- * two builds on GPT-2 small's 49 GEMMs): a burst that size overruns the core's outstanding-miss
+ * group during the first row block alone was 3-12% slower at 8-32 rows (benchmarks/cpu_gemm_ab.py
+ * on GPT-2 small's 49 GEMMs): a burst that size overruns the core's outstanding-miss
  * slots, so prefetches are dropped and the next group's first pass waits on DRAM. */
 #define DEFINE_GEMM(S, T, V, L)                                                                     \
 DEFINE_KERNEL(S, T, V, L, 1)                                                                        \
@@ -171,7 +171,7 @@ static const kernel_##S##_t KERNELS_##S[R_MAX + 1] = {0, kernel_##S##_1, kernel_
 static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T *c, int64_t ldc,     \
                      int64_t M, int64_t N, int64_t K, int act, int num_threads) {                   \
     const int64_t nr = 2 * L, panels = (N + nr - 1) / nr, panel_bytes = K * nr * (int64_t)sizeof(T); \
-    const int64_t group = GROUP_BYTES / panel_bytes > 1 ? GROUP_BYTES / panel_bytes : 1;            \
+    const int64_t group = panel_bytes > 0 && GROUP_BYTES / panel_bytes > 1 ? GROUP_BYTES / panel_bytes : 1; \
     if (num_threads > panels) num_threads = (int)panels;                                            \
     if (num_threads < 1) num_threads = 1;                                                           \
     _Pragma("omp parallel num_threads(num_threads) if(num_threads > 1)")                            \

@@ -15,6 +15,7 @@ Built and loaded by ``cbuild`` like the attention kernel: ``available()`` is Fal
 from __future__ import annotations
 
 import ctypes
+import math
 
 import torch
 
@@ -50,9 +51,10 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
                          f"on {weight.device}")
     n, k = weight.shape
     nr = PANEL[weight.dtype]
-    padded = weight.new_zeros(-(-n // nr) * nr, k)
+    panels = -(-n // nr)
+    padded = weight.new_zeros(panels * nr, k)
     padded[:n] = weight
-    return padded.view(-1, nr, k).transpose(1, 2).contiguous()
+    return padded.view(panels, nr, k).transpose(1, 2).contiguous()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
@@ -72,10 +74,10 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
         raise ValueError(f"weight packed as {tuple(packed.shape)} does not hold {out_features} outputs of {k} inputs")
     if bias is not None and (bias.shape != (out_features,) or not bias.is_contiguous()):
         raise ValueError(f"bias of shape {tuple(bias.shape)} for {out_features} outputs")
-    x2 = x.reshape(-1, k)
+    m = math.prod(x.shape[:-1])
+    x2 = x.reshape(m, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
     out = x.new_empty(m, out_features)
     rc = lib.orca_gemm(DTYPES[dtype], x2.data_ptr(), x2.stride(0), packed.data_ptr(),
                        None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, m, out_features, k,

@@ -125,6 +125,14 @@ def test_thread_count_does_not_change_the_result(threads, monkeypatch):
     assert torch.equal(gemm_cpu.linear(x, packed, None, 100), one)  # each output: one thread, one order
 
 
+@pytestmark_kernel
+def test_no_inputs_gives_the_bias():
+    # a linear with zero input features: every output is its bias (and nothing divides by zero)
+    b = torch.randn(20)
+    got = gemm_cpu.linear(torch.empty(3, 0), gemm_cpu.pack(torch.empty(20, 0)), b, 20)
+    assert torch.equal(got, b.expand(3, 20))
+
+
 def test_pack_layout():
     w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
     p = gemm_cpu.pack(w)
