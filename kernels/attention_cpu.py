@@ -29,7 +29,7 @@ def _declare(lib):
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn = lib.orca_decode_attention
     fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64,
-                   ctypes.c_double, i64, ctypes.c_double, ptr, i64, i64, ctypes.c_int]
+                   ctypes.c_double, i64, ctypes.c_double, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
     fn.restype = i64
     fn = lib.orca_store_kv
     fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i64]
@@ -62,29 +62,53 @@ def decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table
     if q.dtype not in DTYPES or not (q.dtype == k_cache.dtype == v_cache.dtype == out.dtype):
         raise ValueError(f"decode_attention takes float32 or float64 tensors of one dtype, got q {q.dtype}, "
                          f"cache {k_cache.dtype}/{v_cache.dtype}, out {out.dtype}")
+    _check_cpu(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.stride(-1) == 1):
         raise ValueError("decode_attention needs contiguous caches and an output with unit last stride")
     qsl, lens, tables = (t.to(torch.int64).contiguous() for t in (query_start_loc, seq_lens, block_tables))
-    nh, nkv = q.shape[1], k_cache.shape[2]
+    nh, nkv, hd, hdv = q.shape[1], k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
     if nh % nkv:
         raise ValueError(f"{nh} query heads do not split into groups over {nkv} KV heads")
+    if (q.dim() != 3 or q.shape[2] != hd or k_cache.shape[:3] != v_cache.shape[:3]
+            or out.shape != (q.shape[0], nh, hdv) or out.stride(1) < hdv or out.stride(0) < nh * out.stride(1)
+            or qsl.shape != (lens.shape[0] + 1,) or tables.dim() != 2 or tables.shape[0] < lens.shape[0]):
+        raise ValueError(f"decode_attention: shapes do not fit: q {tuple(q.shape)}, caches {tuple(k_cache.shape)} / "
+                         f"{tuple(v_cache.shape)}, out {tuple(out.shape)} (strides {out.stride()}), "
+                         f"query_start_loc {tuple(qsl.shape)}, seq_lens {tuple(lens.shape)}, "
+                         f"block_tables {tuple(tables.shape)}")
     left = lib.orca_decode_attention(
         DTYPES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.shape[1], nkv, k_cache.shape[3], v_cache.shape[3], nh, qsl.data_ptr(), lens.data_ptr(),
+        k_cache.shape[1], nkv, hd, hdv, nh, qsl.data_ptr(), lens.data_ptr(),
         tables.data_ptr(), tables.stride(0), lens.shape[0], float(scale), int(sliding_window), float(softcap),
-        out.data_ptr(), out.stride(0), out.stride(1), num_threads or torch.get_num_threads())
+        out.data_ptr(), out.stride(0), out.stride(1), q.shape[0], tables.shape[1], k_cache.shape[0],
+        num_threads or torch.get_num_threads())
+    if left == -2:
+        raise IndexError("decode_attention: query_start_loc, seq_lens or block_tables point outside the "
+                         f"{q.shape[0]} query rows / {k_cache.shape[0]} cache blocks")
     if left < 0:
         raise MemoryError("decode_attention: the kernel could not allocate its scratch buffers")
     return left
 
 
+def _check_cpu(*tensors):
+    devices = {t.device.type for t in tensors}
+    if devices != {"cpu"}:
+        raise ValueError(f"the C attention kernel takes CPU tensors, got {', '.join(sorted(devices))}")
+
+
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     """``attention_ref.store_kv`` in C: rows of ``k``/``v`` into their slots, negative slots skipped.
-    Falls back to the reference where dtypes differ or a layout is not the plain one."""
-    if not (k.dtype == v.dtype == k_cache.dtype == v_cache.dtype and k.dtype in DTYPES and k.dim() == 3
-            and k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()):
+    Falls back to the reference (which raises on what does not fit) where dtypes, shapes, devices
+    or layouts are not the plain ones."""
+    plain = (k.dtype == v.dtype == k_cache.dtype == v_cache.dtype and k.dtype in DTYPES
+             and k.dim() == v.dim() == 3 and k_cache.dim() == v_cache.dim() == 4
+             and k.shape[1:] == k_cache.shape[2:] and v.shape[1:] == v_cache.shape[2:]
+             and k.shape[0] == v.shape[0] and k_cache.shape[:3] == v_cache.shape[:3]
+             and k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+             and {t.device.type for t in (k, v, k_cache, v_cache, slot_mapping)} == {"cpu"})
+    if not plain:  # the reference handles (or rejects) everything else
         return attention_ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
     slots = slot_mapping.to(torch.int64).contiguous()
     if slots.shape[0] != k.shape[0]:

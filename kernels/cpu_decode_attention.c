@@ -113,7 +113,10 @@ DEFINE_ITEM(item_f32, float, v8f, 8, load_v8f, expf, tanhf)
 DEFINE_ITEM(item_f64, double, v4d, 4, load_v4d, exp, tanh)
 
 /* dtype: 0 float32, 1 float64. Returns the number of requests it left to the caller (those with
- * more than one token this iteration: prefills), or -1 when a scratch buffer could not be had.
+ * more than one token this iteration: prefills), -1 when a scratch buffer could not be had, or -2
+ * (nothing written) when the metadata points outside the tensors: query_start_loc not rising
+ * within [0, num_rows], a one-token request's context longer than its block-table row
+ * (bt_width blocks), or one of its block ids outside [0, num_blocks).
  * Parallel over the items with OpenMP. Built with -fopenmp, this library needs
  * libgomp.so.1, which the loader resolves to the copy torch has loaded already: one thread pool
  * for torch's ops and this kernel (a second pool would spin against torch's on the same cores). */
@@ -122,7 +125,18 @@ int64_t orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q
                               int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
                               const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
                               int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
-                              int num_threads) {
+                              int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
+    if (num_reqs > 0 && qsl[0] < 0) return -2;
+    for (int64_t r = 0; r < num_reqs; r++) {
+        if (qsl[r + 1] < qsl[r] || qsl[r + 1] > num_rows) return -2;
+        if (qsl[r + 1] - qsl[r] != 1) continue;
+        const int64_t len = seq_lens[r], used = (len + bs - 1) / bs;
+        if (len < 1 || used > bt_width) return -2;
+        for (int64_t b = 0; b < used; b++) {
+            const int64_t id = block_tables[r * bt_stride + b];
+            if (id < 0 || id >= num_blocks) return -2;
+        }
+    }
     const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
                      bt_stride, scale, softcap, window, out, out_row, out_head};
     int64_t *decodes = (int64_t *)malloc(sizeof(int64_t) * (size_t)(num_reqs > 0 ? num_reqs : 1));

@@ -80,7 +80,7 @@ static inline v8f exp_f32(v8f x) {
 static inline v8f act_f32(v8f x, int act) {
     const v8f one = splat_f32(1.0f);
     switch (act) {
-    case ACT_RELU: return select_f32(x > splat_f32(0.0f), x, splat_f32(0.0f));
+    case ACT_RELU: return select_f32(x < splat_f32(0.0f), splat_f32(0.0f), x); /* NaN stays NaN, as torch.relu */
     case ACT_SILU: return x / (one + exp_f32(-x));
     case ACT_SIGMOID: return one / (one + exp_f32(-x));
     case ACT_GELU_TANH: {  /* 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3) */
@@ -93,7 +93,7 @@ static inline v8f act_f32(v8f x, int act) {
 
 static inline double act_scalar_f64(double x, int act) {
     switch (act) {
-    case ACT_RELU: return x > 0 ? x : 0.0;
+    case ACT_RELU: return x < 0 ? 0.0 : x;
     case ACT_SILU: return x / (1.0 + exp(-x));
     case ACT_SIGMOID: return 1.0 / (1.0 + exp(-x));
     case ACT_GELU_TANH: return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));

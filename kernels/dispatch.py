@@ -12,7 +12,8 @@ otherwise. ``ORCA_ATTENTION_BACKEND`` overrides the choice:
   ``TRITON_INTERPRET=1`` (Triton's interpreter, slow: for tests), and is an error otherwise.
 
 The variable is read on every call (an ``os.environ`` lookup, cheap next to a launch) so that tests
-can flip it with ``monkeypatch``. triton is imported only when the kernels are chosen, so the
+can flip it with ``monkeypatch``; the engine's ``cpu`` backend is the exception: its lowering
+(``passes/lower_cpu.py``) reads it once and calls the chosen C path directly. triton is imported only when the kernels are chosen, so the
 package works without it. float64 never takes Triton: ``tl.dot`` has no float64 form and it is not
 a serving dtype.
 """

@@ -69,6 +69,9 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     if dtype not in DTYPES or packed.dtype != dtype or (bias is not None and bias.dtype != dtype):
         raise ValueError(f"linear takes float32 or float64 tensors of one dtype, got x {dtype}, weight "
                          f"{packed.dtype}, bias {None if bias is None else bias.dtype}")
+    if {t.device.type for t in (x, packed) + (() if bias is None else (bias,))} != {"cpu"}:
+        raise ValueError(f"linear takes CPU tensors, got x on {x.device}, weight on {packed.device}"
+                         + ("" if bias is None else f", bias on {bias.device}"))
     nr = PANEL[dtype]
     if packed.shape != (-(-out_features // nr), k, nr) or not packed.is_contiguous():
         raise ValueError(f"weight packed as {tuple(packed.shape)} does not hold {out_features} outputs of {k} inputs")

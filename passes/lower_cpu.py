@@ -117,10 +117,10 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out.meta.update(gm.meta)
     graph = out.graph
-    packed: dict[int, str] = {}  # id(weight tensor) -> attribute holding its packed copy
+    packed: dict[tuple[int, bool], str] = {}  # (id(weight), stored [in, out]) -> attribute of its packed copy
     fused = {}
     for node, weight, weight_is_in_out in _linears(out):
-        key = id(weight)
+        key = (id(weight), weight_is_in_out)  # a tied weight may be used in both orientations
         if key not in packed:
             w = (weight.detach().t() if weight_is_in_out else weight.detach()).contiguous()
             name = "_packed_" + _attr_name(node, weight_is_in_out)
@@ -155,10 +155,10 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
             graph.erase_node(dead)
         if act:
             fused[act] = fused.get(act, 0) + 1
-    direct = 0
-    if kernel == "orca" and attention:
-        direct = _direct_attention(graph)
     graph.eliminate_dead_code()
+    direct = 0
+    if kernel == "orca" and attention:  # after DCE: a plain function call looks pure to it, the op does not
+        direct = _direct_attention(graph)
     out.meta["orca_lowering"] = {"kernel": kernel, "packed_weights": len(packed), "fused_activations": fused,
                                  "direct_attention": direct}
     _postcondition(out)

@@ -103,6 +103,21 @@ def test_bad_inputs_raise():
                                        torch.empty(1, 3, 16))
     with pytest.raises(ValueError, match="contiguous caches"):
         attention_cpu.decode_attention(q, kc.transpose(1, 2), vc, qsl, lens, bt, 0.25, 0, 0.0, out)
+    # shapes, metadata and devices the C kernel would read or write past: refused before the call
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, 0.25, 0, 0.0, torch.empty(0, 2, 16))
+    with pytest.raises(ValueError, match="shapes do not fit"):  # output rows overlapping (stride 0)
+        attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, 0.25, 0, 0.0, torch.empty(1, 1, 16).expand(1, 2, 16))
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        attention_cpu.decode_attention(q[:, :, :8], kc, vc, qsl, lens, bt, 0.25, 0, 0.0, out)
+    with pytest.raises(IndexError, match="point outside"):
+        attention_cpu.decode_attention(q, kc, vc, qsl, lens, torch.full_like(bt, kc.shape[0]), 0.25, 0, 0.0, out)
+    with pytest.raises(IndexError, match="point outside"):
+        attention_cpu.decode_attention(q, kc, vc, qsl, lens * 100, bt, 0.25, 0, 0.0, out)
+    with pytest.raises(IndexError, match="point outside"):
+        attention_cpu.decode_attention(q, kc, vc, qsl + 1, lens, bt, 0.25, 0, 0.0, out)
+    with pytest.raises(ValueError, match="CPU tensors, got cpu, meta"):
+        attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, 0.25, 0, 0.0, out.to("meta"))
 
 
 # ---------------------------------------------------------------------------------------- store_kv
@@ -127,6 +142,21 @@ def test_store_kv_matches_the_reference(dtype):
     assert torch.equal(got_k, want_k)  # a bad slot list writes nothing
     with pytest.raises(ValueError, match="3 slots for 7 tokens"):
         attention_cpu.store_kv(k, v, got_k, got_v, slots[:3])
+
+
+@pytestmark_kernel
+def test_store_kv_leaves_shapes_that_do_not_fit_to_the_reference():
+    # the C path trusts shapes; anything else goes to the reference, which raises instead of writing
+    # past a tensor (a smaller v cache; k with fewer heads than the cache)
+    kc, vc = torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8)
+    k, v = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    with pytest.raises((IndexError, RuntimeError)):
+        attention_cpu.store_kv(k, v, kc, vc[:2], torch.tensor([23]))
+    assert vc[2:].eq(0).all()  # nothing written past the 2-block view
+    kc.zero_()
+    with pytest.raises(RuntimeError):
+        attention_cpu.store_kv(k[:, :1], v, kc, vc, torch.tensor([3]))
+    assert kc.eq(0).all() and vc.eq(0).all()
 
 
 # ---------------------------------------------------------------------------------------- building

@@ -159,6 +159,16 @@ def test_bad_inputs_raise():
         gemm_cpu.linear(x, p, torch.zeros(19), 20)
     with pytest.raises(ValueError, match="activation code 9"):
         gemm_cpu.linear(x, p, None, 20, 9)
+    with pytest.raises(ValueError, match="CPU tensors, got x on meta"):  # no pointer into another device
+        gemm_cpu.linear(x.to("meta"), p, None, 20)
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_keeps_nan(dtype):
+    x = torch.tensor([[float("nan")], [-2.0], [3.0]], dtype=dtype)
+    got = gemm_cpu.linear(x, gemm_cpu.pack(torch.ones(1, 1, dtype=dtype)), None, 1, gemm_cpu.ACTIVATIONS["relu"])
+    assert got[0, 0].isnan() and got[1, 0] == 0 and got[2, 0] == 3  # as torch.relu
 
 
 def test_env_var_disables_the_kernel(monkeypatch, tmp_path):

@@ -174,6 +174,24 @@ def test_activation_is_recognised_by_evaluation(chain, activation, kernel):
     assert (not left) == bool(fused)  # a fused chain leaves nothing behind; an unfused one stays whole
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_one_weight_used_in_both_orientations_is_packed_twice(kernel):
+    # a square weight as linear(x, W) (x W^T) and as mm(y, W) (y W): two different products, so
+    # two packed copies; one copy for both would give the second product silently wrong
+    root = torch.nn.Module()
+    root.w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_function(aten.linear.default, (x, graph.get_attr("w")))
+    z = graph.call_function(aten.mm.default, (y, graph.get_attr("w")))
+    graph.output(z)
+    gm = torch.fx.GraphModule(root, graph)
+    x = torch.randn(3, 8)
+    lowered = lower_cpu.lower_cpu(gm, kernel=kernel)
+    assert lowered.meta["orca_lowering"]["packed_weights"] == 2
+    torch.testing.assert_close(lowered(x), gm(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", KERNELS[:1])
 def test_a_bias_the_kernel_cannot_read_is_added_after(kernel):
     # a bias computed in the graph (not a weight): the C kernel adds none itself, an add follows,
