@@ -40,10 +40,6 @@ def _compiled(name, dtype=torch.float32):
     return _CACHE[name, dtype]
 
 
-def _float32(name):
-    return _compiled(name)
-
-
 def _fused_flag(node, kernel):
     return node.args[4] != 0 if kernel == "orca" else node.args[3] != "none"
 
@@ -56,7 +52,7 @@ def _matmuls_on_weights(gm):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_linear_is_packed_and_the_activation_fused(name, kernel):
-    model, cm = _float32(name)
+    model, cm = _compiled(name)
     before = len(_matmuls_on_weights(cm.graph_module))
     lowered = lower_cpu.lower_cpu(cm.graph_module, kernel=kernel)
     packed = list(lowered.graph.find_nodes(op="call_function", target=LINEAR[kernel]))
@@ -211,7 +207,7 @@ def test_a_bias_the_kernel_cannot_read_is_added_after(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_dtypes_each_kernel_takes(kernel):
-    assert lower_cpu.applies(_float32("tiny-llama")[1].graph_module, kernel)
+    assert lower_cpu.applies(_compiled("tiny-llama")[1].graph_module, kernel)
     gm64 = _compiled("tiny-llama", torch.float64)[1].graph_module
     if kernel == "orca":
         assert lower_cpu.applies(gm64, kernel)
@@ -230,7 +226,7 @@ def test_dtypes_each_kernel_takes(kernel):
 
 @pytest.mark.skipif(not (gemm_cpu.available() and lower_cpu.available("onednn")), reason="needs both kernels")
 def test_engine_auto_backend(monkeypatch):
-    _, cm = _float32("tiny-llama")
+    _, cm = _compiled("tiny-llama")
     _, cm64 = _compiled("tiny-llama", torch.float64)
     _, cm16 = _compiled("tiny-llama", torch.bfloat16)
     assert orca_compile.optimize(cm, num_kv_blocks=16).backend == "cpu"
@@ -256,7 +252,7 @@ def test_lowered_engine_gives_the_eager_engines_tokens(name, backend):
     # have top-2 gaps of ~1e-2, so a flipped argmax would mean a real bug, not rounding.
     if not lower_cpu.available({"cpu": "orca", "onednn": "onednn"}[backend]):
         pytest.skip(f"{backend} kernels unavailable")
-    _, cm = _float32(name)
+    _, cm = _compiled(name)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, cm.vocab_size, (n,), generator=g).tolist() for n in (5, 23, 12, 40)]
     params = orca_compile.SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True)
