@@ -2,7 +2,8 @@
 
 Each source is compiled at first use with the system's C compiler into a cache directory
 (``$ORCA_CACHE_DIR``, else ``$XDG_CACHE_HOME/orca_compile``, else ``~/.cache/orca_compile``) under a
-name that hashes the source, the flags, the compiler and the CPU's feature flags, and loaded with
+name that hashes the source and the headers beside it (``cpu_simd.h``), the flags, the compiler
+and the CPU's feature flags, and loaded with
 ``ctypes`` (which releases the GIL during a call). The first flag variant that builds wins: native
 code with OpenMP, then OpenMP alone, then vector code on one thread. Where no compiler is found or
 every variant fails, the library is unavailable and says why; callers keep their torch path.
@@ -69,7 +70,8 @@ def build(source: pathlib.Path) -> pathlib.Path:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     if not sys.platform.startswith("linux"):
         raise RuntimeError(f"the C kernels are built on Linux only (this is {sys.platform})")
-    text = source.read_bytes()
+    # the source and every header beside it (cpu_simd.h): editing a header must rebuild
+    text = b"\0".join([source.read_bytes(), *(h.read_bytes() for h in sorted(source.parent.glob("*.h")))])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(b"\0".join([text, repr((FLAGS, VARIANTS)).encode(), str(version).encode(),
                                      _cpu_flags().encode(), str(torch.__version__).encode()])).hexdigest()[:16]

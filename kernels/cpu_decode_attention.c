@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_simd.h"
+
 typedef struct {
     const void *q; int64_t q_row, q_head;           /* strides in elements */
     const void *k_cache, *v_cache;                  /* [num_blocks, bs, nkv, hd] / [.., hdv], contiguous */
@@ -102,15 +104,8 @@ static void NAME(const job_t *j, int64_t r, int64_t h0, int64_t h1, T *scores, T
                sizeof(T) * (size_t)j->hdv);                                                         \
 }
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
-typedef double v4d __attribute__((vector_size(32)));
-typedef double v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
-static inline v8f load_v8f(const float *p) { return *(const v8f_u *)p; }
-static inline v4d load_v4d(const double *p) { return *(const v4d_u *)p; }
-
-DEFINE_ITEM(item_f32, float, v8f, 8, load_v8f, expf, tanhf)
-DEFINE_ITEM(item_f64, double, v4d, 4, load_v4d, exp, tanh)
+DEFINE_ITEM(item_f32, float, v8f, 8, load_f32, expf, tanhf)
+DEFINE_ITEM(item_f64, double, v4d, 4, load_f64, exp, tanh)
 
 /* dtype: 0 float32, 1 float64. Returns the number of requests it left to the caller (those with
  * more than one token this iteration: prefills), -1 when a scratch buffer could not be had, or -2

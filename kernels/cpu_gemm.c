@@ -28,54 +28,25 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_simd.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define R_MAX 6
+/* Below this many rows a call is bound by the DRAM stream of W (2 M flops per 4 bytes of W against
+ * this machine's ~5 flops per byte of DRAM bandwidth), and it runs the paced kernels (U = 1): the
+ * faster small blocks only issue the next group's prefetches faster than DRAM returns them, and
+ * were ~10% slower at 1, 2 and 7 rows (benchmarks/cpu_gemm_ab.py). */
+#ifndef PACED_BELOW
+#define PACED_BELOW 9
+#endif
 #ifndef GROUP_BYTES
 #define GROUP_BYTES (256 * 1024)
 #endif
 
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2, ACT_GELU_TANH = 3, ACT_SIGMOID = 4 };
-
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef double v4d __attribute__((vector_size(32)));
-typedef double v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
-
-static inline v8f load_f32(const float *p) { return *(const v8f_u *)p; }
-static inline void store_f32(float *p, v8f v) { *(v8f_u *)p = v; }
-static inline v8f splat_f32(float s) { return (v8f){s, s, s, s, s, s, s, s}; }
-static inline v4d load_f64(const double *p) { return *(const v4d_u *)p; }
-static inline void store_f64(double *p, v4d v) { *(v4d_u *)p = v; }
-static inline v4d splat_f64(double s) { return (v4d){s, s, s, s}; }
-
-/* Bitwise select: m ? x : y, lane by lane (m: all ones or all zeros per lane, from a comparison). */
-static inline v8f select_f32(v8i m, v8f x, v8f y) { return (v8f)((m & (v8i)x) | (~m & (v8i)y)); }
-
-/* exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial,
- * times 2^n through the exponent bits. x is clamped to [-87.3, 88.3], so no infinity or denormal
- * comes out (the activations below only need exp's far tails to be huge or tiny, not exact). */
-static inline v8f exp_f32(v8f x) {
-    const v8f hi = splat_f32(88.3f), lo = splat_f32(-87.3f);
-    x = select_f32(x > hi, hi, x);
-    x = select_f32(x < lo, lo, x);
-    const v8f magic = splat_f32(12582912.0f);                /* 1.5 * 2^23: adding it rounds to an integer */
-    const v8f t = x * splat_f32(1.44269504088896341f) + magic;
-    const v8f n = t - magic;
-    const v8i ni = (v8i)t - (v8i)magic;                       /* n as an integer */
-    const v8f r = x - n * splat_f32(0.693359375f) - n * splat_f32(-2.12194440e-4f);
-    v8f p = splat_f32(1.9875691500e-4f);
-    p = p * r + splat_f32(1.3981999507e-3f);
-    p = p * r + splat_f32(8.3334519073e-3f);
-    p = p * r + splat_f32(4.1665795894e-2f);
-    p = p * r + splat_f32(1.6666665459e-1f);
-    p = p * r + splat_f32(5.0000001201e-1f);
-    p = p * r * r + r + splat_f32(1.0f);
-    return p * (v8f)((ni + 127) << 23);
-}
 
 static inline v8f act_f32(v8f x, int act) {
     const v8f one = splat_f32(1.0f);
@@ -109,40 +80,63 @@ static inline v4d act_f64(v4d x, int act) {
 
 /* R x NR block: c[r][0 .. cols) = act(sum_k a[r][k] * b[k][0 .. NR) + bias). pf: lines to prefetch
  * into L2, one every 2^pf_shift k-steps (ceil(K / 2^pf_shift) of them, contiguous), or NULL for none.
- * S: type suffix, T: element, V: vector of L elements. */
-#define DEFINE_KERNEL(S, T, V, L, R)                                                                \
-static void kernel_##S##_##R(int64_t K, const T *a, int64_t lda, const T *b, const T *bias, T *c,   \
-                             int64_t ldc, int64_t cols, const T *pf, int pf_shift, int act) {       \
-    V acc0[R], acc1[R];                                                                             \
-    for (int r = 0; r < R; r++) { acc0[r] = splat_##S(0); acc1[r] = splat_##S(0); }                 \
+ * S: type suffix, T: element, V: vector of L elements.
+ *
+ * An FMA's result is ready 4 cycles after it issues and two issue a cycle, so the FMA units stay
+ * busy only with 8 or more independent accumulators. R rows give 2R; blocks of 1-3 rows therefore
+ * can keep U sets of accumulators, one per k modulo U, summed at the end (the driver picks U). */
+#define DEFINE_KERNEL(S, T, V, L, R, U)                                                             \
+static void kernel_##S##_##R##_##U(int64_t K, const T *a, int64_t lda, const T *b, const T *bias, T *c, \
+                                   int64_t ldc, int64_t cols, const T *pf, int pf_shift, int act) { \
+    V acc0[U][R], acc1[U][R];                                                                       \
+    for (int u = 0; u < U; u++)                                                                     \
+        for (int r = 0; r < R; r++) { acc0[u][r] = splat_##S(0); acc1[u][r] = splat_##S(0); }       \
     const int64_t pf_mask = ((int64_t)1 << pf_shift) - 1;                                         \
     if (!pf) pf = b; /* a prefetch of lines already in cache costs next to nothing: one loop */     \
-    for (int64_t k = 0; k < K; k++) {                                                               \
+    int64_t k = 0;                                                                                  \
+    for (; k + U <= K; k += U)                                                                      \
+        for (int u = 0; u < U; u++) {                                                               \
+            const int64_t kk = k + u;                                                               \
+            if (!(kk & pf_mask)) __builtin_prefetch(pf + (kk >> pf_shift) * 2 * L, 0, 2);           \
+            V b0 = load_##S(b + kk * 2 * L), b1 = load_##S(b + kk * 2 * L + L);                     \
+            if (R >= 4 || U > 1) { IN_REGISTER(b0); IN_REGISTER(b1); }                              \
+            for (int r = 0; r < R; r++) {                                                           \
+                const V x = splat_##S(a[r * lda + kk]);                                             \
+                acc0[u][r] += x * b0;                                                               \
+                acc1[u][r] += x * b1;                                                               \
+            }                                                                                       \
+        }                                                                                           \
+    for (; k < K; k++) {                                                                            \
         if (!(k & pf_mask)) __builtin_prefetch(pf + (k >> pf_shift) * 2 * L, 0, 2);                 \
-        const V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                     \
+        V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                           \
         for (int r = 0; r < R; r++) {                                                               \
             const V x = splat_##S(a[r * lda + k]);                                                  \
-            acc0[r] += x * b0;                                                                      \
-            acc1[r] += x * b1;                                                                      \
+            acc0[0][r] += x * b0;                                                                   \
+            acc1[0][r] += x * b1;                                                                   \
         }                                                                                           \
     }                                                                                               \
+    for (int u = 1; u < U; u++)                                                                     \
+        for (int r = 0; r < R; r++) { acc0[0][r] += acc0[u][r]; acc1[0][r] += acc1[u][r]; }         \
     if (bias) {                                                                                     \
         T bb[2 * L];                                                                                \
         memset(bb, 0, sizeof bb);                                                                   \
         memcpy(bb, bias, sizeof(T) * (size_t)cols);                                                 \
         const V c0 = load_##S(bb), c1 = load_##S(bb + L);                                           \
-        for (int r = 0; r < R; r++) { acc0[r] += c0; acc1[r] += c1; }                               \
+        for (int r = 0; r < R; r++) { acc0[0][r] += c0; acc1[0][r] += c1; }                         \
     }                                                                                               \
     if (act != ACT_NONE)                                                                            \
-        for (int r = 0; r < R; r++) { acc0[r] = act_##S(acc0[r], act); acc1[r] = act_##S(acc1[r], act); } \
+        for (int r = 0; r < R; r++) {                                                               \
+            acc0[0][r] = act_##S(acc0[0][r], act);                                                  \
+            acc1[0][r] = act_##S(acc1[0][r], act);                                                  \
+        }                                                                                           \
     for (int r = 0; r < R; r++) {                                                                   \
         if (cols == 2 * L) {                                                                        \
-            store_##S(c + r * ldc, acc0[r]);                                                        \
-            store_##S(c + r * ldc + L, acc1[r]);                                                    \
+            store_##S(c + r * ldc, acc0[0][r]);                                                     \
+            store_##S(c + r * ldc + L, acc1[0][r]);                                                 \
         } else {                                                                                    \
             T t[2 * L];                                                                             \
-            store_##S(t, acc0[r]);                                                                  \
-            store_##S(t + L, acc1[r]);                                                              \
+            store_##S(t, acc0[0][r]);                                                               \
+            store_##S(t + L, acc1[0][r]);                                                           \
             memcpy(c + r * ldc, t, sizeof(T) * (size_t)cols);                                       \
         }                                                                                           \
     }                                                                                               \
@@ -158,16 +152,20 @@ static void kernel_##S##_##R(int64_t K, const T *a, int64_t lda, const T *b, con
  * on GPT-2 small's 49 GEMMs): a burst that size overruns the core's outstanding-miss
  * slots, so prefetches are dropped and the next group's first pass waits on DRAM. */
 #define DEFINE_GEMM(S, T, V, L)                                                                     \
-DEFINE_KERNEL(S, T, V, L, 1)                                                                        \
-DEFINE_KERNEL(S, T, V, L, 2)                                                                        \
-DEFINE_KERNEL(S, T, V, L, 3)                                                                        \
-DEFINE_KERNEL(S, T, V, L, 4)                                                                        \
-DEFINE_KERNEL(S, T, V, L, 5)                                                                        \
-DEFINE_KERNEL(S, T, V, L, 6)                                                                        \
+DEFINE_KERNEL(S, T, V, L, 1, 1)                                                                     \
+DEFINE_KERNEL(S, T, V, L, 2, 1)                                                                     \
+DEFINE_KERNEL(S, T, V, L, 3, 1)                                                                     \
+DEFINE_KERNEL(S, T, V, L, 1, 4)                                                                     \
+DEFINE_KERNEL(S, T, V, L, 2, 2)                                                                     \
+DEFINE_KERNEL(S, T, V, L, 3, 2)                                                                     \
+DEFINE_KERNEL(S, T, V, L, 4, 1)                                                                     \
+DEFINE_KERNEL(S, T, V, L, 5, 1)                                                                     \
+DEFINE_KERNEL(S, T, V, L, 6, 1)                                                                     \
 typedef void (*kernel_##S##_t)(int64_t, const T *, int64_t, const T *, const T *, T *, int64_t, int64_t, \
                                const T *, int, int);                                                \
-static const kernel_##S##_t KERNELS_##S[R_MAX + 1] = {0, kernel_##S##_1, kernel_##S##_2, kernel_##S##_3, \
-                                                     kernel_##S##_4, kernel_##S##_5, kernel_##S##_6}; \
+static const kernel_##S##_t KERNELS_##S[2][R_MAX + 1] = {                                           \
+    {0, kernel_##S##_1_1, kernel_##S##_2_1, kernel_##S##_3_1, kernel_##S##_4_1, kernel_##S##_5_1, kernel_##S##_6_1}, \
+    {0, kernel_##S##_1_4, kernel_##S##_2_2, kernel_##S##_3_2, kernel_##S##_4_1, kernel_##S##_5_1, kernel_##S##_6_1}}; \
 static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T *c, int64_t ldc,     \
                      int64_t M, int64_t N, int64_t K, int act, int num_threads) {                   \
     const int64_t nr = 2 * L, panels = (N + nr - 1) / nr, panel_bytes = K * nr * (int64_t)sizeof(T); \
@@ -180,6 +178,7 @@ static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T 
         OMP_IDS(t, nt);                                                                             \
         const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;                             \
         const int64_t blocks = (M + R_MAX - 1) / R_MAX;                                             \
+        const kernel_##S##_t *kernels = KERNELS_##S[M >= PACED_BELOW];                              \
         int shift = 0;                                                                              \
         while (((int64_t)1 << (shift + 1)) <= blocks && shift < 20) shift++;                         \
         const int64_t slice = (K + ((int64_t)1 << shift) - 1) >> shift;                             \
@@ -193,7 +192,7 @@ static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T 
                     const int64_t cols = N - p * nr < nr ? N - p * nr : nr;                         \
                     const int64_t first = ((i / R_MAX) * (g1 - g0) + (p - g0)) * slice;             \
                     const T *pf = first + slice <= next_lines ? packed + (g1 * K + first) * nr : NULL; \
-                    KERNELS_##S[rows](K, a + i * lda, lda, b, bias ? bias + p * nr : NULL,          \
+                    kernels[rows](K, a + i * lda, lda, b, bias ? bias + p * nr : NULL,          \
                                       c + i * ldc + p * nr, ldc, cols, pf, shift, act);             \
                 }                                                                                   \
             }                                                                                       \

@@ -1,0 +1,57 @@
+/* Vector helpers shared by the C kernels (cpu_gemm.c, cpu_decode_attention.c): 256-bit vectors
+ * through GCC/Clang vector extensions (no intrinsics, so any target builds; with -march=native on
+ * AVX2/FMA `acc += x * w` is one vfmadd on a ymm register), a vectorised exp, and IN_REGISTER.
+ * kernels/cbuild.py hashes this header with each source, so editing it rebuilds both. */
+#ifndef ORCA_CPU_SIMD_H
+#define ORCA_CPU_SIMD_H
+
+#include <stdint.h>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef double v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
+
+static inline v8f load_f32(const float *p) { return *(const v8f_u *)p; }
+static inline void store_f32(float *p, v8f v) { *(v8f_u *)p = v; }
+static inline v8f splat_f32(float s) { return (v8f){s, s, s, s, s, s, s, s}; }
+static inline v4d load_f64(const double *p) { return *(const v4d_u *)p; }
+static inline void store_f64(double *p, v4d v) { *(v4d_u *)p = v; }
+static inline v4d splat_f64(double s) { return (v4d){s, s, s, s}; }
+
+/* Bitwise select: m ? x : y, lane by lane (m: all ones or all zeros per lane, from a comparison). */
+static inline v8f select_f32(v8i m, v8f x, v8f y) { return (v8f)((m & (v8i)x) | (~m & (v8i)y)); }
+
+/* exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial,
+ * times 2^n through the exponent bits. x is clamped to [-87.3, 88.3], so no infinity or denormal
+ * comes out (the activations below only need exp's far tails to be huge or tiny, not exact). */
+static inline v8f exp_f32(v8f x) {
+    const v8f hi = splat_f32(88.3f), lo = splat_f32(-87.3f);
+    x = select_f32(x > hi, hi, x);
+    x = select_f32(x < lo, lo, x);
+    const v8f magic = splat_f32(12582912.0f);                /* 1.5 * 2^23: adding it rounds to an integer */
+    const v8f t = x * splat_f32(1.44269504088896341f) + magic;
+    const v8f n = t - magic;
+    const v8i ni = (v8i)t - (v8i)magic;                       /* n as an integer */
+    const v8f r = x - n * splat_f32(0.693359375f) - n * splat_f32(-2.12194440e-4f);
+    v8f p = splat_f32(1.9875691500e-4f);
+    p = p * r + splat_f32(1.3981999507e-3f);
+    p = p * r + splat_f32(8.3334519073e-3f);
+    p = p * r + splat_f32(4.1665795894e-2f);
+    p = p * r + splat_f32(1.6666665459e-1f);
+    p = p * r + splat_f32(5.0000001201e-1f);
+    p = p * r * r + r + splat_f32(1.0f);
+    return p * (v8f)((ni + 127) << 23);
+}
+
+/* Keeps a vector in a register: an empty asm that claims to change it. Without it GCC folds the
+ * line of W into each FMA as a memory operand when R <= 4, so every k re-reads it R times and the
+ * loads, not the FMAs, set the pace (2 loads a cycle on Zen 4: R = 4 ran at half its FMA rate). */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__AVX__)
+#define IN_REGISTER(v) __asm__("" : "+x"(v))
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
+
+#endif
