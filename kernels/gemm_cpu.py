@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from orca_compile.kernels import cbuild
+from orca_compile.kernels import cbuild, hostmem
 
 DTYPES = {torch.float32: 0, torch.float64: 1}
 PANEL = {torch.float32: 16, torch.float64: 8}  # output columns per packed panel: 64 bytes per k either way
@@ -54,7 +54,8 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     panels = -(-n // nr)
     padded = weight.new_zeros(panels * nr, k)
     padded[:n] = weight
-    return padded.view(panels, nr, k).transpose(1, 2).contiguous()
+    out = hostmem.empty((panels, k, nr), weight.dtype)  # streamed at every call: huge pages spare the TLB
+    return out.copy_(padded.view(panels, nr, k).transpose(1, 2))
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,

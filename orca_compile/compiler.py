@@ -8,6 +8,7 @@ import torch
 import torch.fx
 
 from orca_compile.capture import capture
+from orca_compile.kernels import hostmem
 from orca_compile.ops import ATTENTION
 from orca_compile.passes.manager import PassManager
 from orca_compile.runtime.batch import RaggedBatch
@@ -62,9 +63,13 @@ class CompiledModel:
 
     def new_kv_cache(self, num_blocks: int, block_size: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One (k, v) pair per layer, ``[num_blocks, block_size, kv_heads, head_dim]`` each."""
-        device = device or self.device
-        return [(torch.zeros(num_blocks, block_size, l.num_kv_heads, l.head_dim, dtype=l.dtype, device=device),
-                 torch.zeros(num_blocks, block_size, l.num_kv_heads, l.v_head_dim, dtype=l.dtype, device=device))
+        device = torch.device(device or self.device)
+
+        def zeros(*shape, dtype):  # on the CPU, huge pages: decode attention streams the cache from DRAM
+            return hostmem.zeros(shape, dtype) if device.type == "cpu" else torch.zeros(*shape, dtype=dtype,
+                                                                                          device=device)
+        return [(zeros(num_blocks, block_size, l.num_kv_heads, l.head_dim, dtype=l.dtype),
+                 zeros(num_blocks, block_size, l.num_kv_heads, l.v_head_dim, dtype=l.dtype))
                 for l in self.layers]
 
     def inputs(self, batch: RaggedBatch, kv_cache) -> list[torch.Tensor]:
