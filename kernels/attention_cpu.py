@@ -1,18 +1,25 @@
-"""``orca::attention`` on the CPU with a C kernel for the decodes.
+"""``orca::attention`` on the CPU in C, in place over the paged KV cache.
 
 The torch reference (``attention_ref``) attends decodes by gathering each request's blocks into a
 padded copy and running SDPA on it: the context is read from the cache, written to the copy and
 read again. ``cpu_decode_attention.c`` reads each key and value row once, in place, through the
 block table (one pass for the scores, one for the weighted sum of V), with the query heads of a
-GQA group sharing every row. On W1's decodes the whole op is 4.5x faster per layer than the
-reference (``benchmarks/cpu_attention.py``). Multi-token (prefill) requests stay with the
-reference: prefill attention is compute-bound and SDPA does it well.
+GQA group sharing every row. On W1's decodes the whole op is 4.5-5x faster per layer than the
+reference (``benchmarks/cpu_attention.py``).
 
-The kernel is plain C (no torch headers), built at first use and cached by ``cbuild`` (where no
+Multi-token requests (prompts, and prompt chunks on a cached context) go to the same library's
+``orca_prefill_attention``: per request and KV head it copies the keys and values it needs into
+the GEMM's panel layout once, then runs Q K^T, a masked softmax and S V on register-blocked
+micro-kernels, six query rows at a time. Against the reference (one SDPA call per prompt, and a
+gather plus a masked SDPA per chunk on a cached context) the whole op is 1.7x faster on a
+W1-like 512-token prefill iteration and 1.4x on 128-token chunks over 256-1024 cached tokens
+(``benchmarks/cpu_attention.py``).
+
+The kernels are plain C (no torch headers), built at first use and cached by ``cbuild`` (where no
 compiler is found or the build fails, ``available()`` is False and dispatch keeps the reference;
-``why_unavailable()`` says why; ``ORCA_CPU_KERNELS=0`` turns it off). Its library also stores
-each iteration's K/V rows into their slots, so ``attention`` below makes two C calls per layer on a
-decode-only iteration and no torch op besides allocating the output.
+``why_unavailable()`` says why; ``ORCA_CPU_KERNELS=0`` turns it off). The library also stores
+each iteration's K/V rows into their slots, so ``attention`` below makes two or three C calls
+per layer and no torch op besides allocating the output.
 """
 from __future__ import annotations
 
@@ -27,10 +34,10 @@ DTYPES = {torch.float32: 0, torch.float64: 1}
 
 def _declare(lib):
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn = lib.orca_decode_attention
-    fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64,
-                   ctypes.c_double, i64, ctypes.c_double, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
-    fn.restype = i64
+    for fn in (lib.orca_decode_attention, lib.orca_prefill_attention):
+        fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64,
+                       ctypes.c_double, i64, ctypes.c_double, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+        fn.restype = i64
     fn = lib.orca_store_kv
     fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i64]
     fn.restype = ctypes.c_int
@@ -58,15 +65,29 @@ def decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table
                      softcap, out, num_threads: int | None = None) -> int:
     """Fill ``out``'s rows of every one-token request (see the C source for the semantics); returns
     how many requests it left alone (those with more than one token)."""
+    return _run("decode_attention", q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                sliding_window, softcap, out, num_threads)
+
+
+def prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
+                      softcap, out, num_threads: int | None = None) -> None:
+    """Fill ``out``'s rows of every multi-token request (prompts, prompt chunks) from the paged cache,
+    where this iteration's K/V must already be stored; one-token requests are left alone."""
+    _run("prefill_attention", q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+         sliding_window, softcap, out, num_threads)
+
+
+def _run(name, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap, out,
+         num_threads):
     lib = _lib()
     if q.dtype not in DTYPES or not (q.dtype == k_cache.dtype == v_cache.dtype == out.dtype):
-        raise ValueError(f"decode_attention takes float32 or float64 tensors of one dtype, got q {q.dtype}, "
+        raise ValueError(f"{name} takes float32 or float64 tensors of one dtype, got q {q.dtype}, "
                          f"cache {k_cache.dtype}/{v_cache.dtype}, out {out.dtype}")
     _check_cpu(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.stride(-1) == 1):
-        raise ValueError("decode_attention needs contiguous caches and an output with unit last stride")
+        raise ValueError(f"{name} needs contiguous caches and an output with unit last stride")
     qsl, lens, tables = (t.to(torch.int64).contiguous() for t in (query_start_loc, seq_lens, block_tables))
     nh, nkv, hd, hdv = q.shape[1], k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
     if nh % nkv:
@@ -74,21 +95,21 @@ def decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table
     if (q.dim() != 3 or q.shape[2] != hd or k_cache.shape[:3] != v_cache.shape[:3]
             or out.shape != (q.shape[0], nh, hdv) or out.stride(1) < hdv or out.stride(0) < nh * out.stride(1)
             or qsl.shape != (lens.shape[0] + 1,) or tables.dim() != 2 or tables.shape[0] < lens.shape[0]):
-        raise ValueError(f"decode_attention: shapes do not fit: q {tuple(q.shape)}, caches {tuple(k_cache.shape)} / "
+        raise ValueError(f"{name}: shapes do not fit: q {tuple(q.shape)}, caches {tuple(k_cache.shape)} / "
                          f"{tuple(v_cache.shape)}, out {tuple(out.shape)} (strides {out.stride()}), "
                          f"query_start_loc {tuple(qsl.shape)}, seq_lens {tuple(lens.shape)}, "
                          f"block_tables {tuple(tables.shape)}")
-    left = lib.orca_decode_attention(
+    left = getattr(lib, f"orca_{name}")(
         DTYPES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.shape[1], nkv, hd, hdv, nh, qsl.data_ptr(), lens.data_ptr(),
         tables.data_ptr(), tables.stride(0), lens.shape[0], float(scale), int(sliding_window), float(softcap),
         out.data_ptr(), out.stride(0), out.stride(1), q.shape[0], tables.shape[1], k_cache.shape[0],
         num_threads or torch.get_num_threads())
     if left == -2:
-        raise IndexError("decode_attention: query_start_loc, seq_lens or block_tables point outside the "
+        raise IndexError(f"{name}: query_start_loc, seq_lens or block_tables point outside the "
                          f"{q.shape[0]} query rows / {k_cache.shape[0]} cache blocks")
     if left < 0:
-        raise MemoryError("decode_attention: the kernel could not allocate its scratch buffers")
+        raise MemoryError(f"{name}: the kernel could not allocate its scratch buffers")
     return left
 
 
@@ -123,11 +144,12 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
               scale, sliding_window=0, softcap=0.0):
-    """``orca::attention``: stores and decodes in C, the reference's prefill path for the rest."""
+    """``orca::attention`` in C: store this iteration's K/V, attend the one-token requests, then the
+    multi-token ones (if any), all in place over the paged cache."""
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     if decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
                         softcap, out):
-        attention_ref.attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                      sliding_window, softcap, out, k=k, v=v)
+        prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
+                          softcap, out)
     return out

@@ -1,18 +1,19 @@
-/* Paged decode attention for the CPU: every one-token request of the iteration, attended in place
- * over its blocks of the paged KV cache (no gathered copy of its context).
+/* Paged attention for the CPU, in place over the blocks of the paged KV cache (no gathered copy of
+ * a context): every one-token request of the iteration (orca_decode_attention) and every
+ * multi-token one, prompts and prompt chunks (orca_prefill_attention, further down).
  *
  * Built and loaded by kernels/attention_cpu.py (the system C compiler, ctypes; no torch headers).
- * Semantics are those of orca::attention (orca_compile/ops.py) restricted to requests with one new
- * token: the query sits at position L-1 of a context of L = seq_lens[r] tokens and sees keys
- * max(0, L - window) .. L-1; scores are scale * q.k, then softcap * tanh(s / softcap) if softcap > 0.
- * Multi-token requests are skipped (the caller attends them).
+ * Semantics are those of orca::attention (orca_compile/ops.py): a request's new tokens sit at the
+ * last positions of its context of L = seq_lens[r] tokens; the token at position pos sees keys
+ * max(0, pos - window + 1) .. pos; scores are scale * q.k, then softcap * tanh(s / softcap) if
+ * softcap > 0.
  *
- * Work items are a request and a slice of its KV heads (the whole request when there are enough
- * requests for the threads), so the query heads of a GQA group read each key and value row once.
- * Two passes per item: scores of the whole context into a scratch row per head, then softmax and
- * the weighted sum of V rows. The scores are taken four heads at a time, one vector accumulator
- * each: a single head's dot product is a chain of dependent FMAs that left the kernel at ~30 GB/s
- * of K/V on W1's decodes; four chains side by side reach the DRAM bandwidth (~36 GB/s).
+ * Decodes. Work items are a request and a slice of its KV heads (the whole request when there are
+ * enough requests for the threads), so the query heads of a GQA group read each key and value row
+ * once. Two passes per item: scores of the whole context into a scratch row per head, then softmax
+ * and the weighted sum of V rows. The scores are taken four heads at a time, one vector
+ * accumulator each: a single head's dot product is a chain of dependent FMAs that left the kernel
+ * at ~30 GB/s of K/V on W1's decodes; four chains side by side reach the DRAM bandwidth (~36 GB/s).
  *
  * Also here: orca_store_kv, this iteration's K/V rows into their cache slots.
  */
@@ -175,6 +176,248 @@ int64_t orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q
     int64_t left = 0;
     for (int64_t r = 0; r < num_reqs; r++) left += qsl[r + 1] - qsl[r] > 1;
     return left;
+}
+
+/* ---- Multi-token requests (prompts and prompt chunks) ----
+ *
+ * Request r has n = qsl[r+1] - qsl[r] > 1 new tokens at positions L - n .. L - 1 of its context of
+ * L = seq_lens[r] tokens, whose K/V are all in the cache already (stored before this call). Query
+ * i (position L - n + i) sees keys max(0, pos - window + 1) .. pos.
+ *
+ * An item is a request, one KV head and a range of its query rows. It copies the keys and values
+ * it needs out of the paged cache once, into the GEMM's panel layout (kernels/cpu_gemm.c): K
+ * transposed into panels of NR keys ([hd][NR] each), V into panels of NR value columns ([keys][NR]
+ * each). Then, for each query head of the GQA group and each block of up to 6 query rows, the
+ * scores S = Q K^T over the keys the block can see, masked softmax per row, and O = S V, both
+ * products on a 6 x NR register block (the GEMM's micro-kernel shape). Blocks of 6 rows keep the
+ * causal waste to the keys past a row inside its block's range (< 6 + NR per row). */
+#define PF_ROWS 6
+#define ROW_SLACK 8 /* spare scores past a row's last key: softmax_row_f32 works in whole vectors */
+
+#define DEFINE_PREFILL(S, T, V, L, SOFTMAX_ROW)                                                      \
+/* c[r][0 .. cols) = sum_k a[r * lda + k] * b[k][0 .. NR) for r < R (R <= 6). */                     \
+static void mm_##S(int R, int64_t K, const T *a, int64_t lda, const T *b, T *c, int64_t ldc,          \
+                   int64_t cols) {                                                                  \
+    V acc0[PF_ROWS], acc1[PF_ROWS];                                                                 \
+    for (int r = 0; r < PF_ROWS; r++) { acc0[r] = splat_##S(0); acc1[r] = splat_##S(0); }           \
+    if (R == PF_ROWS) {                                                                             \
+        for (int64_t k = 0; k < K; k++) {                                                           \
+            V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                       \
+            IN_REGISTER(b0);                                                                        \
+            IN_REGISTER(b1);                                                                        \
+            for (int r = 0; r < PF_ROWS; r++) {                                                     \
+                const V x = splat_##S(a[r * lda + k]);                                              \
+                acc0[r] += x * b0;                                                                  \
+                acc1[r] += x * b1;                                                                  \
+            }                                                                                       \
+        }                                                                                           \
+    } else {                                                                                        \
+        for (int64_t k = 0; k < K; k++) {                                                           \
+            V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                       \
+            IN_REGISTER(b0);                                                                        \
+            IN_REGISTER(b1);                                                                        \
+            for (int r = 0; r < R; r++) {                                                           \
+                const V x = splat_##S(a[r * lda + k]);                                              \
+                acc0[r] += x * b0;                                                                  \
+                acc1[r] += x * b1;                                                                  \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+    for (int r = 0; r < R; r++) {                                                                   \
+        if (cols == 2 * L) {                                                                        \
+            store_##S(c + r * ldc, acc0[r]);                                                        \
+            store_##S(c + r * ldc + L, acc1[r]);                                                    \
+        } else {                                                                                    \
+            T t[2 * L];                                                                             \
+            store_##S(t, acc0[r]);                                                                  \
+            store_##S(t + L, acc1[r]);                                                              \
+            memcpy(c + r * ldc, t, sizeof(T) * (size_t)cols);                                       \
+        }                                                                                           \
+    }                                                                                               \
+}                                                                                                   \
+                                                                                                    \
+/* Request r, KV head kvh, query rows [i0, i1). kp: ceil(keys / NR) * hd * NR, vp: ceil(hdv / NR) * \
+ * keys * NR, sc: PF_ROWS * (ceil(keys / NR) * NR + ROW_SLACK) elements, keys <= the context. */   \
+static void prefill_item_##S(const job_t *j, int64_t r, int64_t kvh, int64_t i0, int64_t i1, T *kp,  \
+                             T *vp, T *sc) {                                                        \
+    const int64_t NR = 2 * L, group = j->nh / j->nkv, hd = j->hd, hdv = j->hdv;                     \
+    const T *q = (const T *)j->q, *kc = (const T *)j->k_cache, *vc = (const T *)j->v_cache;         \
+    T *out = (T *)j->out;                                                                           \
+    const int64_t row0 = j->qsl[r], n = j->qsl[r + 1] - row0, len = j->seq_lens[r], first = len - n; \
+    const int64_t *table = j->block_tables + r * j->bt_stride;                                      \
+    const int64_t window = j->window;                                                               \
+    /* keys [lo, hi) cover every query of [i0, i1); key positions are lo + index from here on */    \
+    const int64_t hi = first + i1;                                                                  \
+    const int64_t lo = window > 0 && first + i0 - window + 1 > 0 ? first + i0 - window + 1 : 0;     \
+    const int64_t nk = hi - lo, kpanels = (nk + NR - 1) / NR, vpanels = (hdv + NR - 1) / NR;        \
+    const int64_t ldk = kpanels * NR + ROW_SLACK; /* scores row stride */                          \
+    /* The last K panel's columns past nk and V's past hdv are left unset: the scores they give are \
+     * never read (softmax and S V stop at the block's last key) and their output lanes are never  \
+     * stored. */                                                                                   \
+    for (int64_t t = 0; t < nk; t++) {                                                              \
+        const int64_t pos = lo + t, slot = table[pos / j->bs] * j->bs + pos % j->bs;                \
+        const T *krow = kc + (slot * j->nkv + kvh) * hd, *vrow = vc + (slot * j->nkv + kvh) * hdv;   \
+        T *kdst = kp + (t / NR) * hd * NR + t % NR;                                                 \
+        for (int64_t d = 0; d < hd; d++) kdst[d * NR] = krow[d];                                    \
+        for (int64_t p = 0; p < vpanels; p++) {                                                     \
+            const int64_t w = hdv - p * NR < NR ? hdv - p * NR : NR;                                \
+            memcpy(vp + (p * nk + t) * NR, vrow + p * NR, sizeof(T) * (size_t)w);                   \
+        }                                                                                           \
+    }                                                                                               \
+    const T scale = (T)j->scale, softcap = (T)j->softcap;                                           \
+    for (int64_t g = 0; g < group; g++) {                                                           \
+        const int64_t h = kvh * group + g;                                                          \
+        for (int64_t b0 = i0; b0 < i1; b0 += PF_ROWS) {                                             \
+            const int rows = (int)(i1 - b0 < PF_ROWS ? i1 - b0 : PF_ROWS);                          \
+            /* this block's keys: [blo, bhi) relative to lo */                                      \
+            const int64_t bpos = first + b0, bhi = bpos + rows - lo;                                \
+            const int64_t blo = window > 0 && bpos - window + 1 - lo > 0 ? bpos - window + 1 - lo : 0; \
+            const int64_t p0 = blo / NR, p1 = (bhi + NR - 1) / NR;                                  \
+            const T *qb = q + (row0 + b0) * j->q_row + h * j->q_head;                               \
+            for (int64_t p = p0; p < p1; p++)                                                       \
+                mm_##S(rows, hd, qb, j->q_row, kp + p * hd * NR, sc + p * NR, ldk, NR);             \
+            for (int i = 0; i < rows; i++) {                                                        \
+                T *s = sc + i * ldk;                                                                \
+                const int64_t pos = bpos + i, vhi = pos + 1 - lo;                                   \
+                const int64_t vlo = window > 0 && pos - window + 1 - lo > 0 ? pos - window + 1 - lo : 0; \
+                SOFTMAX_ROW(s + vlo, vhi - vlo, scale, softcap);                                    \
+                for (int64_t t = blo; t < vlo; t++) s[t] = 0;                                       \
+                for (int64_t t = vhi; t < bhi; t++) s[t] = 0;                                       \
+            }                                                                                       \
+            T *ob = out + (row0 + b0) * j->out_row + h * j->out_head;                               \
+            for (int64_t p = 0; p < vpanels; p++)                                                   \
+                mm_##S(rows, bhi - blo, sc + blo, ldk, vp + (p * nk + blo) * NR, ob + p * NR, j->out_row, \
+                       hdv - p * NR < NR ? hdv - p * NR : NR);                                      \
+        }                                                                                           \
+    }                                                                                               \
+}
+
+/* s[0 .. n) <- softmax(softcap * tanh(scale * s / softcap)), or softmax(scale * s) when softcap is
+ * 0; n >= 1. float32 is vectorised (exp_f32: a few ulp from expf) and rounds n up to whole
+ * vectors: it reads and writes s up to 7 elements past n (zeros land there), so every scores row
+ * has ROW_SLACK spare elements at its end. float64 stays with libm. */
+static void softmax_row_f32(float *s, int64_t n, float scale, float softcap) {
+    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const int64_t whole = n & ~(int64_t)7;
+    const v8i tail = lane < (v8i){0} + (int32_t)(n - whole); /* lanes of the last, partial vector */
+    const v8f sv = splat_f32(scale), neg_inf = splat_f32(-INFINITY), zero = splat_f32(0);
+    if (softcap > 0)
+        for (int64_t t = 0; t < n; t++) s[t] = softcap * tanhf(s[t] * scale / softcap) / scale;
+    v8f mv = neg_inf;
+    for (int64_t t = 0; t < n; t += 8) {  /* s may be read and written past n: see ROW_SLACK */
+        v8f x = load_f32(s + t) * sv;
+        if (t == whole) x = select_f32(tail, x, neg_inf);
+        store_f32(s + t, x);
+        mv = select_f32(x > mv, x, mv);
+    }
+    float m = mv[0];
+    for (int l = 1; l < 8; l++) m = mv[l] > m ? mv[l] : m;
+    const v8f msplat = splat_f32(m);
+    v8f acc = zero;
+    for (int64_t t = 0; t < n; t += 8) {
+        v8f e = exp_f32(load_f32(s + t) - msplat);
+        if (t == whole) e = select_f32(tail, e, zero);
+        store_f32(s + t, e);
+        acc += e;
+    }
+    float sum = 0;
+    for (int l = 0; l < 8; l++) sum += acc[l];
+    const v8f iv = splat_f32(1.0f / sum);
+    for (int64_t t = 0; t < n; t += 8) store_f32(s + t, load_f32(s + t) * iv);
+}
+
+static void softmax_row_f64(double *s, int64_t n, double scale, double softcap) {
+    double m = -INFINITY, sum = 0;
+    for (int64_t t = 0; t < n; t++) {
+        s[t] = softcap > 0 ? softcap * tanh(s[t] * scale / softcap) : s[t] * scale;
+        m = s[t] > m ? s[t] : m;
+    }
+    for (int64_t t = 0; t < n; t++) {
+        s[t] = exp(s[t] - m);
+        sum += s[t];
+    }
+    for (int64_t t = 0; t < n; t++) s[t] /= sum;
+}
+
+DEFINE_PREFILL(f32, float, v8f, 8, softmax_row_f32)
+DEFINE_PREFILL(f64, double, v4d, 4, softmax_row_f64)
+
+/* The multi-token requests of the iteration (orca_decode_attention's arguments; one-token
+ * requests are skipped). Returns 0, -1 when a scratch buffer could not be had, or -2 (nothing
+ * written) when the metadata points outside the tensors: query_start_loc not rising within
+ * [0, num_rows], a context shorter than its new tokens or longer than its block-table row, or a
+ * block id outside [0, num_blocks). Items: (request, KV head, a range of query rows), the ranges
+ * split until there are a few items per thread, longest requests first (dynamic schedule). */
+int64_t orca_prefill_attention(int dtype, const void *q, int64_t q_row, int64_t q_head,
+                               const void *k_cache, const void *v_cache, int64_t bs, int64_t nkv, int64_t hd,
+                               int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
+                               const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
+                               int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
+                               int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
+    if (num_reqs > 0 && qsl[0] < 0) return -2;
+    int64_t np = 0, max_len = 1, rows_total = 0;
+    for (int64_t r = 0; r < num_reqs; r++) {
+        if (qsl[r + 1] < qsl[r] || qsl[r + 1] > num_rows) return -2;
+        const int64_t n = qsl[r + 1] - qsl[r];
+        if (n <= 1) continue;
+        const int64_t len = seq_lens[r], used = (len + bs - 1) / bs;
+        if (len < n || used > bt_width) return -2;
+        for (int64_t b = 0; b < used; b++) {
+            const int64_t id = block_tables[r * bt_stride + b];
+            if (id < 0 || id >= num_blocks) return -2;
+        }
+        np++;
+        rows_total += n;
+        if (len > max_len) max_len = len;
+    }
+    if (np == 0) return 0;
+    if (num_threads < 1) num_threads = 1;
+    /* requests longest first; each split into `chunks` query ranges */
+    int64_t *reqs = (int64_t *)malloc(sizeof(int64_t) * (size_t)np);
+    if (!reqs) return -1;
+    np = 0;
+    for (int64_t r = 0; r < num_reqs; r++)
+        if (qsl[r + 1] - qsl[r] > 1) {
+            int64_t at = np++;
+            while (at > 0 && seq_lens[reqs[at - 1]] < seq_lens[r]) { reqs[at] = reqs[at - 1]; at--; }
+            reqs[at] = r;
+        }
+    int64_t chunks = 1;
+    while (np * nkv * chunks < 4 * (int64_t)num_threads && chunks * PF_ROWS * np < rows_total) chunks *= 2;
+    const int64_t items = np * nkv * chunks, nr = dtype == 0 ? 16 : 8;
+    const int64_t kpanels = (max_len + nr - 1) / nr, vpanels = (hdv + nr - 1) / nr;
+    const size_t elem = dtype == 0 ? sizeof(float) : sizeof(double);
+    const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
+                     bt_stride, scale, softcap, window, out, out_row, out_head};
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads) if(items > 1) reduction(|:failed)
+    {
+        void *kp = malloc(elem * (size_t)(kpanels * hd * nr));
+        void *vp = malloc(elem * (size_t)(vpanels * max_len * nr));
+        void *sc = malloc(elem * (size_t)(PF_ROWS * (kpanels * nr + ROW_SLACK)));
+        if (!kp || !vp || !sc) {
+            failed = 1;
+        } else {
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < items; i++) {
+                const int64_t r = reqs[i / (nkv * chunks)], kvh = (i / chunks) % nkv, c = i % chunks;
+                const int64_t n = qsl[r + 1] - qsl[r];
+                /* row blocks split evenly; later ranges see more keys, so cut by area (sqrt) */
+                const int64_t blocks = (n + PF_ROWS - 1) / PF_ROWS;
+                const int64_t b0 = (int64_t)(blocks * sqrt((double)c / chunks) + 0.5);
+                const int64_t b1 = (int64_t)(blocks * sqrt((double)(c + 1) / chunks) + 0.5);
+                const int64_t i0 = b0 * PF_ROWS, i1 = b1 * PF_ROWS < n ? b1 * PF_ROWS : n;
+                if (i0 >= i1) continue;
+                if (dtype == 0) prefill_item_f32(&j, r, kvh, i0, i1, (float *)kp, (float *)vp, (float *)sc);
+                else prefill_item_f64(&j, r, kvh, i0, i1, (double *)kp, (double *)vp, (double *)sc);
+            }
+        }
+        free(kp);
+        free(vp);
+        free(sc);
+    }
+    free(reqs);
+    return failed ? -1 : 0;
 }
 
 /* This iteration's K and V rows into their cache slots: token t's heads go to slot slots[t] of

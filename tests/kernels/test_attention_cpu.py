@@ -1,4 +1,5 @@
-"""The C decode kernel (kernels/cpu_decode_attention.c) against the torch reference.
+"""The C attention kernels (kernels/cpu_decode_attention.c: decodes, multi-token requests, the K/V
+store) against the torch reference.
 
 float64: the two differ only in summation order, so 1e-12. float32: ~1e-7 relative per score and
 softmax over at most a few hundred keys; 2e-6 absolute on outputs of magnitude ~1 leaves ten times
@@ -120,6 +121,71 @@ def test_bad_inputs_raise():
         attention_cpu.decode_attention(q, kc, vc, qsl, lens, bt, 0.25, 0, 0.0, out.to("meta"))
 
 
+# ------------------------------------------------------------------------------ multi-token requests
+
+@pytestmark_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("nh,nkv,hd,hdv,bs", [(4, 4, 16, 16, 4), (8, 2, 64, 64, 16), (4, 1, 80, 80, 1),
+                                              (6, 3, 128, 128, 32), (2, 2, 16, 8, 16), (8, 2, 12, 12, 4),
+                                              (5, 1, 6, 10, 8), (2, 1, 16, 40, 16)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0), (16, 50.0)])
+def test_prefills_match_the_reference(dtype, nh, nkv, hd, hdv, bs, window, softcap):
+    # (cached, new): whole prompts of 2 tokens, of one row block and one key panel exactly (6, 16),
+    # and long ones crossing both; chunks on top of a cached context; decodes mixed in (left alone).
+    # hdv 10 and 40: value panels cut short; bs 1: every key in its own block
+    reqs = [(0, 2), (15, 1), (0, 6), (0, 16), (4, 7), (0, 45), (200, 1), (33, 20), (0, 1), (97, 2)]
+    q, kc, vc, qsl, lens, bt = _case(reqs, nh, nkv, hd, hdv, bs, dtype, q_noncontiguous=(hd == 64))
+    want = torch.full((q.shape[0], nh, hdv), float("nan"), dtype=dtype)
+    got = want.clone()
+    attention_ref.attend_prefills(q, kc, vc, qsl, lens, bt, hd ** -0.5, window, softcap, want)
+    attention_cpu.prefill_attention(q, kc, vc, qsl, lens, bt, hd ** -0.5, window, softcap, got)
+    decode_rows = [int(qsl[r]) for r, (_, n) in enumerate(reqs) if n == 1]
+    prefill_rows = [i for i in range(q.shape[0]) if i not in decode_rows]
+    torch.testing.assert_close(got[prefill_rows], want[prefill_rows], atol=TOL[dtype], rtol=0)
+    assert got[decode_rows].isnan().all()  # one-token requests are the decode kernel's
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("window", [0, 7])
+def test_prefill_thread_count_does_not_change_the_result(threads, window):
+    # one long request on one KV head: its query rows are split into more ranges the more threads
+    # there are, and every row must still come out bit for bit the same
+    reqs = [(9, 70)]
+    q, kc, vc, qsl, lens, bt = _case(reqs, 2, 1, 32, 32, 8, torch.float64, seed=6)
+    one, many = torch.zeros(70, 2, 32, dtype=torch.float64), torch.zeros(70, 2, 32, dtype=torch.float64)
+    attention_cpu.prefill_attention(q, kc, vc, qsl, lens, bt, 0.2, window, 0.0, one, num_threads=1)
+    attention_cpu.prefill_attention(q, kc, vc, qsl, lens, bt, 0.2, window, 0.0, many, num_threads=threads)
+    assert torch.equal(one, many)
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prefill_large_scores_do_not_overflow(dtype):
+    q, kc, vc, qsl, lens, bt = _case([(0, 30), (12, 9)], 4, 2, 32, 32, 8, dtype, seed=5)
+    q = q * 400
+    want, got = torch.zeros(39, 4, 32, dtype=dtype), torch.zeros(39, 4, 32, dtype=dtype)
+    attention_ref.attend_prefills(q, kc, vc, qsl, lens, bt, 1.0, 0, 0.0, want)
+    attention_cpu.prefill_attention(q, kc, vc, qsl, lens, bt, 1.0, 0, 0.0, got)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want, atol=1e-4 if dtype == torch.float32 else 1e-10, rtol=0)
+
+
+@pytestmark_kernel
+def test_prefill_bad_metadata_raises_and_writes_nothing():
+    q, kc, vc, qsl, lens, bt = _case([(3, 1), (0, 5)], 2, 2, 16, 16, 4, torch.float32)
+    out = torch.full((6, 2, 16), float("nan"))
+    bad_ids = bt.clone()
+    bad_ids[1, 0] = kc.shape[0]
+    for args in ((qsl, lens, bad_ids),                       # a block id past the cache
+                 (qsl, torch.tensor([4, 3]), bt),            # a context shorter than its 5 new tokens
+                 (qsl, torch.tensor([4, 500]), bt),          # a context longer than its table row
+                 (torch.tensor([0, 1, 7]), lens, bt)):       # query_start_loc past the 6 rows
+        with pytest.raises(IndexError, match="point outside"):
+            attention_cpu.prefill_attention(q, kc, vc, *args, 0.25, 0, 0.0, out)
+    assert out.isnan().all()
+
+
 # ---------------------------------------------------------------------------------------- store_kv
 
 @pytestmark_kernel
@@ -233,15 +299,16 @@ def test_auto_picks_the_kernel_on_the_cpu(monkeypatch):
 @pytestmark_kernel
 def test_op_runs_the_kernel(monkeypatch):
     calls = []
-    real = attention_cpu.decode_attention
-    monkeypatch.setattr(attention_cpu, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("decode_attention", "prefill_attention"):
+        real = getattr(attention_cpu, name)
+        monkeypatch.setattr(attention_cpu, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     q, kc, vc, qsl, lens, bt = _case([(5, 1), (0, 3)], 4, 2, 16, 16, 4, torch.float64)
     k = torch.randn(4, 2, 16, dtype=torch.float64)
     slots = torch.tensor([int(bt[0, 1]) * 4 + 1, int(bt[1, 0]) * 4, int(bt[1, 0]) * 4 + 1, int(bt[1, 0]) * 4 + 2])
     out = torch.ops.orca.attention(q, k, k, kc, vc, slots, qsl, lens, bt, 0.25)
     ref = attention_ref.attention(q, k, k, kc.clone(), vc.clone(), slots, qsl, lens, bt, 0.25)
-    assert calls and torch.allclose(out, ref, atol=1e-12, rtol=0)
+    assert calls == ["decode_attention", "prefill_attention"] and torch.allclose(out, ref, atol=1e-12, rtol=0)
 
 
 @pytestmark_kernel
