@@ -31,6 +31,9 @@ def _declare(lib):
     fn = lib.orca_gemm
     fn.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
+    fn = lib.orca_argmax
+    fn.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    fn.restype = ctypes.c_int
 
 
 LIB = cbuild.CLibrary("cpu_gemm.c", _declare)
@@ -89,3 +92,18 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     if rc != 0:
         raise ValueError(f"linear: activation code {activation} is not one of {ACTIVATIONS}")
     return out.view(*x.shape[:-1], out_features)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor | None:
+    """``logits.argmax(dim=-1)`` for a 2-D float32/float64 CPU tensor with unit column stride (the
+    first maximum of each row, or its first NaN: torch's answer), in one vectorised pass; None where
+    the kernel does not apply (other dtypes or layouts, or no C library), so callers keep torch's."""
+    lib = LIB.load()
+    if (lib is None or logits.dim() != 2 or logits.dtype not in DTYPES or logits.device.type != "cpu"
+            or logits.shape[1] == 0 or (logits.stride(1) != 1 and logits.shape[1] > 1)):
+        return None
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    if lib.orca_argmax(DTYPES[logits.dtype], logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1],
+                       out.data_ptr(), torch.get_num_threads()) != 0:
+        return None
+    return out

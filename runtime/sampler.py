@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from orca_compile.kernels import gemm_cpu
 from orca_compile.runtime.request import SamplingParams
 
 
@@ -34,7 +35,7 @@ class Sampler:
         n = logits.shape[0]
         assert n == len(request_ids) == len(params)
         if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1)
+            tokens = _argmax(logits)
         else:
             tokens = self._sample_mixed(logits, request_ids, params)
         logprobs = None
@@ -45,7 +46,7 @@ class Sampler:
         return tokens.tolist(), logprobs
 
     def _sample_mixed(self, logits, request_ids, params):
-        tokens = logits.argmax(dim=-1)
+        tokens = _argmax(logits)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         idx = torch.tensor(rows, device=logits.device)
         scaled = logits[idx].float()
@@ -68,6 +69,16 @@ class Sampler:
                 noise[j].exponential_(generator=g)
         tokens[idx] = (probs / noise).argmax(dim=-1)
         return tokens
+
+
+def _argmax(logits):
+    """Row-wise argmax: the C kernel on CPU float32/float64 logits (0.9 ms -> ~0.1 ms on W1's
+    [32, 50257]), else torch; both give the first maximum, or the first NaN."""
+    if logits.device.type == "cpu":
+        tokens = gemm_cpu.argmax(logits)
+        if tokens is not None:
+            return tokens
+    return logits.argmax(dim=-1)
 
 
 def _top_k(scaled, ks):
