@@ -162,6 +162,28 @@ static void NAME(const job_t *j, int64_t r, int64_t h0, int64_t h1, T *scores, T
 DEFINE_ITEM(item_f32, float, v8f, 8, load_f32, softmax_row_f32)
 DEFINE_ITEM(item_f64, double, v4d, 4, load_f64, softmax_row_f64)
 
+/* Whether the metadata points outside the tensors, for the requests a call attends (multi: those
+ * with more than one new token, else those with one): query_start_loc not rising within
+ * [0, num_rows], a context shorter than its new tokens or longer than its block-table row
+ * (bt_width blocks), or a block id outside [0, num_blocks). */
+static int bad_metadata(int multi, const int64_t *qsl, const int64_t *seq_lens, const int64_t *block_tables,
+                        int64_t bt_stride, int64_t num_reqs, int64_t bs, int64_t num_rows, int64_t bt_width,
+                        int64_t num_blocks) {
+    if (num_reqs > 0 && qsl[0] < 0) return 1;
+    for (int64_t r = 0; r < num_reqs; r++) {
+        if (qsl[r + 1] < qsl[r] || qsl[r + 1] > num_rows) return 1;
+        const int64_t n = qsl[r + 1] - qsl[r];
+        if (multi ? n <= 1 : n != 1) continue;
+        const int64_t len = seq_lens[r], used = (len + bs - 1) / bs;
+        if (len < n || used > bt_width) return 1;
+        for (int64_t b = 0; b < used; b++) {
+            const int64_t id = block_tables[r * bt_stride + b];
+            if (id < 0 || id >= num_blocks) return 1;
+        }
+    }
+    return 0;
+}
+
 /* dtype: 0 float32, 1 float64. Returns the number of requests it left to the caller (those with
  * more than one token this iteration: prefills), -1 when a scratch buffer could not be had, or -2
  * (nothing written) when the metadata points outside the tensors: query_start_loc not rising
@@ -176,17 +198,8 @@ int64_t orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q
                               const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
                               int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
                               int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
-    if (num_reqs > 0 && qsl[0] < 0) return -2;
-    for (int64_t r = 0; r < num_reqs; r++) {
-        if (qsl[r + 1] < qsl[r] || qsl[r + 1] > num_rows) return -2;
-        if (qsl[r + 1] - qsl[r] != 1) continue;
-        const int64_t len = seq_lens[r], used = (len + bs - 1) / bs;
-        if (len < 1 || used > bt_width) return -2;
-        for (int64_t b = 0; b < used; b++) {
-            const int64_t id = block_tables[r * bt_stride + b];
-            if (id < 0 || id >= num_blocks) return -2;
-        }
-    }
+    if (bad_metadata(0, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width, num_blocks))
+        return -2;
     const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
                      bt_stride, scale, softcap, window, out, out_row, out_head};
     int64_t *decodes = (int64_t *)malloc(sizeof(int64_t) * (size_t)(num_reqs > 0 ? num_reqs : 1));
@@ -247,35 +260,27 @@ int64_t orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q
  * causal waste to the keys past a row inside its block's range (< 6 + NR per row). */
 #define PF_ROWS 6
 
+#define PF_MM_LOOP(S, V, L, ROWS)                                                                   \
+    for (int64_t k = 0; k < K; k++) {                                                               \
+        V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                           \
+        IN_REGISTER(b0);                                                                            \
+        IN_REGISTER(b1);                                                                            \
+        for (int r = 0; r < ROWS; r++) {                                                            \
+            const V x = splat_##S(a[r * lda + k]);                                                  \
+            acc0[r] += x * b0;                                                                      \
+            acc1[r] += x * b1;                                                                      \
+        }                                                                                           \
+    }
+
 #define DEFINE_PREFILL(S, T, V, L, SOFTMAX_ROW)                                                      \
 /* c[r][0 .. cols) = sum_k a[r * lda + k] * b[k][0 .. NR) for r < R (R <= 6). */                     \
 static void mm_##S(int R, int64_t K, const T *a, int64_t lda, const T *b, T *c, int64_t ldc,          \
                    int64_t cols) {                                                                  \
     V acc0[PF_ROWS], acc1[PF_ROWS];                                                                 \
     for (int r = 0; r < PF_ROWS; r++) { acc0[r] = splat_##S(0); acc1[r] = splat_##S(0); }           \
-    if (R == PF_ROWS) {                                                                             \
-        for (int64_t k = 0; k < K; k++) {                                                           \
-            V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                       \
-            IN_REGISTER(b0);                                                                        \
-            IN_REGISTER(b1);                                                                        \
-            for (int r = 0; r < PF_ROWS; r++) {                                                     \
-                const V x = splat_##S(a[r * lda + k]);                                              \
-                acc0[r] += x * b0;                                                                  \
-                acc1[r] += x * b1;                                                                  \
-            }                                                                                       \
-        }                                                                                           \
-    } else {                                                                                        \
-        for (int64_t k = 0; k < K; k++) {                                                           \
-            V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                       \
-            IN_REGISTER(b0);                                                                        \
-            IN_REGISTER(b1);                                                                        \
-            for (int r = 0; r < R; r++) {                                                           \
-                const V x = splat_##S(a[r * lda + k]);                                              \
-                acc0[r] += x * b0;                                                                  \
-                acc1[r] += x * b1;                                                                  \
-            }                                                                                       \
-        }                                                                                           \
-    }                                                                                               \
+    /* the same loop twice: with R a constant for whole blocks (it unrolls), and with R read */    \
+    if (R == PF_ROWS) PF_MM_LOOP(S, V, L, PF_ROWS)                                                  \
+    else PF_MM_LOOP(S, V, L, R)                                                                     \
     for (int r = 0; r < R; r++) {                                                                   \
         if (cols == 2 * L) {                                                                        \
             store_##S(c + r * ldc, acc0[r]);                                                        \
@@ -360,21 +365,15 @@ int64_t orca_prefill_attention(int dtype, const void *q, int64_t q_row, int64_t 
                                const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
                                int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
                                int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
-    if (num_reqs > 0 && qsl[0] < 0) return -2;
+    if (bad_metadata(1, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width, num_blocks))
+        return -2;
     int64_t np = 0, max_len = 1, rows_total = 0;
     for (int64_t r = 0; r < num_reqs; r++) {
-        if (qsl[r + 1] < qsl[r] || qsl[r + 1] > num_rows) return -2;
         const int64_t n = qsl[r + 1] - qsl[r];
         if (n <= 1) continue;
-        const int64_t len = seq_lens[r], used = (len + bs - 1) / bs;
-        if (len < n || used > bt_width) return -2;
-        for (int64_t b = 0; b < used; b++) {
-            const int64_t id = block_tables[r * bt_stride + b];
-            if (id < 0 || id >= num_blocks) return -2;
-        }
         np++;
         rows_total += n;
-        if (len > max_len) max_len = len;
+        if (seq_lens[r] > max_len) max_len = seq_lens[r];
     }
     if (np == 0) return 0;
     if (num_threads < 1) num_threads = 1;
