@@ -2,9 +2,9 @@
 
 The torch reference (``attention_ref``) attends decodes by gathering each request's blocks into a
 padded copy and running SDPA on it: the context is read from the cache, written to the copy and
-read again. ``cpu_decode_attention.c`` reads each key and value row once, in place, through the
+read again. ``cpu_attention.c`` reads each key and value row once, in place, through the
 block table (one pass for the scores, one for the weighted sum of V), with the query heads of a
-GQA group sharing every row. On W1's decodes the whole op is 4.5-5x faster per layer than the
+GQA group sharing every row. On W1's decodes the whole op is 4.5-6x faster per layer than the
 reference (``benchmarks/cpu_attention.py``).
 
 Multi-token requests (prompts, and prompt chunks on a cached context) go to the same library's
@@ -43,7 +43,7 @@ def _declare(lib):
     fn.restype = ctypes.c_int
 
 
-LIB = cbuild.CLibrary("cpu_decode_attention.c", _declare)
+LIB = cbuild.CLibrary("cpu_attention.c", _declare)
 
 
 def available() -> bool:

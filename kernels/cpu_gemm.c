@@ -22,7 +22,7 @@
  * element, since float64 is the dtype of the exactness tests rather than of serving.
  *
  * Threads: OpenMP, i.e. torch's own pool (libgomp.so.1 resolves to the copy torch has loaded; see
- * cpu_decode_attention.c). Written with GCC/Clang vector extensions, not intrinsics, so it builds for
+ * cpu_attention.c). Written with GCC/Clang vector extensions, not intrinsics, so it builds for
  * any target; with -march=native on an AVX2/FMA machine `acc += x * w` is a vfmadd on ymm registers.
  */
 #include <math.h>

@@ -1,4 +1,4 @@
-/* Vector helpers shared by the C kernels (cpu_gemm.c, cpu_decode_attention.c): 256-bit vectors
+/* Vector helpers shared by the C kernels (cpu_gemm.c, cpu_attention.c): 256-bit vectors
  * through GCC/Clang vector extensions (no intrinsics, so any target builds; with -march=native on
  * AVX2/FMA `acc += x * w` is one vfmadd on a ymm register), a vectorised exp, and IN_REGISTER.
  * kernels/cbuild.py hashes this header with each source, so editing it rebuilds both. */

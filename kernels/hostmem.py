@@ -6,7 +6,7 @@ machine every TLB miss is a two-level page walk. ``empty`` maps the memory itsel
 ``mmap``, aligned to 2 MiB) and asks the kernel for huge pages with ``madvise(MADV_HUGEPAGE)``
 before the first touch, which works where ``/sys/kernel/mm/transparent_hugepage/enabled`` says
 ``madvise`` (the common default) as well as ``always``. On GPT-2 small's 49 GEMMs the C GEMM took
-0.95-0.98x the time at 1-16 rows and 0.99x at 32-512 (docs/benchmarks.md).
+0.95-0.98x the time at 1-16 rows and 0.99-1.00x at 32-512 (docs/benchmarks.md).
 
 Falls back to ``torch.empty`` for small tensors, off Linux, without ``MADV_HUGEPAGE``, or with
 ``ORCA_HUGE_PAGES=0``. The memory lives as long as the tensor (and its views): the tensor holds

@@ -1,4 +1,4 @@
-"""The C attention kernels (kernels/cpu_decode_attention.c: decodes, multi-token requests, the K/V
+"""The C attention kernels (kernels/cpu_attention.c: decodes, multi-token requests, the K/V
 store) against the torch reference.
 
 float64: the two differ only in summation order, so 1e-12. float32: ~1e-7 relative per score and
@@ -227,7 +227,7 @@ def fresh_loader(monkeypatch, tmp_path):
 @pytest.mark.skipif(not LINUX_WITH_CC, reason="building needs Linux and a C compiler")
 def test_build_goes_to_the_cache_dir_and_is_reused(fresh_loader, monkeypatch):
     assert attention_cpu.available()
-    built = list(fresh_loader.glob("cpu_decode_attention-*.so"))
+    built = list(fresh_loader.glob("cpu_attention-*.so"))
     assert len(built) == 1 and list(fresh_loader.iterdir()) == built  # no temporary file left
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(attention_cpu.LIB, "_lib", None)
