@@ -42,6 +42,13 @@
 #ifndef PACED_BELOW
 #define PACED_BELOW 9
 #endif
+/* Up to this many rows the driver issues no prefetches of the next group: each line of W is read
+ * once, front to back, a few cycles apart, and the hardware prefetcher alone streams that faster
+ * (0.77-0.92x the time at 1-3 rows on GPT-2 small's 49 GEMMs, ~0.9-1.05x at 4; interleaved runs of
+ * benchmarks/cpu_gemm_ab.py). From 5 rows up, dropping them was 1.1-1.3x slower. */
+#ifndef PREFETCH_ABOVE
+#define PREFETCH_ABOVE 4
+#endif
 #ifndef GROUP_BYTES
 #define GROUP_BYTES (256 * 1024)
 #endif
@@ -150,7 +157,8 @@ static void kernel_##S##_##R##_##U(int64_t K, const T *a, int64_t lda, const T *
  * micro-kernel calls (row blocks x panels), each taking a contiguous slice. Issuing the whole next
  * group during the first row block alone was 3-12% slower at 8-32 rows (benchmarks/cpu_gemm_ab.py
  * on GPT-2 small's 49 GEMMs): a burst that size overruns the core's outstanding-miss
- * slots, so prefetches are dropped and the next group's first pass waits on DRAM. */
+ * slots, so prefetches are dropped and the next group's first pass waits on DRAM. Calls of at most
+ * PREFETCH_ABOVE rows issue none (see there). */
 #define DEFINE_GEMM(S, T, V, L)                                                                     \
 DEFINE_KERNEL(S, T, V, L, 1, 1)                                                                     \
 DEFINE_KERNEL(S, T, V, L, 2, 1)                                                                     \
@@ -191,7 +199,7 @@ static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T 
                     const T *b = packed + p * K * nr;                                               \
                     const int64_t cols = N - p * nr < nr ? N - p * nr : nr;                         \
                     const int64_t first = ((i / R_MAX) * (g1 - g0) + (p - g0)) * slice;             \
-                    const T *pf = first + slice <= next_lines ? packed + (g1 * K + first) * nr : NULL; \
+                    const T *pf = M > PREFETCH_ABOVE && first + slice <= next_lines ? packed + (g1 * K + first) * nr : NULL; \
                     kernels[rows](K, a + i * lda, lda, b, bias ? bias + p * nr : NULL,          \
                                       c + i * ldc + p * nr, ldc, cols, pf, shift, act);             \
                 }                                                                                   \
