@@ -447,3 +447,30 @@ int orca_store_kv(int dtype, const void *k, int64_t k_row, int64_t k_head, const
     }
     return 0;
 }
+
+/* The whole of orca::attention for one layer in one call (what kernels/attention_cpu.attention
+ * makes per layer, instead of three calls through ctypes): this iteration's K/V rows into their
+ * slots (k, v: [T, nkv, hd] / [.., hdv] with row and head strides), then the one-token requests,
+ * then the multi-token ones. Arguments as orca_store_kv and orca_decode_attention take them.
+ * Returns 0; -1 when a scratch buffer could not be had; -2 (nothing written) when the metadata
+ * points outside the tensors; -3 (nothing written) when a slot is num_blocks * bs or beyond. */
+int64_t orca_attention(int dtype, const void *q, int64_t q_row, int64_t q_head, const void *k, int64_t k_row,
+                       int64_t k_head, const void *v, int64_t v_row, int64_t v_head, const int64_t *slots,
+                       void *k_cache, void *v_cache, int64_t bs, int64_t nkv, int64_t hd, int64_t hdv, int64_t nh,
+                       const int64_t *qsl, const int64_t *seq_lens, const int64_t *block_tables, int64_t bt_stride,
+                       int64_t num_reqs, double scale, int64_t window, double softcap, void *out, int64_t out_row,
+                       int64_t out_head, int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
+    if (bad_metadata(0, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width, num_blocks)
+        || bad_metadata(1, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width, num_blocks))
+        return -2;
+    if (orca_store_kv(dtype, k, k_row, k_head, v, v_row, v_head, k_cache, v_cache, nkv, hd, hdv, slots, num_rows,
+                      num_blocks * bs))
+        return -3;
+    const int64_t left = orca_decode_attention(dtype, q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl,
+                                               seq_lens, block_tables, bt_stride, num_reqs, scale, window, softcap,
+                                               out, out_row, out_head, num_rows, bt_width, num_blocks, num_threads);
+    if (left <= 0) return left;
+    return orca_prefill_attention(dtype, q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens,
+                                  block_tables, bt_stride, num_reqs, scale, window, softcap, out, out_row, out_head,
+                                  num_rows, bt_width, num_blocks, num_threads);
+}

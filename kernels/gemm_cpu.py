@@ -15,7 +15,6 @@ Built and loaded by ``cbuild`` like the attention kernel: ``available()`` is Fal
 from __future__ import annotations
 
 import ctypes
-import math
 
 import torch
 
@@ -65,33 +64,39 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
            activation: int = 0) -> torch.Tensor:
     """``act(x @ W^T + bias)`` for ``packed = pack(W)``; ``x`` [..., in]; ``activation`` a value of
     ``ACTIVATIONS``."""
-    lib = LIB.load()
+    lib = LIB._lib or LIB.load()
     if lib is None:
         raise RuntimeError(f"the C GEMM kernel is unavailable: {LIB.why_unavailable()}")
-    k = x.shape[-1]
     dtype = x.dtype
-    if dtype not in DTYPES or packed.dtype != dtype or (bias is not None and bias.dtype != dtype):
-        raise ValueError(f"linear takes float32 or float64 tensors of one dtype, got x {dtype}, weight "
-                         f"{packed.dtype}, bias {None if bias is None else bias.dtype}")
-    if {t.device.type for t in (x, packed) + (() if bias is None else (bias,))} != {"cpu"}:
-        raise ValueError(f"linear takes CPU tensors, got x on {x.device}, weight on {packed.device}"
-                         + ("" if bias is None else f", bias on {bias.device}"))
+    # the checks run on every call of every layer: cheap tests first, messages only on failure
+    if (dtype not in DTYPES or packed.dtype != dtype or (bias is not None and bias.dtype != dtype)
+            or not x.is_cpu or not packed.is_cpu or (bias is not None and not bias.is_cpu)):
+        raise ValueError(_why_not(x, packed, bias))
+    k = x.shape[-1]
     nr = PANEL[dtype]
     if packed.shape != (-(-out_features // nr), k, nr) or not packed.is_contiguous():
         raise ValueError(f"weight packed as {tuple(packed.shape)} does not hold {out_features} outputs of {k} inputs")
     if bias is not None and (bias.shape != (out_features,) or not bias.is_contiguous()):
         raise ValueError(f"bias of shape {tuple(bias.shape)} for {out_features} outputs")
-    m = math.prod(x.shape[:-1])
-    x2 = x.reshape(m, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = x.new_empty(m, out_features)
+    m = x2.shape[0]
+    out = x2.new_empty(m, out_features)
     rc = lib.orca_gemm(DTYPES[dtype], x2.data_ptr(), x2.stride(0), packed.data_ptr(),
                        None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, m, out_features, k,
                        activation, torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"linear: activation code {activation} is not one of {ACTIVATIONS}")
-    return out.view(*x.shape[:-1], out_features)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
+
+
+def _why_not(x, packed, bias) -> str:
+    if {t.device.type for t in (x, packed) + (() if bias is None else (bias,))} != {"cpu"}:
+        return (f"linear takes CPU tensors, got x on {x.device}, weight on {packed.device}"
+                + ("" if bias is None else f", bias on {bias.device}"))
+    return (f"linear takes float32 or float64 tensors of one dtype, got x {x.dtype}, weight {packed.dtype}, "
+            f"bias {None if bias is None else bias.dtype}")
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor | None:

@@ -284,19 +284,60 @@ def test_auto_picks_the_kernel_on_the_cpu(monkeypatch):
         dispatch.attention_backend("cpu", torch.bfloat16)
 
 
+def _mixed_case(dtype, meta_dtype=torch.int64):
+    """A decode on a 5-token context and a 3-token prompt: (q, k, v, caches, metadata) for the whole op."""
+    q, kc, vc, qsl, lens, bt = _case([(5, 1), (0, 3)], 4, 2, 16, 16, 4, dtype)
+    k = torch.randn(4, 2, 16, dtype=torch.float64).to(dtype)
+    v = torch.randn(4, 2, 16, dtype=torch.float64).to(dtype)
+    slots = torch.tensor([int(bt[0, 1]) * 4 + 1, int(bt[1, 0]) * 4, int(bt[1, 0]) * 4 + 1, int(bt[1, 0]) * 4 + 2])
+    return q, k, v, kc, vc, slots.to(meta_dtype), qsl.to(meta_dtype), lens.to(meta_dtype), bt.to(meta_dtype)
+
+
 @pytestmark_kernel
-def test_op_runs_the_kernel(monkeypatch):
+def test_op_runs_the_kernel_in_one_call(monkeypatch):
+    # what the engine feeds (int64 metadata, contiguous caches): one C call a layer; anything else
+    # (here int32 metadata) the three checked calls. Both give the reference's output and caches.
+    lib = attention_cpu.LIB.load()
     calls = []
-    for name in ("decode_attention", "prefill_attention"):
+    real_fused = lib.orca_attention
+    monkeypatch.setattr(lib, "orca_attention", lambda *a: calls.append("fused") or real_fused(*a))
+    for name in ("store_kv", "decode_attention", "prefill_attention"):
         real = getattr(attention_cpu, name)
         monkeypatch.setattr(attention_cpu, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    q, kc, vc, qsl, lens, bt = _case([(5, 1), (0, 3)], 4, 2, 16, 16, 4, torch.float64)
-    k = torch.randn(4, 2, 16, dtype=torch.float64)
-    slots = torch.tensor([int(bt[0, 1]) * 4 + 1, int(bt[1, 0]) * 4, int(bt[1, 0]) * 4 + 1, int(bt[1, 0]) * 4 + 2])
-    out = torch.ops.orca.attention(q, k, k, kc, vc, slots, qsl, lens, bt, 0.25)
-    ref = attention_ref.attention(q, k, k, kc.clone(), vc.clone(), slots, qsl, lens, bt, 0.25)
-    assert calls == ["decode_attention", "prefill_attention"] and torch.allclose(out, ref, atol=1e-12, rtol=0)
+    for meta_dtype, want_calls in ((torch.int64, ["fused"]),
+                                   (torch.int32, ["store_kv", "decode_attention", "prefill_attention"])):
+        calls.clear()
+        q, k, v, kc, vc, *meta = _mixed_case(torch.float64, meta_dtype)
+        ref_kc, ref_vc = kc.clone(), vc.clone()
+        ref = attention_ref.attention(q, k, v, ref_kc, ref_vc, *(m.long() for m in meta), 0.25)
+        out = torch.ops.orca.attention(q, k, v, kc, vc, *meta, 0.25)
+        assert calls == want_calls
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+        assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)
+
+
+@pytestmark_kernel
+def test_one_call_refuses_bad_metadata_and_slots_before_writing():
+    q, k, v, kc, vc, slots, qsl, lens, bt = _mixed_case(torch.float32)
+    kc0, vc0 = kc.clone(), vc.clone()
+    bad_ids = bt.clone()
+    bad_ids[1, 0] = kc.shape[0]
+    for args, err, match in (((slots, qsl, lens, bad_ids), IndexError, "point outside"),     # a block id past the cache
+                             ((slots, qsl, lens * 100, bt), IndexError, "point outside"),   # contexts past the tables
+                             ((slots, qsl + 1, lens, bt), IndexError, "point outside"),     # rows past the 4 there are
+                             ((slots.clone().fill_(kc.shape[0] * 4), qsl, lens, bt), IndexError,
+                              f"outside the cache's {kc.shape[0] * 4} slots"),
+                             ((slots[:3], qsl, lens, bt), ValueError, "3 slots for 4 tokens")):
+        with pytest.raises(err, match=match):
+            attention_cpu.attention(q, k, v, kc, vc, *args, 0.25)
+        assert torch.equal(kc, kc0) and torch.equal(vc, vc0), match  # nothing stored
+    for args, match in (((torch.zeros(4, 3, 16), k, v), "3 query heads"),
+                        ((q, k[:, :1], v), "shapes do not fit"),      # fewer K heads than the cache
+                        ((q, k, v[:3]), "shapes do not fit")):        # fewer V rows than tokens
+        with pytest.raises(ValueError, match=match):
+            attention_cpu.attention(*args, kc, vc, slots, qsl, lens, bt, 0.25)
+        assert torch.equal(kc, kc0) and torch.equal(vc, vc0), match
 
 
 @pytestmark_kernel
