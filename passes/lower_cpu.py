@@ -1,12 +1,15 @@
-"""lower_cpu: lower the final graph's linear layers (and its attention) to CPU kernels that run
-on weights packed once, with the activation after each linear folded into the GEMM's epilogue.
+"""lower_cpu: lower the final graph's linear layers (and its attention and layer norms) to CPU
+kernels that run on weights packed once, with the activation after each linear folded into the
+GEMM's epilogue.
 
 Two kernels (``kernel=``):
 
 * ``"orca"`` (the engine's ``cpu`` backend): this project's C GEMM (``kernels/cpu_gemm.c`` via
   ``kernels/gemm_cpu.linear``), float32 and float64, fusing bias and GELU-tanh / SiLU / ReLU /
   sigmoid. Every ``orca::attention`` also becomes a direct call of ``kernels/attention_cpu``'s
-  C path (when dispatch would pick it), skipping the custom op's dispatch (~0.1 ms a call).
+  C path (when dispatch would pick it), skipping the custom op's dispatch (~0.1 ms a call), and
+  every ``layer_norm`` over the last dim, with the residual ``add`` that feeds it, one call of
+  ``kernels/norm_cpu.add_layer_norm`` (one pass over the rows, one call instead of two ATen ops).
 * ``"onednn"`` (the ``onednn`` backend): ``mkldnn._linear_pointwise`` on oneDNN's packed layout,
   float32 only, fusing GELU (tanh and erf), SiLU, ReLU, sigmoid, tanh.
 
@@ -46,11 +49,12 @@ Before / after (GPT-2 MLP, ``kernel="orca"``)::
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx
 
-from orca_compile.kernels import gemm_cpu
+from orca_compile.kernels import gemm_cpu, norm_cpu
 
 aten = torch.ops.aten
 PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise.default
@@ -108,9 +112,11 @@ def applies(gm: torch.fx.GraphModule, kernel: str = "onednn") -> bool:
 
 
 def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activations: bool = True,
-              attention: bool = True) -> torch.fx.GraphModule:
+              attention: bool = True, fuse_norms: bool = True) -> torch.fx.GraphModule:
     """The lowered copy of ``gm``. ``attention`` (``kernel="orca"`` only): call the C attention
-    path directly where dispatch would choose it for this graph's dtype."""
+    path directly where dispatch would choose it for this graph's dtype. ``fuse_norms``
+    (``kernel="orca"`` only): each ``layer_norm`` over the last dim, with the ``add`` that feeds it,
+    becomes one call of the C ``add_layer_norm``."""
     why = unmet(gm, kernel)
     if why:
         raise ValueError(f"lower_cpu cannot apply: {why}")
@@ -156,11 +162,13 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
         if act:
             fused[act] = fused.get(act, 0) + 1
     graph.eliminate_dead_code()
-    direct = 0
+    direct = norms = 0
     if kernel == "orca" and attention:  # after DCE: a plain function call looks pure to it, the op does not
         direct = _direct_attention(graph)
+    if kernel == "orca" and fuse_norms and norm_cpu.available():
+        norms = _fuse_add_layer_norm(out)
     out.meta["orca_lowering"] = {"kernel": kernel, "packed_weights": len(packed), "fused_activations": fused,
-                                 "direct_attention": direct}
+                                 "direct_attention": direct, "fused_norms": norms}
     _postcondition(out)
     out.recompile()
     return out
@@ -192,6 +200,59 @@ def _direct_attention(graph) -> int:
         node.target = attention_cpu.attention
         count += 1
     return count
+
+
+def _fuse_add_layer_norm(gm) -> int:
+    """``s = add(x, r); y = layer_norm(s, [n], w, b, eps)`` -> ``s, y = add_layer_norm(x, r, w, b, eps)``
+    (a ``layer_norm`` fed by anything else: ``add_layer_norm(x, None, ...)``). Applies where the norm
+    is over the last dim only, the add has two tensor operands of its own shape and dtype (no
+    broadcast, no alpha), and weight and bias are [n] weights of the graph (or absent)."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    count = 0
+    for ln in list(graph.find_nodes(op="call_function", target=aten.layer_norm.default)):
+        if ln.kwargs or len(ln.args) < 2:
+            continue
+        x, shape, w, b, eps = (list(ln.args) + [None, None, 1e-5])[:5]
+        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if (val is None or val.dtype not in norm_cpu.DTYPES or val.device.type != "cpu" or val.dim() == 0
+                or list(shape) != [val.shape[-1]] or not isinstance(eps, (int, float))):
+            continue
+        n = val.shape[-1]
+        if not all(p is None or _param(gm, p, n, val.dtype) for p in (w, b)):
+            continue
+        add = x if _plain_add(x, val) else None
+        anchor = add if add is not None else ln
+        if any(isinstance(p, torch.fx.Node) and order[p] > order[anchor] for p in (w, b)):
+            continue
+        operands = tuple(add.args) if add is not None else (x, None)
+        with graph.inserting_before(anchor):
+            fused = graph.call_function(norm_cpu.add_layer_norm, operands + (w, b, float(eps)))
+            s = graph.call_function(operator.getitem, (fused, 0))
+            y = graph.call_function(operator.getitem, (fused, 1))
+        s.meta = dict(add.meta) if add is not None else {"val": val}
+        y.meta = dict(ln.meta)
+        fused.meta = {"val": (s.meta.get("val"), y.meta.get("val"))}
+        ln.replace_all_uses_with(y)
+        graph.erase_node(ln)
+        if add is not None:
+            add.replace_all_uses_with(s)
+            graph.erase_node(add)
+        count += 1
+    return count
+
+
+def _plain_add(node, val) -> bool:
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.add.Tensor
+            and len(node.args) == 2 and not node.kwargs):
+        return False
+    vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in node.args]
+    return all(v is not None and v.shape == val.shape and v.dtype == val.dtype for v in vals)
+
+
+def _param(gm, node, n, dtype) -> bool:
+    t = _fetch(gm, node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+    return isinstance(t, torch.Tensor) and t.shape == (n,) and t.dtype == dtype and t.device.type == "cpu"
 
 
 def _linears(gm):

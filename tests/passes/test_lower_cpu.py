@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 import orca_compile
-from orca_compile.kernels import attention_cpu, gemm_cpu
+from orca_compile.kernels import attention_cpu, gemm_cpu, norm_cpu
 from orca_compile.ops import ATTENTION
 from orca_compile.passes import lower_cpu
 from orca_compile.presets import load_model
@@ -67,6 +67,18 @@ def test_every_linear_is_packed_and_the_activation_fused(name, kernel):
     assert lowered.meta["orca_lowering"]["direct_attention"] == direct
     assert len(list(lowered.graph.find_nodes(op="call_function", target=attention_cpu.attention))) == direct
     assert len(list(lowered.graph.find_nodes(op="call_function", target=ATTENTION))) == layers - direct
+    # the C kernel's lowering turns every layer norm (with the residual add that feeds it, where one
+    # does) into one add_layer_norm call; RMSNorm families have none
+    norms = len(list(cm.graph_module.graph.find_nodes(op="call_function", target=aten.layer_norm.default)))
+    fused_norms = list(lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm))
+    if kernel == "orca" and norm_cpu.available():
+        assert lowered.meta["orca_lowering"]["fused_norms"] == len(fused_norms) == norms
+        assert not list(lowered.graph.find_nodes(op="call_function", target=aten.layer_norm.default))
+        if name == "tiny-gpt2":  # ln_1, ln_2 per layer and ln_f, each fed by a residual add
+            assert norms == 2 * layers + 1 and all(n.args[1] is not None for n in fused_norms)
+            assert not list(lowered.graph.find_nodes(op="call_function", target=aten.add.Tensor))
+    else:
+        assert not fused_norms
     # the input graph is untouched: the runtime's other backends and the dumps still use it
     assert len(_matmuls_on_weights(cm.graph_module)) == before
 

@@ -1,0 +1,98 @@
+/* Residual add and layer norm in one pass over each row, float32 and float64:
+ *
+ *     s = x + r                (the new residual stream; skipped when r is NULL: s = x)
+ *     y = (s - mean(s)) / sqrt(var(s) + eps) * w + b      (biased variance, as torch.layer_norm)
+ *
+ * What a pre-norm transformer does between its sublayers (GPT-2: `h = h + attn(...)`, then
+ * `ln_2(h)`). As two ATen ops that is two passes over the rows and two dispatches; here it is one
+ * call per residual point, and a row (a few KB) stays in L1 from the add to the last pass.
+ *
+ * Per row: s (written), its sum -> the mean; sum (s - mean)^2 -> the variance (two-pass, as
+ * torch's float64 path, not E[s^2] - mean^2); then y. Vector accumulators of 8 floats / 4 doubles,
+ * so the sums round differently from torch's (a few ulp of the row's scale).
+ *
+ * Built and loaded by kernels/norm_cpu.py (cbuild: the system C compiler, ctypes). Rows are
+ * split over OpenMP threads (torch's pool, see cpu_attention.c) only when there are enough of them
+ * to pay for waking the pool.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "cpu_simd.h"
+
+/* Below this many elements a call stays on the calling thread: W1's decode steps (<= 32 rows of
+ * 768) take a few microseconds, about what a parallel region costs. */
+#ifndef PARALLEL_FROM
+#define PARALLEL_FROM (64 * 1024)
+#endif
+
+#define DEFINE_ROW(S, T, V, L)                                                                      \
+static void row_##S(const T *x, const T *r, T *s, const T *w, const T *b, T *y, int64_t n, T eps) { \
+    const int64_t whole = n - n % L;                                                                \
+    V acc = splat_##S(0);                                                                           \
+    T tail = 0;                                                                                     \
+    int64_t i = 0;                                                                                  \
+    for (; i < whole; i += L) {                                                                     \
+        V v = load_##S(x + i);                                                                      \
+        if (r) v += load_##S(r + i);                                                                \
+        store_##S(s + i, v);                                                                        \
+        acc += v;                                                                                   \
+    }                                                                                               \
+    for (; i < n; i++) {                                                                            \
+        const T v = r ? x[i] + r[i] : x[i];                                                         \
+        s[i] = v;                                                                                   \
+        tail += v;                                                                                  \
+    }                                                                                               \
+    T sum = tail;                                                                                   \
+    for (int l = 0; l < L; l++) sum += acc[l];                                                      \
+    const T mean = sum / (T)n;                                                                      \
+    const V mv = splat_##S(mean);                                                                   \
+    acc = splat_##S(0);                                                                             \
+    tail = 0;                                                                                       \
+    for (i = 0; i < whole; i += L) {                                                                \
+        const V d = load_##S(s + i) - mv;                                                           \
+        acc += d * d;                                                                               \
+    }                                                                                               \
+    for (; i < n; i++) tail += (s[i] - mean) * (s[i] - mean);                                       \
+    T sq = tail;                                                                                    \
+    for (int l = 0; l < L; l++) sq += acc[l];                                                       \
+    const T rstd = (T)1 / sqrt##S(sq / (T)n + eps);                                                 \
+    const V rv = splat_##S(rstd);                                                                   \
+    for (i = 0; i < whole; i += L) {                                                                \
+        V v = (load_##S(s + i) - mv) * rv;                                                          \
+        if (w) v *= load_##S(w + i);                                                                \
+        if (b) v += load_##S(b + i);                                                                \
+        store_##S(y + i, v);                                                                        \
+    }                                                                                               \
+    for (; i < n; i++) {                                                                            \
+        T v = (s[i] - mean) * rstd;                                                                 \
+        if (w) v *= w[i];                                                                           \
+        if (b) v += b[i];                                                                           \
+        y[i] = v;                                                                                   \
+    }                                                                                               \
+}
+
+#define sqrtf32 sqrtf
+#define sqrtf64 sqrt
+DEFINE_ROW(f32, float, v8f, 8)
+DEFINE_ROW(f64, double, v4d, 4)
+
+/* dtype: 0 float32, 1 float64. x, r (or NULL), s, y: [M, n] with row strides ldx, ldr, lds, ldy
+ * (unit column stride); w, b: [n] or NULL. s may be x or r (in place), y must not overlap them.
+ * Returns 0, or -1 for an unknown dtype. */
+int orca_add_layer_norm(int dtype, const void *x, int64_t ldx, const void *r, int64_t ldr, void *s, int64_t lds,
+                        const void *w, const void *b, void *y, int64_t ldy, int64_t M, int64_t n, double eps,
+                        int num_threads) {
+    if (dtype != 0 && dtype != 1) return -1;
+    if (num_threads < 1 || M * n < PARALLEL_FROM) num_threads = 1;
+    _Pragma("omp parallel for num_threads(num_threads) if(num_threads > 1)")
+    for (int64_t m = 0; m < M; m++) {
+        if (dtype == 0)
+            row_f32((const float *)x + m * ldx, r ? (const float *)r + m * ldr : 0, (float *)s + m * lds,
+                    (const float *)w, (const float *)b, (float *)y + m * ldy, n, (float)eps);
+        else
+            row_f64((const double *)x + m * ldx, r ? (const double *)r + m * ldr : 0, (double *)s + m * lds,
+                    (const double *)w, (const double *)b, (double *)y + m * ldy, n, eps);
+    }
+    return 0;
+}

@@ -1,0 +1,98 @@
+"""Residual add + layer norm on the CPU in C (``cpu_norm.c``): ``s = x + r``, ``y = layer_norm(s)``,
+in one pass over each row, float32 and float64.
+
+``passes/lower_cpu.py`` (``kernel="orca"``) turns every ``add`` that feeds a ``layer_norm`` over the
+last dim into one call of ``add_layer_norm`` (both results kept: the sum is the residual stream).
+On a pre-norm model that is every norm: GPT-2 has 25, Llama-style models none (RMSNorm is not
+matched). It saves an ATen dispatch and a pass over the rows per residual point
+(docs/benchmarks.md).
+
+Numerics: two-pass mean and variance in the input dtype with vector accumulators, so results
+differ from torch's by rounding only (a few ulp of each row's scale).
+
+Built and loaded by ``cbuild`` like the other C kernels: ``available()`` is False (and
+``why_unavailable()`` says why) without a C compiler or with ``ORCA_CPU_KERNELS=0``.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from orca_compile.kernels import cbuild
+
+DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+def _declare(lib):
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.orca_add_layer_norm
+    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_double,
+                   ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+
+LIB = cbuild.CLibrary("cpu_norm.c", _declare)
+
+
+def available() -> bool:
+    return LIB.available()
+
+
+def why_unavailable() -> str | None:
+    return LIB.why_unavailable()
+
+
+def add_layer_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, layer_norm(s, [n], weight, bias, eps))`` with ``s = x + r`` (``s = x`` when ``r`` is
+    None); ``x``, ``r``: ``[..., n]`` of one shape and dtype, ``weight``/``bias``: ``[n]`` or None."""
+    lib = LIB._lib or LIB.load()
+    if lib is None:
+        raise RuntimeError(f"the C norm kernel is unavailable: {LIB.why_unavailable()}")
+    dtype = x.dtype
+    shape = x.shape
+    n = shape[-1] if shape else 0
+    # the usual case in a few cheap tests; the messages are built only when one fails
+    if (dtype not in DTYPES or not x.is_cpu or n == 0
+            or (r is not None and (r.dtype != dtype or not r.is_cpu or r.shape != shape))
+            or (weight is not None and (weight.dtype != dtype or not weight.is_cpu or weight.shape != (n,)))
+            or (bias is not None and (bias.dtype != dtype or not bias.is_cpu or bias.shape != (n,)))):
+        raise ValueError(_why_not(x, r, weight, bias))
+    x2 = _rows(x, n)
+    r2 = None if r is None else _rows(r, n)
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    m = x2.shape[0]
+    s = x2.new_empty(m, n)
+    y = x2.new_empty(m, n)
+    lib.orca_add_layer_norm(DTYPES[dtype], x2.data_ptr(), x2.stride(0), None if r2 is None else r2.data_ptr(),
+                            0 if r2 is None else r2.stride(0), s.data_ptr(), n,
+                            None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                            y.data_ptr(), n, m, n, float(eps), torch.get_num_threads())
+    if len(shape) == 2:
+        return s, y
+    return s.view(shape), y.view(shape)
+
+
+def _why_not(x, r, weight, bias) -> str:
+    if not x.shape or x.shape[-1] == 0:
+        return f"add_layer_norm normalises over the last dim, which x {tuple(x.shape)} does not have"
+    tensors = {"x": x, "r": r, "weight": weight, "bias": bias}
+    given = {name: t for name, t in tensors.items() if t is not None}
+    if x.dtype not in DTYPES or any(t.dtype != x.dtype or not t.is_cpu for t in given.values()):
+        return ("add_layer_norm takes float32 or float64 CPU tensors of one dtype, got "
+                + ", ".join(f"{name} {t.dtype} on {t.device}" for name, t in given.items()))
+    return ("add_layer_norm: shapes do not fit: "
+            + ", ".join(f"{name} {tuple(t.shape)}" for name, t in given.items())
+            + f" (r must match x; weight and bias must be [{x.shape[-1]}])")
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as [M, n] rows with unit column stride and a single row stride (a copy if need be)."""
+    if t.dim() == 2 and t.stride(1) == 1:
+        return t
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 or n == 1 else t2.contiguous()

@@ -1,0 +1,109 @@
+"""The C residual add + layer norm (kernels/cpu_norm.c via norm_cpu.add_layer_norm) against torch.
+
+float64: the kernel and torch differ in summation order only: 1e-12 on outputs of scale ~1-3.
+float32: a row's mean and variance are sums of n float32 terms (~n * 6e-8 relative), so the
+normalised outputs (scale ~1-3, times weights ~1) move by ~1e-6 at n = 768; 2e-5 is well above
+that and far below what a wrong mean, variance, eps, weight or row offset gives (>1e-2).
+"""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orca_compile.kernels import cbuild, norm_cpu
+
+LINUX_WITH_CC = sys.platform.startswith("linux") and cbuild.compiler() is not None
+
+
+def test_the_kernel_builds_where_a_compiler_is():
+    if LINUX_WITH_CC:
+        assert norm_cpu.available(), norm_cpu.why_unavailable()
+    else:
+        assert not norm_cpu.available() and norm_cpu.why_unavailable()
+
+
+# reason: no C compiler (not Linux, or none on PATH); the test above fails instead where one is
+pytestmark = pytest.mark.skipif(not norm_cpu.available(), reason=f"C norm kernel not built: {norm_cpu.why_unavailable()}")
+
+
+def _inputs(m, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, r = (torch.randn(m, n, generator=g, dtype=torch.float64) * 2 + 0.5 for _ in range(2))
+    w, b = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (x, r, w, b)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+# n: one element, below and at a vector, past whole vectors, GPT-2's 768; m: empty, one row, a few,
+# and 700 x 100 (past the size from which rows are split over threads)
+@pytest.mark.parametrize("m,n", [(0, 8), (1, 1), (3, 7), (5, 8), (33, 100), (4, 768), (700, 100)])
+@pytest.mark.parametrize("residual,affine", [(True, True), (False, True), (True, False)])
+def test_matches_torch(dtype, m, n, residual, affine):
+    x, r, w, b = _inputs(m, n, dtype, seed=m * 1000 + n)
+    r = r if residual else None
+    w, b = (w, b) if affine else (None, None)
+    s, y = norm_cpu.add_layer_norm(x, r, w, b, 1e-5)
+    want_s = x.double() + (r.double() if residual else 0)
+    want_y = F.layer_norm(want_s, [n], None if w is None else w.double(), None if b is None else b.double(), 1e-5)
+    assert s.shape == y.shape == x.shape and s.dtype == y.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(s.double(), want_s, atol=tol, rtol=0)
+    torch.testing.assert_close(y.double(), want_y, atol=tol, rtol=0)
+
+
+def test_eps_and_constant_rows():
+    # a constant row has variance 0: the output is the bias alone (eps keeps 1/sqrt finite)
+    x = torch.full((2, 16), 3.0, dtype=torch.float64)
+    w, b = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    _, y = norm_cpu.add_layer_norm(x, None, w, b, 1e-5)
+    torch.testing.assert_close(y, b.expand(2, 16), atol=0, rtol=0)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    for eps in (1e-5, 1.0):  # eps enters the variance
+        torch.testing.assert_close(norm_cpu.add_layer_norm(x, None, None, None, eps)[1],
+                                   F.layer_norm(x, [16], eps=eps), atol=1e-12, rtol=0)
+
+
+def test_strided_and_batched_inputs():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 2 * 24, generator=g, dtype=torch.float64)
+    x = base[:, 24:]  # row stride 48: a column slice of a wider tensor
+    r = torch.randn(24, 6, generator=g, dtype=torch.float64).t()  # column stride 6: copied first
+    w = torch.randn(2 * 24, generator=g, dtype=torch.float64)[::2]  # a non-contiguous weight
+    s, y = norm_cpu.add_layer_norm(x, r, w, None, 1e-5)
+    torch.testing.assert_close(s, x + r, atol=1e-12, rtol=0)
+    torch.testing.assert_close(y, F.layer_norm(x + r, [24], w, None, 1e-5), atol=1e-12, rtol=0)
+    x3 = torch.randn(2, 3, 24, generator=g, dtype=torch.float64)
+    s3, y3 = norm_cpu.add_layer_norm(x3, x3, None, None, 1e-5)
+    assert s3.shape == y3.shape == (2, 3, 24)
+    torch.testing.assert_close(y3, F.layer_norm(2 * x3, [24], eps=1e-5), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_does_not_change_the_result(threads):
+    x, r, w, b = _inputs(700, 100, torch.float32, seed=7)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = norm_cpu.add_layer_norm(x, r, w, b, 1e-5)
+        torch.set_num_threads(threads)
+        got = norm_cpu.add_layer_norm(x, r, w, b, 1e-5)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, c) for a, c in zip(got, want))  # rows are independent: bit for bit
+
+
+def test_bad_inputs_raise():
+    x, r, w, b = _inputs(2, 8, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="one dtype, got x torch.float32 on cpu, r torch.float64 on cpu"):
+        norm_cpu.add_layer_norm(x, r.double(), w, b, 1e-5)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        norm_cpu.add_layer_norm(x.half(), None, None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"shapes do not fit: x \(2, 8\), r \(1, 8\)"):
+        norm_cpu.add_layer_norm(x, r[:1], w, b, 1e-5)
+    with pytest.raises(ValueError, match=r"weight and bias must be \[8\]"):
+        norm_cpu.add_layer_norm(x, r, w[:4], b, 1e-5)
+    with pytest.raises(ValueError, match="on meta"):
+        norm_cpu.add_layer_norm(x, r, w, b.to("meta"), 1e-5)
+    with pytest.raises(ValueError, match="last dim"):
+        norm_cpu.add_layer_norm(torch.zeros(3, 0), None, None, None, 1e-5)
