@@ -13,7 +13,8 @@
  * once. Two passes per item: scores of the whole context into a scratch row per head, then softmax
  * and the weighted sum of V rows. The scores are taken four heads at a time, one vector
  * accumulator each: a single head's dot product is a chain of dependent FMAs that left the kernel
- * at ~30 GB/s of K/V on W1's decodes; four chains side by side reach the DRAM bandwidth (~36 GB/s).
+ * at ~30 GB/s of K/V on W1's decodes; four chains side by side read 12 layers' caches at ~84% of
+ * the rate a plain sum over the same bytes gets in the same minute (docs/benchmarks.md).
  *
  * Also here: orca_store_kv, this iteration's K/V rows into their cache slots.
  */

@@ -170,6 +170,20 @@ def matmul_rate(dtype: torch.dtype, device="cpu") -> float:
     return best
 
 
+def read_bandwidth(nbytes: int = 512 << 20) -> float:
+    """This machine's DRAM read rate now (bytes/s): the best of 3 ``sum`` passes over ``nbytes`` of
+    float32, far past any cache. Measured before and after the systems: on a shared host it moves
+    with the neighbours' load (30-52 GB/s within a minute on the dev machine), and the engine's
+    decode steps (weights and K/V streamed) move with it."""
+    x = torch.ones(nbytes // 4)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        x.sum()
+        best = max(best, nbytes / (time.perf_counter() - start))
+    return best
+
+
 def workload_flops(compiled, reqs) -> float:
     """FLOPs of the ideal run: each prompt and each generated token but the last fed once, the
     LM head only for tokens that are sampled, attention over each token's causal context."""
@@ -208,6 +222,7 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     log(f"workload {w.name}: {w.model} {w.dtype}, {len(reqs)} requests, prompts {sum(len(p) for p, _ in reqs)} "
         f"tokens, outputs {sum(n for _, n in reqs)} tokens; torch threads {torch.get_num_threads()}")
     log(f"compute floor: {flops / 1e9:.1f} GFLOP / {rate / 1e9:.1f} GFLOP/s measured matmul rate = {floor:.2f} s")
+    bandwidth = [read_bandwidth()]
     results, tokens = [], {}
     for system in systems:
         if system == "engine" or system in ENGINE_VARIANTS:
@@ -223,7 +238,11 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
         results.append(res)
         log(f"  {res.system:38} {res.seconds:8.2f} s {res.tokens_per_second:9.1f} tok/s "
             f"(set-up {res.setup_seconds:.1f} s)")
+    bandwidth.append(read_bandwidth())
+    log(f"DRAM read rate (sum over 512 MB): {bandwidth[0] / 1e9:.1f} GB/s before the systems ran, "
+        f"{bandwidth[1] / 1e9:.1f} GB/s after")
     report = {"workload": dataclasses.asdict(w), "flops": flops, "matmul_rate": rate, "compute_floor_s": floor,
+              "read_bandwidth_before": bandwidth[0], "read_bandwidth_after": bandwidth[1],
               "threads": torch.get_num_threads(), "results": [dataclasses.asdict(r) | {
                   "tokens_per_second": r.tokens_per_second} for r in results]}
     if "engine" in tokens:

@@ -16,4 +16,7 @@ def test_w1_tiny_engine_and_hf_static_produce_every_requested_token():
     assert engine["extra"]["iterations"] >= max(n for _, n in reqs)
     assert 0 < engine["extra"]["full_batch_overhead_share"] < 1
     assert report["compute_floor_s"] > 0 and report["engine_over_floor"] > 0
+    # the machine's memory bandwidth, before and after the systems ran (it moves on a shared host)
+    assert report["read_bandwidth_before"] > 1e8 and report["read_bandwidth_after"] > 1e8
+    assert any(l.startswith("DRAM read rate") for l in lines)
     assert any("compute floor" in l for l in lines) and any("speed-up over HF generate" in l for l in lines)
