@@ -12,9 +12,10 @@
  *
  * Memory. Each thread takes a contiguous range of panels and streams it front to back, in groups
  * that fit L2 (see the driver): every panel of W comes from DRAM once per call, and while the first
- * row block passes over a group the next group is prefetched into L2 (one line per k), so the DRAM
- * stream of W hides behind the arithmetic when there are enough rows and runs near the machine's
- * read bandwidth when there are not. This is what oneDNN's small-M kernels lacked on W1's decode
+ * row block passes over a group the next group is prefetched into L2 (spread over the group's
+ * calls), so the DRAM stream of W hides behind the arithmetic when there are enough rows. At 1-4
+ * rows (one pass, little arithmetic per line) the hardware prefetcher streams W alone, faster
+ * (PREFETCH_ABOVE). This is what oneDNN's small-M kernels lacked on W1's decode
  * steps (docs/benchmarks.md: GPT-2 small's 49 GEMMs at 1-32 rows).
  *
  * Epilogue, on the registers before the store: bias, then an activation (ACT_*). float32 uses a
