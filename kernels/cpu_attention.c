@@ -163,18 +163,20 @@ static void NAME(const job_t *j, int64_t r, int64_t h0, int64_t h1, T *scores, T
 DEFINE_ITEM(item_f32, float, v8f, 8, load_f32, softmax_row_f32)
 DEFINE_ITEM(item_f64, double, v4d, 4, load_f64, softmax_row_f64)
 
-/* Whether the metadata points outside the tensors, for the requests a call attends (multi: those
- * with more than one new token, else those with one): query_start_loc not rising within
+enum { ONE_TOKEN = 0, MULTI_TOKEN = 1, ANY_TOKENS = 2 }; /* which requests a call attends */
+
+/* Whether the metadata points outside the tensors, for the requests a call attends (`attends`:
+ * those with one new token, with more than one, or with any): query_start_loc not rising within
  * [0, num_rows], a context shorter than its new tokens or longer than its block-table row
  * (bt_width blocks), or a block id outside [0, num_blocks). */
-static int bad_metadata(int multi, const int64_t *qsl, const int64_t *seq_lens, const int64_t *block_tables,
+static int bad_metadata(int attends, const int64_t *qsl, const int64_t *seq_lens, const int64_t *block_tables,
                         int64_t bt_stride, int64_t num_reqs, int64_t bs, int64_t num_rows, int64_t bt_width,
                         int64_t num_blocks) {
     if (num_reqs > 0 && qsl[0] < 0) return 1;
     for (int64_t r = 0; r < num_reqs; r++) {
         if (qsl[r + 1] < qsl[r] || qsl[r + 1] > num_rows) return 1;
         const int64_t n = qsl[r + 1] - qsl[r];
-        if (multi ? n <= 1 : n != 1) continue;
+        if (attends == ANY_TOKENS ? n < 1 : attends == MULTI_TOKEN ? n <= 1 : n != 1) continue;
         const int64_t len = seq_lens[r], used = (len + bs - 1) / bs;
         if (len < n || used > bt_width) return 1;
         for (int64_t b = 0; b < used; b++) {
@@ -185,24 +187,10 @@ static int bad_metadata(int multi, const int64_t *qsl, const int64_t *seq_lens, 
     return 0;
 }
 
-/* dtype: 0 float32, 1 float64. Returns the number of requests it left to the caller (those with
- * more than one token this iteration: prefills), -1 when a scratch buffer could not be had, or -2
- * (nothing written) when the metadata points outside the tensors: query_start_loc not rising
- * within [0, num_rows], a one-token request's context longer than its block-table row
- * (bt_width blocks), or one of its block ids outside [0, num_blocks).
- * Parallel over the items with OpenMP. Built with -fopenmp, this library needs
- * libgomp.so.1, which the loader resolves to the copy torch has loaded already: one thread pool
- * for torch's ops and this kernel (a second pool would spin against torch's on the same cores). */
-int64_t orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head,
-                              const void *k_cache, const void *v_cache, int64_t bs, int64_t nkv, int64_t hd,
-                              int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
-                              const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
-                              int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
-                              int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
-    if (bad_metadata(0, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width, num_blocks))
-        return -2;
-    const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
-                     bt_stride, scale, softcap, window, out, out_row, out_head};
+/* The one-token requests of a job whose metadata has been checked. */
+static int64_t decode_run(const job_t *jp, int dtype, int64_t num_reqs, int num_threads) {
+    const job_t j = *jp;
+    const int64_t *qsl = j.qsl, *seq_lens = j.seq_lens, nkv = j.nkv, nh = j.nh, hdv = j.hdv;
     int64_t *decodes = (int64_t *)malloc(sizeof(int64_t) * (size_t)(num_reqs > 0 ? num_reqs : 1));
     if (!decodes) return -1;
     int64_t nd = 0, max_len = 1;
@@ -244,6 +232,27 @@ int64_t orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q
     int64_t left = 0;
     for (int64_t r = 0; r < num_reqs; r++) left += qsl[r + 1] - qsl[r] > 1;
     return left;
+}
+
+/* dtype: 0 float32, 1 float64. Returns the number of requests it left to the caller (those with
+ * more than one token this iteration: prefills), -1 when a scratch buffer could not be had, or -2
+ * (nothing written) when the metadata points outside the tensors: query_start_loc not rising
+ * within [0, num_rows], a one-token request's context longer than its block-table row
+ * (bt_width blocks), or one of its block ids outside [0, num_blocks).
+ * Parallel over the items with OpenMP. Built with -fopenmp, this library needs
+ * libgomp.so.1, which the loader resolves to the copy torch has loaded already: one thread pool
+ * for torch's ops and this kernel (a second pool would spin against torch's on the same cores). */
+int64_t orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head,
+                              const void *k_cache, const void *v_cache, int64_t bs, int64_t nkv, int64_t hd,
+                              int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
+                              const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
+                              int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
+                              int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
+    if (bad_metadata(ONE_TOKEN, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width, num_blocks))
+        return -2;
+    const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
+                     bt_stride, scale, softcap, window, out, out_row, out_head};
+    return decode_run(&j, dtype, num_reqs, num_threads);
 }
 
 /* ---- Multi-token requests (prompts and prompt chunks) ----
@@ -354,20 +363,10 @@ static void prefill_item_##S(const job_t *j, int64_t r, int64_t kvh, int64_t i0,
 DEFINE_PREFILL(f32, float, v8f, 8, softmax_row_f32)
 DEFINE_PREFILL(f64, double, v4d, 4, softmax_row_f64)
 
-/* The multi-token requests of the iteration (orca_decode_attention's arguments; one-token
- * requests are skipped). Returns 0, -1 when a scratch buffer could not be had, or -2 (nothing
- * written) when the metadata points outside the tensors: query_start_loc not rising within
- * [0, num_rows], a context shorter than its new tokens or longer than its block-table row, or a
- * block id outside [0, num_blocks). Items: (request, KV head, a range of query rows), the ranges
- * split until there are a few items per thread, longest requests first (dynamic schedule). */
-int64_t orca_prefill_attention(int dtype, const void *q, int64_t q_row, int64_t q_head,
-                               const void *k_cache, const void *v_cache, int64_t bs, int64_t nkv, int64_t hd,
-                               int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
-                               const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
-                               int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
-                               int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
-    if (bad_metadata(1, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width, num_blocks))
-        return -2;
+/* The multi-token requests of a job whose metadata has been checked. */
+static int64_t prefill_run(const job_t *jp, int dtype, int64_t num_reqs, int num_threads) {
+    const job_t j = *jp;
+    const int64_t *qsl = j.qsl, *seq_lens = j.seq_lens, nkv = j.nkv, hd = j.hd, hdv = j.hdv;
     int64_t np = 0, max_len = 1, rows_total = 0;
     for (int64_t r = 0; r < num_reqs; r++) {
         const int64_t n = qsl[r + 1] - qsl[r];
@@ -393,8 +392,6 @@ int64_t orca_prefill_attention(int dtype, const void *q, int64_t q_row, int64_t 
     const int64_t items = np * nkv * chunks, nr = dtype == 0 ? 16 : 8;
     const int64_t kpanels = (max_len + nr - 1) / nr, vpanels = (hdv + nr - 1) / nr;
     const size_t elem = dtype == 0 ? sizeof(float) : sizeof(double);
-    const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
-                     bt_stride, scale, softcap, window, out, out_row, out_head};
     int failed = 0;
     #pragma omp parallel num_threads(num_threads) if(items > 1) reduction(|:failed)
     {
@@ -424,6 +421,26 @@ int64_t orca_prefill_attention(int dtype, const void *q, int64_t q_row, int64_t 
     }
     free(reqs);
     return failed ? -1 : 0;
+}
+
+/* The multi-token requests of the iteration (orca_decode_attention's arguments; one-token
+ * requests are skipped). Returns 0, -1 when a scratch buffer could not be had, or -2 (nothing
+ * written) when the metadata points outside the tensors: query_start_loc not rising within
+ * [0, num_rows], a context shorter than its new tokens or longer than its block-table row, or a
+ * block id outside [0, num_blocks). Items: (request, KV head, a range of query rows), the ranges
+ * split until there are a few items per thread, longest requests first (dynamic schedule). */
+int64_t orca_prefill_attention(int dtype, const void *q, int64_t q_row, int64_t q_head,
+                               const void *k_cache, const void *v_cache, int64_t bs, int64_t nkv, int64_t hd,
+                               int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
+                               const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
+                               int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
+                               int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
+    if (bad_metadata(MULTI_TOKEN, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width,
+                     num_blocks))
+        return -2;
+    const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
+                     bt_stride, scale, softcap, window, out, out_row, out_head};
+    return prefill_run(&j, dtype, num_reqs, num_threads);
 }
 
 /* This iteration's K and V rows into their cache slots: token t's heads go to slot slots[t] of
@@ -461,17 +478,14 @@ int64_t orca_attention(int dtype, const void *q, int64_t q_row, int64_t q_head, 
                        const int64_t *qsl, const int64_t *seq_lens, const int64_t *block_tables, int64_t bt_stride,
                        int64_t num_reqs, double scale, int64_t window, double softcap, void *out, int64_t out_row,
                        int64_t out_head, int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
-    if (bad_metadata(0, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width, num_blocks)
-        || bad_metadata(1, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width, num_blocks))
+    if (bad_metadata(ANY_TOKENS, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width,
+                     num_blocks))
         return -2;
     if (orca_store_kv(dtype, k, k_row, k_head, v, v_row, v_head, k_cache, v_cache, nkv, hd, hdv, slots, num_rows,
                       num_blocks * bs))
         return -3;
-    const int64_t left = orca_decode_attention(dtype, q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl,
-                                               seq_lens, block_tables, bt_stride, num_reqs, scale, window, softcap,
-                                               out, out_row, out_head, num_rows, bt_width, num_blocks, num_threads);
-    if (left <= 0) return left;
-    return orca_prefill_attention(dtype, q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens,
-                                  block_tables, bt_stride, num_reqs, scale, window, softcap, out, out_row, out_head,
-                                  num_rows, bt_width, num_blocks, num_threads);
+    const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
+                     bt_stride, scale, softcap, window, out, out_row, out_head};
+    const int64_t left = decode_run(&j, dtype, num_reqs, num_threads);
+    return left <= 0 ? left : prefill_run(&j, dtype, num_reqs, num_threads);
 }

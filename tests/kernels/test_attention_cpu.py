@@ -323,7 +323,10 @@ def test_one_call_refuses_bad_metadata_and_slots_before_writing():
     kc0, vc0 = kc.clone(), vc.clone()
     bad_ids = bt.clone()
     bad_ids[1, 0] = kc.shape[0]
+    bad_decode_ids = bt.clone()
+    bad_decode_ids[0, 0] = -1
     for args, err, match in (((slots, qsl, lens, bad_ids), IndexError, "point outside"),     # a block id past the cache
+                             ((slots, qsl, lens, bad_decode_ids), IndexError, "point outside"),  # in the decode's row
                              ((slots, qsl, lens * 100, bt), IndexError, "point outside"),   # contexts past the tables
                              ((slots, qsl + 1, lens, bt), IndexError, "point outside"),     # rows past the 4 there are
                              ((slots.clone().fill_(kc.shape[0] * 4), qsl, lens, bt), IndexError,
