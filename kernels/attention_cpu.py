@@ -153,7 +153,8 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
     """``orca::attention`` in C: store this iteration's K/V, attend the one-token requests, then the
     multi-token ones, all in place over the paged cache. The usual case (what the engine feeds: one
     dtype, CPU tensors, contiguous caches and int64 metadata, unit last strides) is one C call
-    behind a few cheap checks (~20 us a layer in all, against ~45 for the three checked calls), and
+    behind a few cheap checks (21 us a layer in all, against 44 for the three checked calls:
+    ``benchmarks/call_overhead.py``), and
     shapes that do not fit, or metadata or slots that point outside the tensors, are refused before
     anything is stored. Other dtypes, devices or layouts take ``store_kv``, ``decode_attention`` and
     ``prefill_attention`` with their checks and conversions."""

@@ -4,8 +4,9 @@ in one pass over each row, float32 and float64.
 ``passes/lower_cpu.py`` (``kernel="orca"``) turns every ``add`` that feeds a ``layer_norm`` over the
 last dim into one call of ``add_layer_norm`` (both results kept: the sum is the residual stream).
 On a pre-norm model that is every norm: GPT-2 has 25, Llama-style models none (RMSNorm is not
-matched). It saves an ATen dispatch and a pass over the rows per residual point
-(docs/benchmarks.md).
+matched). It saves a pass over the rows per residual point and one of two calls; a call costs
+about what ATen's add + layer_norm cost together at one row (``benchmarks/call_overhead.py``), and
+the end-to-end change on W1 was within noise (docs/benchmarks.md).
 
 Numerics: two-pass mean and variance in the input dtype with vector accumulators, so results
 differ from torch's by rounding only (a few ulp of each row's scale).
