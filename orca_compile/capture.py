@@ -91,6 +91,7 @@ def capture(model: torch.nn.Module, max_tokens: int | None = None) -> torch.fx.G
         raise ValueError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
     finally:
         model.train(was_training)
+        _forget_export_trace()
     export_seconds = time.perf_counter() - start
     gm = _unlift(ep)
     ids_val = next(iter(gm.graph.find_nodes(op="placeholder"))).meta["val"]
@@ -103,6 +104,18 @@ def capture(model: torch.nn.Module, max_tokens: int | None = None) -> torch.fx.G
         export_seconds=export_seconds,
     )
     return gm
+
+
+def _forget_export_trace() -> None:
+    """Empty the module-level map torch's make_fx tracer leaves after every trace (fake tensor id ->
+    node, for export's leak detector, which reads it inside the export call). Left alone it keeps
+    the last trace's graph alive, and through it every parameter of the model: a model exported,
+    optimized and then dropped would never be freed (``tests/runtime/test_memory.py``)."""
+    from torch.fx.experimental import proxy_tensor
+
+    leftover = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if isinstance(leftover, dict):
+        leftover.clear()
 
 
 def _unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:

@@ -50,6 +50,15 @@ class CompiledModel:
         self.eos_token_ids: tuple[int, ...] = ()  # what generate() stops at, read off the HF model
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 0)  # 0: no limit
 
+    def adopt(self, lowered: torch.fx.GraphModule) -> None:
+        """Make ``lowered`` (a lowering of the final graph: same inputs, same outputs) the final graph
+        and let go of the unlowered one. An engine that compiled its model itself does this, so
+        that the original of every weight the lowering packed can be freed: the packed copy is the
+        only one left."""
+        old = self.graph_module
+        self.graph_module = lowered
+        self.stages = {name: lowered if gm is old else gm for name, gm in self.stages.items()}
+
     @property
     def pass_seconds(self) -> float:
         return sum(r.seconds for r in self.records)

@@ -39,7 +39,7 @@ def optimize(model_or_path, *, max_num_seqs: int = 64, max_num_batched_tokens: i
         raise ValueError("dtype= and device= apply when optimize() loads a model by name; move a model object "
                          "with .to() before passing it")
     elif isinstance(model_or_path, CompiledModel):
-        compiled = model_or_path
+        compiled = model_or_path  # the caller's: it keeps its unlowered graph (other engines may run it)
     elif isinstance(model_or_path, torch.nn.Module):
         compiled = compile(model_or_path, keep_stages=False)
     else:
@@ -63,7 +63,8 @@ def optimize(model_or_path, *, max_num_seqs: int = 64, max_num_batched_tokens: i
                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, policy=policy,
                           kv_mode=kv_mode, chunked_prefill=chunked_prefill, max_model_len=max_model_len,
                           backend=backend)
-    return Engine(compiled, config, tokenizer=tokenizer, seed=seed)
+    return Engine(compiled, config, tokenizer=tokenizer, seed=seed,
+                  owns_compiled=not isinstance(model_or_path, CompiledModel))
 
 
 def default_num_kv_blocks(compiled: CompiledModel, max_num_seqs: int, block_size: int, max_model_len: int) -> int:

@@ -24,8 +24,10 @@ Why. Decode iterations multiply a few dozen rows by every weight matrix. ``torch
 the weight to MKL, which re-packs it on every call; with weights streamed from DRAM that costs as
 much as the product. oneDNN's packed layout makes GPT-2 small's 48 layer GEMMs plus its LM head
 1.75x faster at 32 rows and 2.3x at 8; the C kernel, which prefetches the weight stream ahead of
-its FMAs, is another 1.2-1.7x at 1-32 rows (``benchmarks/cpu_linear.py``). It costs memory: one
-packed copy of each linear weight (the original stays with the unlowered graph).
+its FMAs, is another 1.2-1.7x at 1-32 rows (``benchmarks/cpu_linear.py``). The packed copy
+replaces the original in the lowered module; the original stays with the unlowered graph and the
+model, and ``optimize()`` lets go of those when it compiled the model itself (the engine then
+holds one copy of each weight).
 
 How the activation is found. Like ``split_attention`` with the mask, this pass does not
 pattern-match HF's activation code: it collects the pointwise nodes whose only tensor input is
@@ -162,13 +164,14 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
         if act:
             fused[act] = fused.get(act, 0) + 1
     graph.eliminate_dead_code()
+    dropped = _drop_unreferenced(out)
     direct = norms = 0
     if kernel == "orca" and attention:  # after DCE: a plain function call looks pure to it, the op does not
         direct = _direct_attention(graph)
     if kernel == "orca" and fuse_norms and norm_cpu.available():
         norms = _fuse_add_layer_norm(out)
     out.meta["orca_lowering"] = {"kernel": kernel, "packed_weights": len(packed), "fused_activations": fused,
-                                 "direct_attention": direct, "fused_norms": norms}
+                                 "direct_attention": direct, "fused_norms": norms, "dropped_weights": dropped}
     _postcondition(out)
     out.recompile()
     return out
@@ -177,6 +180,22 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
 def _check_kernel(kernel):
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
+
+
+def _drop_unreferenced(gm) -> int:
+    """Delete the parameters and buffers of ``gm`` that no ``get_attr`` reads any more (the linear
+    weights now packed), so that the lowered module holds one copy of each weight: the packed one.
+    The input module keeps its own references; whoever drops it and the model frees the originals."""
+    read = {n.target for n in gm.graph.find_nodes(op="get_attr")}
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    count = 0
+    for name, _ in tensors:
+        if name in read:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, leaf)
+        count += 1
+    return count
 
 
 def _plain_bias(gm, bias, weight, out_features) -> bool:

@@ -57,7 +57,10 @@ class IterationStats:
 
 
 class Engine:
-    def __init__(self, compiled: CompiledModel, config: EngineConfig, tokenizer=None, seed: int = 0):
+    def __init__(self, compiled: CompiledModel, config: EngineConfig, tokenizer=None, seed: int = 0,
+                 owns_compiled: bool = False):
+        """``owns_compiled``: ``compiled`` is this engine's alone (``optimize()`` compiled it), so a
+        lowered backend may replace its final graph and free the weights the lowering packed."""
         self.compiled = compiled
         self.config = config
         self.tokenizer = tokenizer
@@ -66,7 +69,7 @@ class Engine:
         self.block_manager = KVBlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.block_manager)
         self.executor = LocalExecutor(ModelRunner(compiled, config.num_kv_blocks, config.block_size,
-                                                  backend=config.backend, seed=seed))
+                                                  backend=config.backend, seed=seed, owns_compiled=owns_compiled))
         self.num_iterations = 0
         self.num_generated_tokens = 0
         self.num_computed_tokens = 0  # every token fed through the graph, recomputes included

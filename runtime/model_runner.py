@@ -41,7 +41,7 @@ def resolve_backend(backend: str, compiled: CompiledModel) -> str:
 
 class ModelRunner:
     def __init__(self, compiled: CompiledModel, num_kv_blocks: int, block_size: int, backend: str = "auto",
-                 seed: int = 0):
+                 seed: int = 0, owns_compiled: bool = False):
         self.compiled = compiled
         self.block_size = block_size
         self.device = compiled.device
@@ -51,6 +51,8 @@ class ModelRunner:
         self.forward = compiled.graph_module
         if self.backend in _LOWERED:
             self.forward = lower_cpu.lower_cpu(compiled.graph_module, kernel=_LOWERED[self.backend])
+            if owns_compiled:  # nobody else runs the unlowered graph: one copy of each weight, the packed one
+                compiled.adopt(self.forward)
         elif self.backend == "inductor":
             # dynamic=True: T, R and the block-table width change every iteration; one graph
             # for all of them instead of a recompile per shape.
