@@ -61,6 +61,16 @@ class Result:
 
 def run_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, block_size=16, backend="auto",
                compiled=None) -> tuple[Result, list[list[int]]]:
+    """Set the engine up (compile, lower, one untimed pass) and time one pass over ``reqs``."""
+    return prepare_engine(model, reqs, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          block_size=block_size, backend=backend, compiled=compiled)()
+
+
+def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, block_size=16, backend="auto",
+                   compiled=None):
+    """The engine, set up once: compiled, lowered, and run over the whole workload untimed.
+    Returns a function that times one more pass (a ``Result`` and the tokens); every call of it
+    carries the same set-up seconds."""
     import orca_compile
     from orca_compile import SamplingParams
 
@@ -70,37 +80,41 @@ def run_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, bloc
     engine = orca_compile.optimize(compiled, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    block_size=block_size, num_kv_blocks=blocks, backend=backend)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in reqs]
+    prompts = [p for p, _ in reqs]
     # Warm-up: the whole workload once, untimed. Inductor compiles a new graph whenever a shape
     # breaks a guard of the ones it has (3 graphs on W1), and those compiles belong to set-up.
-    engine.generate([p for p, _ in reqs], params)
-    engine.iteration_stats.clear()
+    engine.generate(prompts, params)
     setup = time.perf_counter() - t0
-    start = time.perf_counter()
-    outs = engine.generate([p for p, _ in reqs], params)
-    seconds = time.perf_counter() - start
-    its = list(engine.iteration_stats)
-    # decode-only iterations with every request in the batch: the smallest forward, so the
-    # largest share of CPU overhead
-    full = [it for it in its if len(it.request_ids) >= min(max_num_seqs, len(reqs)) and not it.num_prefill_tokens]
-    extra = {
-        "iterations": len(its),
-        "forward_share": sum(it.forward_seconds for it in its) / sum(it.seconds for it in its),
-        "full_batch_iterations": len(full),
-    }
-    if full:
-        extra |= {
-            "full_batch_iteration_ms": 1e3 * statistics.median(it.seconds for it in full),
-            "full_batch_overhead_ms": 1e3 * statistics.median(it.overhead_seconds for it in full),
-            "full_batch_overhead_share": statistics.median(it.overhead_seconds / it.seconds for it in full),
-            "overhead_breakdown_ms": {k: 1e3 * statistics.median(getattr(it, f"{k}_seconds") for it in full)
-                                      for k in ("schedule", "prepare", "sample", "update")},
+
+    def timed() -> tuple[Result, list[list[int]]]:
+        engine.iteration_stats.clear()
+        start = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        its = list(engine.iteration_stats)
+        # decode-only iterations with every request in the batch: the smallest forward, so the
+        # largest share of CPU overhead
+        full = [it for it in its if len(it.request_ids) >= min(max_num_seqs, len(reqs)) and not it.num_prefill_tokens]
+        extra = {
+            "iterations": len(its),
+            "forward_share": sum(it.forward_seconds for it in its) / sum(it.seconds for it in its),
+            "full_batch_iterations": len(full),
         }
-    extra["iteration_log"] = [dict(requests=len(it.request_ids), prefill_tokens=it.num_prefill_tokens,
-                                   decode_tokens=it.num_decode_tokens, forward_ms=round(1e3 * it.forward_seconds, 2),
-                                   total_ms=round(1e3 * it.seconds, 2)) for it in its]
-    tokens = [o.token_ids for o in outs]
-    name = f"orca-compile engine ({engine.backend})"
-    return Result(name, seconds, sum(map(len, tokens)), setup, extra), tokens
+        if full:
+            extra |= {
+                "full_batch_iteration_ms": 1e3 * statistics.median(it.seconds for it in full),
+                "full_batch_overhead_ms": 1e3 * statistics.median(it.overhead_seconds for it in full),
+                "full_batch_overhead_share": statistics.median(it.overhead_seconds / it.seconds for it in full),
+                "overhead_breakdown_ms": {k: 1e3 * statistics.median(getattr(it, f"{k}_seconds") for it in full)
+                                          for k in ("schedule", "prepare", "sample", "update")},
+            }
+        extra["iteration_log"] = [dict(requests=len(it.request_ids), prefill_tokens=it.num_prefill_tokens,
+                                       decode_tokens=it.num_decode_tokens, forward_ms=round(1e3 * it.forward_seconds, 2),
+                                       total_ms=round(1e3 * it.seconds, 2)) for it in its]
+        tokens = [o.token_ids for o in outs]
+        return Result(f"orca-compile engine ({engine.backend})", seconds, sum(map(len, tokens)), setup, extra), tokens
+
+    return timed
 
 
 def run_hf_static(model, reqs, batch_size=8) -> tuple[Result, list[list[int]]]:
@@ -202,13 +216,25 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), max_num_seqs=32,
-        max_num_batched_tokens=512, backend="auto", threads: int | None = None, log=print) -> dict:
+        max_num_batched_tokens=512, backend="auto", threads: int | None = None, repeat: int = 1, log=print) -> dict:
+    """Time each system on the workload, in one process on one model object, and compare.
+
+    ``repeat`` > 1 runs the systems in rounds, the order reversed every other round (ABBA), so
+    that a drift of the machine over minutes lands on both sides of each comparison. Each system
+    is set up once (the engine: compile, lower, one untimed pass; HF continuous batching: its own
+    warm-up, every round). A system's time is its median round (the lower middle one for an even
+    count); a speed-up is the median of the per-round ratios, each between runs a minute or two
+    apart."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
     w = WORKLOADS[workload]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system {unknown[0]!r}; one of {', '.join(SYSTEMS)}")
+    if len(set(systems)) != len(systems):
+        raise ValueError(f"systems lists one twice: {', '.join(systems)}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an integer >= 1, got {repeat!r}")
     if threads:
         torch.set_num_threads(threads)
     import orca_compile
@@ -222,43 +248,66 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     log(f"workload {w.name}: {w.model} {w.dtype}, {len(reqs)} requests, prompts {sum(len(p) for p, _ in reqs)} "
         f"tokens, outputs {sum(n for _, n in reqs)} tokens; torch threads {torch.get_num_threads()}")
     log(f"compute floor: {flops / 1e9:.1f} GFLOP / {rate / 1e9:.1f} GFLOP/s measured matmul rate = {floor:.2f} s")
-    bandwidth = [read_bandwidth()]
-    results, tokens = [], {}
-    for system in systems:
+
+    prepared = {}
+
+    def once(system):
         if system == "engine" or system in ENGINE_VARIANTS:
-            res, tokens[system] = run_engine(model, reqs, max_num_seqs=max_num_seqs,
-                                             max_num_batched_tokens=max_num_batched_tokens,
-                                             backend=ENGINE_VARIANTS.get(system, backend), compiled=compiled)
-        elif system == "hf-static":
-            res, tokens[system] = run_hf_static(model, reqs)
-        elif system == "hf-continuous":
-            res, tokens[system] = run_hf_continuous(model, reqs)
-        else:
-            raise ValueError(f"unknown system {system!r}; one of {', '.join(SYSTEMS)}")
-        results.append(res)
-        log(f"  {res.system:38} {res.seconds:8.2f} s {res.tokens_per_second:9.1f} tok/s "
-            f"(set-up {res.setup_seconds:.1f} s)")
+            if system not in prepared:
+                prepared[system] = prepare_engine(model, reqs, max_num_seqs=max_num_seqs,
+                                                  max_num_batched_tokens=max_num_batched_tokens,
+                                                  backend=ENGINE_VARIANTS.get(system, backend), compiled=compiled)
+            return prepared[system]()
+        if system == "hf-static":
+            return run_hf_static(model, reqs)
+        return run_hf_continuous(model, reqs)
+
+    bandwidth = [read_bandwidth()]
+    rounds = {system: [] for system in systems}
+    tokens = {}
+    for r in range(repeat):
+        if repeat > 1:
+            log(f"round {r + 1} of {repeat}")
+        for system in (systems if r % 2 == 0 else systems[::-1]):
+            res, toks = once(system)
+            if system in tokens and toks != tokens[system]:
+                raise RuntimeError(f"{res.system} gave other tokens in round {r + 1} than in round 1")
+            tokens[system] = toks
+            rounds[system].append(res)
+            log(f"  {res.system:38} {res.seconds:8.2f} s {res.tokens_per_second:9.1f} tok/s "
+                f"(set-up {res.setup_seconds:.1f} s)")
     bandwidth.append(read_bandwidth())
     log(f"DRAM read rate (sum over 512 MB): {bandwidth[0] / 1e9:.1f} GB/s before the systems ran, "
         f"{bandwidth[1] / 1e9:.1f} GB/s after")
+    # each system's median round stands for it; the per-round times go in the report too
+    results = [sorted(rounds[s], key=lambda res: res.seconds)[(repeat - 1) // 2] for s in systems]
     report = {"workload": dataclasses.asdict(w), "flops": flops, "matmul_rate": rate, "compute_floor_s": floor,
               "read_bandwidth_before": bandwidth[0], "read_bandwidth_after": bandwidth[1],
-              "threads": torch.get_num_threads(), "results": [dataclasses.asdict(r) | {
-                  "tokens_per_second": r.tokens_per_second} for r in results]}
+              "threads": torch.get_num_threads(), "repeat": repeat,
+              "results": [dataclasses.asdict(res) | {"tokens_per_second": res.tokens_per_second,
+                                                     "rounds_seconds": [x.seconds for x in rounds[s]]}
+                          for s, res in zip(systems, results)]}
     if "engine" in tokens:
         eng = results[list(systems).index("engine")]
+        engine_rounds = [x.seconds for x in rounds["engine"]]
         report["engine_over_floor"] = eng.seconds / floor
-        log(f"engine time / compute floor: {eng.seconds / floor:.2f}x")
+        log(f"engine time / compute floor: {report['engine_over_floor']:.2f}x")
         for other, res in zip(systems, results):
-            if other != "engine":
-                if other in ENGINE_VARIANTS:
-                    report[f"engine_over_{other}"] = res.seconds / eng.seconds
-                    log(f"engine ({eng.system}) is {res.seconds / eng.seconds:.2f}x {res.system}'s speed; same "
-                        f"tokens for {agreement(tokens['engine'], tokens[other]):.0%} of requests")
-                    continue
-                log(f"engine speed-up over {res.system}: {res.seconds / eng.seconds:.2f}x; same tokens for "
-                    f"{agreement(tokens['engine'], tokens[other]):.0%} of requests")
-                report[f"speedup_over_{other}"] = res.seconds / eng.seconds
+            if other == "engine":
+                continue
+            ratios = [o.seconds / e for o, e in zip(rounds[other], engine_rounds)]
+            ratio = statistics.median(ratios)
+            spread = f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if repeat > 1 else ""
+            same = agreement(tokens["engine"], tokens[other])
+            if other in ENGINE_VARIANTS:
+                report[f"engine_over_{other}"] = ratio
+                log(f"engine ({eng.system}) is {ratio:.2f}x {res.system}'s speed{spread}; same tokens for "
+                    f"{same:.0%} of requests")
+                continue
+            report[f"speedup_over_{other}"] = ratio
+            if repeat > 1:
+                report[f"speedup_over_{other}_rounds"] = ratios
+            log(f"engine speed-up over {res.system}: {ratio:.2f}x{spread}; same tokens for {same:.0%} of requests")
         if "full_batch_overhead_share" in eng.extra:
             x = eng.extra
             log(f"engine iterations: {x['iterations']}; decode-only with all {min(max_num_seqs, len(reqs))} requests in the batch: median {x['full_batch_iteration_ms']:.1f} ms, "

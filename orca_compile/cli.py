@@ -122,7 +122,8 @@ def cmd_bench(args) -> int:
 
     systems = tuple(s.strip() for s in args.systems.split(","))
     report = bench.run(args.workload, systems=systems, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend, threads=args.threads)
+                       max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend, threads=args.threads,
+                       repeat=args.repeat)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--backend", default="auto", choices=list(BACKENDS), help="the engine system's backend")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of all the systems, the order reversed every other round; medians are reported")
     p.add_argument("--json", default=None, help="also write the report here")
     p.set_defaults(func=cmd_bench)
 

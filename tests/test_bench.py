@@ -20,3 +20,33 @@ def test_w1_tiny_engine_and_hf_static_produce_every_requested_token():
     assert report["read_bandwidth_before"] > 1e8 and report["read_bandwidth_after"] > 1e8
     assert any(l.startswith("DRAM read rate") for l in lines)
     assert any("compute floor" in l for l in lines) and any("speed-up over HF generate" in l for l in lines)
+
+
+def test_rounds_alternate_the_order_and_report_the_median_ratio(monkeypatch):
+    # HF's side replaced by a stand-in whose times differ by far more than the engine's can drift
+    # (100, 1000, 300 s): the median ratio is round 3's whatever the engine's times are
+    times = iter([100.0, 1000.0, 300.0])
+    monkeypatch.setattr(bench, "run_hf_static", lambda model, reqs: (
+        bench.Result("HF generate, stand-in", next(times), sum(n for _, n in reqs)), [[0]] * len(reqs)))
+    lines = []
+    report = bench.run("w1-tiny", systems=("engine", "hf-static"), repeat=3, log=lines.append)
+    runs = [l.split()[0] for l in lines if l.startswith("  ")]
+    # ABBA: engine first, then HF first, then engine first again
+    assert [r.startswith("orca-compile") for r in runs] == [True, False, False, True, True, False]
+    engine, static = report["results"]
+    assert report["repeat"] == 3 and len(engine["rounds_seconds"]) == len(static["rounds_seconds"]) == 3
+    assert engine["seconds"] == sorted(engine["rounds_seconds"])[1]
+    ratios = [s / e for s, e in zip(static["rounds_seconds"], engine["rounds_seconds"])]
+    assert report["speedup_over_hf-static_rounds"] == ratios
+    assert report["speedup_over_hf-static"] == ratios[2] == sorted(ratios)[1]
+    assert static["seconds"] == 300.0
+
+
+def test_bad_repeat_and_systems_are_refused_before_anything_runs():
+    import pytest
+
+    for repeat in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="repeat must be an integer >= 1"):
+            bench.run("w1-tiny", systems=("engine",), repeat=repeat)
+    with pytest.raises(ValueError, match="lists one twice"):
+        bench.run("w1-tiny", systems=("engine", "engine"))
