@@ -8,8 +8,8 @@
  * call per residual point, and a row (a few KB) stays in L1 from the add to the last pass.
  *
  * Per row: s (written), its sum -> the mean; sum (s - mean)^2 -> the variance (two-pass, as
- * torch's float64 path, not E[s^2] - mean^2); then y. Vector accumulators of 8 floats / 4 doubles,
- * so the sums round differently from torch's (a few ulp of the row's scale).
+ * torch's float64 path, not E[s^2] - mean^2); then y. Four vector accumulators of 8 floats / 4
+ * doubles, so the sums round differently from torch's (a few ulp of the row's scale).
  *
  * Built and loaded by kernels/norm_cpu.py (cbuild: the system C compiler, ctypes). Rows are
  * split over OpenMP threads (torch's pool, see cpu_attention.c) only when there are enough of them
@@ -26,34 +26,52 @@
 #define PARALLEL_FROM (64 * 1024)
 #endif
 
+/* Four vector accumulators per sum: one add chain would wait out the add latency at every
+ * vector (a 768-wide row is 96 of them). */
 #define DEFINE_ROW(S, T, V, L)                                                                      \
 static void row_##S(const T *x, const T *r, T *s, const T *w, const T *b, T *y, int64_t n, T eps) { \
-    const int64_t whole = n - n % L;                                                                \
-    V acc = splat_##S(0);                                                                           \
+    const int64_t whole = n - n % L, quads = n - n % (4 * L);                                       \
+    V a0 = splat_##S(0), a1 = a0, a2 = a0, a3 = a0;                                                 \
     T tail = 0;                                                                                     \
     int64_t i = 0;                                                                                  \
+    for (; i < quads; i += 4 * L) {                                                                 \
+        V v0 = load_##S(x + i), v1 = load_##S(x + i + L), v2 = load_##S(x + i + 2 * L), v3 = load_##S(x + i + 3 * L); \
+        if (r) {                                                                                    \
+            v0 += load_##S(r + i); v1 += load_##S(r + i + L);                                       \
+            v2 += load_##S(r + i + 2 * L); v3 += load_##S(r + i + 3 * L);                           \
+        }                                                                                           \
+        store_##S(s + i, v0); store_##S(s + i + L, v1); store_##S(s + i + 2 * L, v2); store_##S(s + i + 3 * L, v3); \
+        a0 += v0; a1 += v1; a2 += v2; a3 += v3;                                                     \
+    }                                                                                               \
     for (; i < whole; i += L) {                                                                     \
         V v = load_##S(x + i);                                                                      \
         if (r) v += load_##S(r + i);                                                                \
         store_##S(s + i, v);                                                                        \
-        acc += v;                                                                                   \
+        a0 += v;                                                                                    \
     }                                                                                               \
     for (; i < n; i++) {                                                                            \
         const T v = r ? x[i] + r[i] : x[i];                                                         \
         s[i] = v;                                                                                   \
         tail += v;                                                                                  \
     }                                                                                               \
+    V acc = (a0 + a1) + (a2 + a3);                                                                  \
     T sum = tail;                                                                                   \
     for (int l = 0; l < L; l++) sum += acc[l];                                                      \
     const T mean = sum / (T)n;                                                                      \
     const V mv = splat_##S(mean);                                                                   \
-    acc = splat_##S(0);                                                                             \
+    a0 = a1 = a2 = a3 = splat_##S(0);                                                               \
     tail = 0;                                                                                       \
-    for (i = 0; i < whole; i += L) {                                                                \
+    for (i = 0; i < quads; i += 4 * L) {                                                            \
+        const V d0 = load_##S(s + i) - mv, d1 = load_##S(s + i + L) - mv;                           \
+        const V d2 = load_##S(s + i + 2 * L) - mv, d3 = load_##S(s + i + 3 * L) - mv;               \
+        a0 += d0 * d0; a1 += d1 * d1; a2 += d2 * d2; a3 += d3 * d3;                                 \
+    }                                                                                               \
+    for (; i < whole; i += L) {                                                                     \
         const V d = load_##S(s + i) - mv;                                                           \
-        acc += d * d;                                                                               \
+        a0 += d * d;                                                                                \
     }                                                                                               \
     for (; i < n; i++) tail += (s[i] - mean) * (s[i] - mean);                                       \
+    acc = (a0 + a1) + (a2 + a3);                                                                    \
     T sq = tail;                                                                                    \
     for (int l = 0; l < L; l++) sq += acc[l];                                                       \
     const T rstd = (T)1 / sqrt##S(sq / (T)n + eps);                                                 \
@@ -78,7 +96,9 @@ DEFINE_ROW(f32, float, v8f, 8)
 DEFINE_ROW(f64, double, v4d, 4)
 
 /* dtype: 0 float32, 1 float64. x, r (or NULL), s, y: [M, n] with row strides ldx, ldr, lds, ldy
- * (unit column stride); w, b: [n] or NULL. s may be x or r (in place), y must not overlap them.
+ * (unit column stride); w, b: [n] or NULL. Each row's first pass reads x and r and writes s at
+ * the same elements, and its last pass writes y after both were read, so s may be x or r and y
+ * the other one: the in-place form, for inputs that die at this call. s and y must not overlap.
  * Returns 0, or -1 for an unknown dtype. */
 int orca_add_layer_norm(int dtype, const void *x, int64_t ldx, const void *r, int64_t ldr, void *s, int64_t lds,
                         const void *w, const void *b, void *y, int64_t ldy, int64_t M, int64_t n, double eps,

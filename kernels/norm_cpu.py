@@ -45,9 +45,15 @@ def why_unavailable() -> str | None:
 
 
 def add_layer_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor | None,
-                   bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   bias: torch.Tensor | None, eps: float, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, layer_norm(s, [n], weight, bias, eps))`` with ``s = x + r`` (``s = x`` when ``r`` is
-    None); ``x``, ``r``: ``[..., n]`` of one shape and dtype, ``weight``/``bias``: ``[n]`` or None."""
+    None); ``x``, ``r``: ``[..., n]`` of one shape and dtype, ``weight``/``bias``: ``[n]`` or None.
+
+    ``reuse=True`` (the caller's promise that nothing reads ``x`` or ``r`` after this call, which
+    ``lower_cpu`` proves from the graph): ``s`` is written over ``x`` and ``y`` over ``r``, where
+    their layouts allow (2-d, rows of unit column stride, no byte shared), instead
+    of into two new tensors. The outputs of a decode step's norms then land in memory that is in
+    cache already, not in fresh allocations the rows must be fetched for."""
     lib = LIB._lib or LIB.load()
     if lib is None:
         raise RuntimeError(f"the C norm kernel is unavailable: {LIB.why_unavailable()}")
@@ -67,12 +73,15 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     m = x2.shape[0]
-    s = x2.new_empty(m, n)
-    y = x2.new_empty(m, n)
+    if reuse and r2 is not None and x2 is x and r2 is r and _disjoint(x, r, m, n):
+        s, y = x, r  # both inputs die here (the caller's word); their rows take the results
+    else:
+        s = x2.new_empty(m, n)
+        y = x2.new_empty(m, n)
     lib.orca_add_layer_norm(DTYPES[dtype], x2.data_ptr(), x2.stride(0), None if r2 is None else r2.data_ptr(),
-                            0 if r2 is None else r2.stride(0), s.data_ptr(), n,
+                            0 if r2 is None else r2.stride(0), s.data_ptr(), s.stride(0),
                             None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                            y.data_ptr(), n, m, n, float(eps), torch.get_num_threads())
+                            y.data_ptr(), y.stride(0), m, n, float(eps), torch.get_num_threads())
     if len(shape) == 2:
         return s, y
     return s.view(shape), y.view(shape)
@@ -89,6 +98,13 @@ def _why_not(x, r, weight, bias) -> str:
     return ("add_layer_norm: shapes do not fit: "
             + ", ".join(f"{name} {tuple(t.shape)}" for name, t in given.items())
             + f" (r must match x; weight and bias must be [{x.shape[-1]}])")
+
+
+def _disjoint(x: torch.Tensor, r: torch.Tensor, m: int, n: int) -> bool:
+    """Whether the [m, n] row blocks of ``x`` and ``r`` (unit column stride) share no byte."""
+    a, b = x.data_ptr(), r.data_ptr()
+    return (a + ((m - 1) * x.stride(0) + n) * x.element_size() <= b
+            or b + ((m - 1) * r.stride(0) + n) * r.element_size() <= a)
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:

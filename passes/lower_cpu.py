@@ -9,7 +9,8 @@ Two kernels (``kernel=``):
   sigmoid. Every ``orca::attention`` also becomes a direct call of ``kernels/attention_cpu``'s
   C path (when dispatch would pick it), skipping the custom op's dispatch (~0.1 ms a call), and
   every ``layer_norm`` over the last dim, with the residual ``add`` that feeds it, one call of
-  ``kernels/norm_cpu.add_layer_norm`` (one pass over the rows, one call instead of two ATen ops).
+  ``kernels/norm_cpu.add_layer_norm`` (one pass over the rows, one call instead of two ATen ops),
+  which writes its results over the add's operands where the graph shows both die there.
 * ``"onednn"`` (the ``onednn`` backend): ``mkldnn._linear_pointwise`` on oneDNN's packed layout,
   float32 only, fusing GELU (tanh and erf), SiLU, ReLU, sigmoid, tanh.
 
@@ -165,13 +166,14 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
             fused[act] = fused.get(act, 0) + 1
     graph.eliminate_dead_code()
     dropped = _drop_unreferenced(out)
-    direct = norms = 0
+    direct = norms = reused = 0
     if kernel == "orca" and attention:  # after DCE: a plain function call looks pure to it, the op does not
         direct = _direct_attention(graph)
     if kernel == "orca" and fuse_norms and norm_cpu.available():
-        norms = _fuse_add_layer_norm(out)
+        norms, reused = _fuse_add_layer_norm(out)
     out.meta["orca_lowering"] = {"kernel": kernel, "packed_weights": len(packed), "fused_activations": fused,
-                                 "direct_attention": direct, "fused_norms": norms, "dropped_weights": dropped}
+                                 "direct_attention": direct, "fused_norms": norms, "norms_in_place": reused,
+                                 "dropped_weights": dropped}
     _postcondition(out)
     out.recompile()
     return out
@@ -221,14 +223,16 @@ def _direct_attention(graph) -> int:
     return count
 
 
-def _fuse_add_layer_norm(gm) -> int:
-    """``s = add(x, r); y = layer_norm(s, [n], w, b, eps)`` -> ``s, y = add_layer_norm(x, r, w, b, eps)``
-    (a ``layer_norm`` fed by anything else: ``add_layer_norm(x, None, ...)``). Applies where the norm
-    is over the last dim only, the add has two tensor operands of its own shape and dtype (no
-    broadcast, no alpha), and weight and bias are [n] weights of the graph (or absent)."""
+def _fuse_add_layer_norm(gm) -> tuple[int, int]:
+    """``s = add(x, r); y = layer_norm(s, [n], w, b, eps)`` -> ``s, y = add_layer_norm(x, r, w, b, eps,
+    reuse)`` (a ``layer_norm`` fed by anything else: ``add_layer_norm(x, None, ...)``). Applies where
+    the norm is over the last dim only, the add has two tensor operands of its own shape and dtype
+    (no broadcast, no alpha), and weight and bias are [n] weights of the graph (or absent).
+    ``reuse`` is True where both operands die at the add (``_dies_at``): the call then writes its
+    results over them. Returns (norms fused, of those in place)."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    count = 0
+    count = reused = 0
     for ln in list(graph.find_nodes(op="call_function", target=aten.layer_norm.default)):
         if ln.kwargs or len(ln.args) < 2:
             continue
@@ -245,8 +249,12 @@ def _fuse_add_layer_norm(gm) -> int:
         if any(isinstance(p, torch.fx.Node) and order[p] > order[anchor] for p in (w, b)):
             continue
         operands = tuple(add.args) if add is not None else (x, None)
+        # both operands of the add read nowhere else and owned by nobody else: the kernel writes
+        # the residual and the norm over them instead of into new tensors
+        reuse = add is not None and all(_dies_at(o, add) for o in operands)
+        reused += reuse
         with graph.inserting_before(anchor):
-            fused = graph.call_function(norm_cpu.add_layer_norm, operands + (w, b, float(eps)))
+            fused = graph.call_function(norm_cpu.add_layer_norm, operands + (w, b, float(eps), reuse))
             s = graph.call_function(operator.getitem, (fused, 0))
             y = graph.call_function(operator.getitem, (fused, 1))
         s.meta = dict(add.meta) if add is not None else {"val": val}
@@ -258,7 +266,25 @@ def _fuse_add_layer_norm(gm) -> int:
             add.replace_all_uses_with(s)
             graph.erase_node(add)
         count += 1
-    return count
+    return count, reused
+
+
+def _dies_at(node, user) -> bool:
+    """``node``'s value is read by ``user`` alone and is memory of its own: the result of a kernel
+    call (the C linear, a result of a fused norm) or of an ATen op whose schema returns new memory
+    (no view or alias of an input, a weight or a graph input)."""
+    if not isinstance(node, torch.fx.Node) or list(node.users) != [user]:
+        return False
+    t = node.target
+    if t is gemm_cpu.linear:
+        return True
+    if t is operator.getitem:
+        src = node.args[0]
+        return isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target is norm_cpu.add_layer_norm
+    if isinstance(t, torch._ops.OpOverload):
+        schema = t._schema
+        return not schema.is_mutable and all(ret.alias_info is None for ret in schema.returns)
+    return False
 
 
 def _plain_add(node, val) -> bool:

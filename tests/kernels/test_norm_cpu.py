@@ -107,3 +107,40 @@ def test_bad_inputs_raise():
         norm_cpu.add_layer_norm(x, r, w, b.to("meta"), 1e-5)
     with pytest.raises(ValueError, match="last dim"):
         norm_cpu.add_layer_norm(torch.zeros(3, 0), None, None, None, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reuse_writes_the_results_over_the_inputs(dtype):
+    g = torch.Generator().manual_seed(3)
+    x, r = (torch.randn(7, 40, generator=g, dtype=dtype) for _ in range(2))
+    w, b = (torch.randn(40, generator=g, dtype=dtype) for _ in range(2))
+    want_s, want_y = norm_cpu.add_layer_norm(x, r, w, b, 1e-5)  # into new tensors
+    x2, r2 = x.clone(), r.clone()
+    s, y = norm_cpu.add_layer_norm(x2, r2, w, b, 1e-5, reuse=True)
+    assert s.data_ptr() == x2.data_ptr() and y.data_ptr() == r2.data_ptr()
+    # the same arithmetic either way: bit for bit
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0)
+    torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+
+
+def test_reuse_falls_back_to_new_tensors_where_the_layouts_do_not_allow_it():
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    base, wide = torch.randn(9, 32, generator=g), torch.randn(8, 80, generator=g)
+    cases = {  # name: (x, r, written over)
+        "rows of other strides": (torch.randn(8, 64, generator=g)[:, :32], torch.randn(8, 32, generator=g), True),
+        "overlapping rows": (base[:8], base[1:], False),
+        "interleaved rows": (wide[:, :32], wide[:, 16:48], False),
+        "no residual": (torch.randn(8, 32, generator=g), None, False),
+        "3-d": (torch.randn(2, 4, 32, generator=g), torch.randn(2, 4, 32, generator=g), False),
+    }
+    for name, (x, r, over) in cases.items():
+        x0, r0 = x.clone(), None if r is None else r.clone()
+        s, y = norm_cpu.add_layer_norm(x, r, w, b, 1e-5, reuse=True)
+        want = x0 if r is None else x0 + r0
+        torch.testing.assert_close(s, want, msg=name)
+        torch.testing.assert_close(y, F.layer_norm(want, (32,), w, b, 1e-5), msg=name)
+        if over:
+            assert s.data_ptr() == x.data_ptr() and y.data_ptr() == r.data_ptr(), name
+        else:  # nothing written over
+            assert torch.equal(x, x0) and (r is None or torch.equal(r, r0)), name

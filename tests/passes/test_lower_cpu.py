@@ -273,3 +273,67 @@ def test_lowered_engine_gives_the_eager_engines_tokens(name, backend):
     for a, b in zip(outs["eager"], outs[backend]):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 2e-5
+
+
+# ------------------------------------------------------------------------------ norms written in place
+
+def _norm_graph(variant):
+    """a = linear(x, W1), b = linear(x, W2) (or another operand), s = a + b, y = layer_norm(s),
+    out = linear(y, W3): the residual point of a pre-norm block. Returns (module, outputs' names)."""
+    root = torch.nn.Module()
+    g = torch.Generator().manual_seed(0)
+    root.w1, root.w2, root.w3 = (torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g),
+                                 torch.randn(4, 16, generator=g))
+    root.lw, root.lb = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    graph = torch.fx.Graph()
+    x, extra = graph.placeholder("x"), graph.placeholder("extra")
+    lw, lb = graph.get_attr("lw"), graph.get_attr("lb")  # before the add, as the compiler leaves them
+    c = graph.call_function
+    a = c(aten.linear.default, (x, graph.get_attr("w1")))
+    b = c(aten.linear.default, (x, graph.get_attr("w2")))
+    if variant == "view":  # b's value is a view of another tensor: not the add's to overwrite
+        b = c(aten.view.default, (c(aten.linear.default, (x, graph.get_attr("w2"))), [5, 16]))
+    elif variant == "input":  # a graph input: the caller's tensor
+        b = extra
+    s = c(aten.add.Tensor, (a, b))
+    y = c(aten.layer_norm.default, (s, [16], lw, lb, 1e-5))
+    out = c(aten.linear.default, (y, graph.get_attr("w3")))
+    graph.output((out, s, a) if variant == "read-later" else (out, s))
+    gm = torch.fx.GraphModule(root, graph)
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(torch.randn(5, 8), torch.randn(5, 16))
+    for n in gm.graph.nodes:
+        if hasattr(n.meta.get("tensor_meta"), "shape"):  # the output's is a tuple
+            n.meta["val"] = torch.empty(n.meta["tensor_meta"].shape, dtype=n.meta["tensor_meta"].dtype)
+    return gm
+
+
+@NEEDS["orca"]
+@pytest.mark.skipif(not norm_cpu.available(), reason="the C norm kernel is unavailable")
+@pytest.mark.parametrize("variant,in_place", [("plain", True), ("read-later", False), ("view", False),
+                                              ("input", False)])
+def test_a_norm_writes_over_its_operands_only_where_nothing_else_reads_them(variant, in_place):
+    gm = _norm_graph(variant)
+    x, extra = torch.randn(5, 8), torch.randn(5, 16)
+    want = gm(x, extra)
+    kept = extra.clone()
+    lowered = lower_cpu.lower_cpu(gm, kernel="orca")
+    (fused,) = lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm)
+    assert lowered.meta["orca_lowering"]["norms_in_place"] == int(in_place) and fused.args[5] is in_place
+    got = lowered(x, extra)
+    for g_, w_ in zip(got, want):  # "read-later" also returns a: overwriting it would show here
+        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+    assert torch.equal(extra, kept)  # a graph input is never written
+
+
+@NEEDS["orca"]
+@pytest.mark.skipif(not norm_cpu.available(), reason="the C norm kernel is unavailable")
+def test_every_gpt2_norm_is_in_place():
+    # each residual add's operands are a linear's output and the previous norm's residual (the
+    # first: two embedding lookups), read nowhere else
+    _, cm = _compiled("tiny-gpt2")
+    lowered = lower_cpu.lower_cpu(cm.graph_module, kernel="orca")
+    fused = list(lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm))
+    assert len(fused) == lowered.meta["orca_lowering"]["norms_in_place"] == 2 * cm.num_layers + 1
+    assert all(n.args[5] is True for n in fused)
