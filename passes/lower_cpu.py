@@ -171,9 +171,10 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
         direct = _direct_attention(graph)
     if kernel == "orca" and fuse_norms and norm_cpu.available():
         norms, reused = _fuse_add_layer_norm(out)
+    flat = _flatten_attributes(out)
     out.meta["orca_lowering"] = {"kernel": kernel, "packed_weights": len(packed), "fused_activations": fused,
                                  "direct_attention": direct, "fused_norms": norms, "norms_in_place": reused,
-                                 "dropped_weights": dropped}
+                                 "dropped_weights": dropped, "flat_attributes": flat}
     _postcondition(out)
     out.recompile()
     return out
@@ -198,6 +199,27 @@ def _drop_unreferenced(gm) -> int:
         delattr(gm.get_submodule(owner) if owner else gm, leaf)
         count += 1
     return count
+
+
+def _flatten_attributes(gm) -> int:
+    """Point every ``get_attr`` at a flat alias of its tensor held in the module's instance dict
+    (``_w0``, ``_w1``, ...), next to the registered parameter or buffer, which stays. The generated
+    forward then reads ``self._w0``: one dict lookup, where ``self.transformer.h[0].ln_1.weight``
+    went through ``nn.Module.__getattr__`` at every level: ~3.5 us per weight, 0.5 ms per
+    forward for GPT-2's 149 (``docs/benchmarks.md``)."""
+    aliases: dict[int, str] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        t = _fetch(gm, node.target)
+        if not isinstance(t, torch.Tensor):
+            continue
+        if id(t) not in aliases:
+            name = f"_w{len(aliases)}"
+            while hasattr(gm, name):
+                name += "_"
+            gm.__dict__[name] = t  # a plain attribute: not registered twice, found before __getattr__
+            aliases[id(t)] = name
+        node.target = aliases[id(t)]
+    return len(aliases)
 
 
 def _plain_bias(gm, bias, weight, out_features) -> bool:

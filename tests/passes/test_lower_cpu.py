@@ -79,6 +79,12 @@ def test_every_linear_is_packed_and_the_activation_fused(name, kernel):
             assert not list(lowered.graph.find_nodes(op="call_function", target=aten.add.Tensor))
     else:
         assert not fused_norms
+    # every weight is read through a flat alias in the module's own dict (one lookup, not a walk
+    # through the submodules' __getattr__ at each level)
+    targets = [n.target for n in lowered.graph.find_nodes(op="get_attr")]
+    assert targets and all("." not in t and isinstance(vars(lowered).get(t), torch.Tensor) for t in targets)
+    assert lowered.meta["orca_lowering"]["flat_attributes"] == len(set(targets))
+    assert "getattr(" not in lowered.code and "self.model" not in lowered.code and "self.transformer" not in lowered.code
     # the input graph is untouched: the runtime's other backends and the dumps still use it
     assert len(_matmuls_on_weights(cm.graph_module)) == before
 
