@@ -9,6 +9,7 @@ exclude one-off set-up (compiling, HF's cache allocation) and are reported separ
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import statistics
 import time
@@ -88,9 +89,11 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, 
 
     def timed() -> tuple[Result, list[list[int]]]:
         engine.iteration_stats.clear()
+        steal = cpu_steal_seconds()
         start = time.perf_counter()
         outs = engine.generate(prompts, params)
         seconds = time.perf_counter() - start
+        steal = _since(steal)
         its = list(engine.iteration_stats)
         # decode-only iterations with every request in the batch: the smallest forward, so the
         # largest share of CPU overhead
@@ -99,6 +102,7 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, 
             "iterations": len(its),
             "forward_share": sum(it.forward_seconds for it in its) / sum(it.seconds for it in its),
             "full_batch_iterations": len(full),
+            "cpu_steal_seconds": steal,
         }
         if full:
             extra |= {
@@ -121,6 +125,7 @@ def run_hf_static(model, reqs, batch_size=8) -> tuple[Result, list[list[int]]]:
     """HF ``generate`` on padded batches of ``batch_size`` in arrival order, each run to the
     longest output of its batch (the static batching Orca improves on)."""
     pad = 0
+    steal = cpu_steal_seconds()
     tokens, start = [], time.perf_counter()
     computed = 0
     for i in range(0, len(reqs), batch_size):
@@ -140,7 +145,7 @@ def run_hf_static(model, reqs, batch_size=8) -> tuple[Result, list[list[int]]]:
     seconds = time.perf_counter() - start
     useful = sum(n for _, n in reqs)
     return Result(f"HF generate, static batches of {batch_size}", seconds, useful,
-                  extra={"generated_incl_padding_waste": computed}), tokens
+                  extra={"generated_incl_padding_waste": computed, "cpu_steal_seconds": _since(steal)}), tokens
 
 
 def run_hf_continuous(model, reqs) -> tuple[Result, list[list[int]]]:
@@ -152,6 +157,7 @@ def run_hf_continuous(model, reqs) -> tuple[Result, list[list[int]]]:
     results = {}
     with model.continuous_batching_context_manager(generation_config=gen, warmup=True) as manager:
         setup = time.perf_counter() - t0
+        steal = cpu_steal_seconds()
         start = time.perf_counter()
         for i, (p, n) in enumerate(reqs):
             manager.add_request(p, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
@@ -164,8 +170,51 @@ def run_hf_continuous(model, reqs) -> tuple[Result, list[list[int]]]:
             if r.is_finished():
                 results[r.request_id] = r
         seconds = time.perf_counter() - start
+        steal = _since(steal)
     tokens = [list(results[f"r{i}"].generated_tokens) for i in range(len(reqs))]
-    return Result("HF continuous batching", seconds, sum(map(len, tokens)), setup), tokens
+    return Result("HF continuous batching", seconds, sum(map(len, tokens)), setup,
+                  {"cpu_steal_seconds": steal}), tokens
+
+
+def cpu_steal_seconds() -> float | None:
+    """CPU time the hypervisor gave other guests while this one wanted it, summed over the CPUs
+    since boot (Linux's /proc/stat), or None where there is no such count. Each system's run
+    records its share: on a shared VM, time stolen during a run slows it (docs/benchmarks.md)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")  # cpu user nice system idle iowait irq softirq steal
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def settle(clean_seconds: int, max_seconds: float = 120.0) -> tuple[float, float] | None:
+    """Wait until the host runs this machine's CPUs undisturbed: ``clean_seconds`` one-second
+    probes in a row (a matmul loop on torch's threads) with under 1% of their CPU time stolen.
+    Returns (seconds waited, CPU seconds stolen meanwhile), or None without a steal count.
+
+    Why: on the dev machine, a shared VM, the ~20 s after a run of HF continuous batching lose
+    10-15% of the CPU to the host in bursts (steal; none during HF's own run, none after the
+    engine's), so whichever system runs next is timed on a slower machine. Settling before every
+    timed run measures each system on the same undisturbed machine (docs/benchmarks.md)."""
+    if cpu_steal_seconds() is None:
+        return None
+    a, b = torch.randn(256, 768), torch.randn(768, 768)
+    limit = 0.01 * torch.get_num_threads() + 0.005  # 1% of the probe's CPU time, steal counts in 10 ms
+    start, clean, stolen = time.perf_counter(), 0, 0.0
+    while clean < clean_seconds and time.perf_counter() - start < max_seconds:
+        before, t0 = cpu_steal_seconds(), time.perf_counter()
+        while time.perf_counter() - t0 < 1.0:
+            torch.mm(a, b)
+        lost = cpu_steal_seconds() - before
+        stolen += lost
+        clean = clean + 1 if lost <= limit else 0
+    return time.perf_counter() - start, stolen
+
+
+def _since(start: float | None) -> float | None:
+    now = cpu_steal_seconds()
+    return None if start is None or now is None else now - start
 
 
 def matmul_rate(dtype: torch.dtype, device="cpu") -> float:
@@ -216,7 +265,8 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), max_num_seqs=32,
-        max_num_batched_tokens=512, backend="auto", threads: int | None = None, repeat: int = 1, log=print) -> dict:
+        max_num_batched_tokens=512, backend="auto", threads: int | None = None, repeat: int = 1, settle_seconds: int = 0,
+        log=print) -> dict:
     """Time each system on the workload, in one process on one model object, and compare.
 
     ``repeat`` > 1 runs the systems in rounds, the order reversed every other round (ABBA), so
@@ -224,7 +274,8 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     is set up once (the engine: compile, lower, one untimed pass; HF continuous batching: its own
     warm-up, every round). A system's time is its median round (the lower middle one for an even
     count); a speed-up is the median of the per-round ratios, each between runs a minute or two
-    apart."""
+    apart. ``settle_seconds`` > 0: before each timed run, wait for that many undisturbed seconds
+    of CPU (``settle``)."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
     w = WORKLOADS[workload]
@@ -235,6 +286,8 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
         raise ValueError(f"systems lists one twice: {', '.join(systems)}")
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be an integer >= 1, got {repeat!r}")
+    if isinstance(settle_seconds, bool) or not isinstance(settle_seconds, int) or settle_seconds < 0:
+        raise ValueError(f"settle_seconds must be an integer >= 0, got {settle_seconds!r}")
     if threads:
         torch.set_num_threads(threads)
     import orca_compile
@@ -251,12 +304,15 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
 
     prepared = {}
 
+    def prepare(system):
+        prepared[system] = prepare_engine(model, reqs, max_num_seqs=max_num_seqs,
+                                          max_num_batched_tokens=max_num_batched_tokens,
+                                          backend=ENGINE_VARIANTS.get(system, backend), compiled=compiled)
+
     def once(system):
         if system == "engine" or system in ENGINE_VARIANTS:
             if system not in prepared:
-                prepared[system] = prepare_engine(model, reqs, max_num_seqs=max_num_seqs,
-                                                  max_num_batched_tokens=max_num_batched_tokens,
-                                                  backend=ENGINE_VARIANTS.get(system, backend), compiled=compiled)
+                prepare(system)
             return prepared[system]()
         if system == "hf-static":
             return run_hf_static(model, reqs)
@@ -269,13 +325,20 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
         if repeat > 1:
             log(f"round {r + 1} of {repeat}")
         for system in (systems if r % 2 == 0 else systems[::-1]):
+            if system in ("engine", *ENGINE_VARIANTS) and system not in prepared:
+                prepare(system)  # set-up before settling: the timed run follows the settle directly
+            settled = settle(settle_seconds) if settle_seconds else None
             res, toks = once(system)
+            if settled is not None:
+                res.extra["settle_seconds"], res.extra["cpu_stolen_while_settling"] = settled
             if system in tokens and toks != tokens[system]:
                 raise RuntimeError(f"{res.system} gave other tokens in round {r + 1} than in round 1")
             tokens[system] = toks
             rounds[system].append(res)
+            steal = res.extra.get("cpu_steal_seconds")
             log(f"  {res.system:38} {res.seconds:8.2f} s {res.tokens_per_second:9.1f} tok/s "
-                f"(set-up {res.setup_seconds:.1f} s)")
+                f"(set-up {res.setup_seconds:.1f} s" + ("" if steal is None else f"; CPU stolen {steal:.2f} s")
+                + (f"; settled {settled[0]:.0f} s first" if settled else "") + ")")
     bandwidth.append(read_bandwidth())
     log(f"DRAM read rate (sum over 512 MB): {bandwidth[0] / 1e9:.1f} GB/s before the systems ran, "
         f"{bandwidth[1] / 1e9:.1f} GB/s after")
