@@ -43,6 +43,11 @@
 #ifndef PACED_BELOW
 #define PACED_BELOW 9
 #endif
+/* SPLIT_TAIL. Below PACED_BELOW rows, 7 or 8 rows run as two blocks of 4 + 3 or 4 + 4: a block of
+ * 1 or 2 paced rows has too few accumulators to hide the FMA latency, and the 6 + 1 / 6 + 2 split
+ * took 1.06 / 1.13x the time (benchmarks/cpu_gemm_ab.py at 7 and 8 rows; from 9 rows, with the
+ * accumulator sets of the faster kernels, splitting the tail was 0.94-1.10x, so it is not done). */
+
 /* Up to this many rows the driver issues no prefetches of the next group: each line of W is read
  * once, front to back, a few cycles apart, and the hardware prefetcher alone streams that faster
  * (0.77-0.92x the time at 1-3 rows on GPT-2 small's 49 GEMMs, ~0.9-1.05x at 4; interleaved runs of
@@ -194,12 +199,13 @@ static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T 
         for (int64_t g0 = p0; g0 < p1; g0 += group) {                                               \
             const int64_t g1 = g0 + group < p1 ? g0 + group : p1;                                   \
             const int64_t next_lines = ((g1 + group < p1 ? g1 + group : p1) - g1) * K;              \
-            for (int64_t i = 0; i < M; i += R_MAX) {                                                \
-                const int64_t rows = M - i < R_MAX ? M - i : R_MAX;                                 \
+            for (int64_t blk = 0, i = 0, rows = 0; blk < blocks; blk++, i += rows) {                \
+                /* 7 or 8 paced rows as 4 + 3 or 4 + 4, not 6 + 1 or 6 + 2: see SPLIT_TAIL */     \
+                rows = M < PACED_BELOW && M - i > R_MAX ? (M - i) / 2 : M - i < R_MAX ? M - i : R_MAX; \
                 for (int64_t p = g0; p < g1; p++) {                                                 \
                     const T *b = packed + p * K * nr;                                               \
                     const int64_t cols = N - p * nr < nr ? N - p * nr : nr;                         \
-                    const int64_t first = ((i / R_MAX) * (g1 - g0) + (p - g0)) * slice;             \
+                    const int64_t first = (blk * (g1 - g0) + (p - g0)) * slice;                     \
                     const T *pf = M > PREFETCH_ABOVE && first + slice <= next_lines ? packed + (g1 * K + first) * nr : NULL; \
                     kernels[rows](K, a + i * lda, lda, b, bias ? bias + p * nr : NULL,          \
                                       c + i * ldc + p * nr, ldc, cols, pf, shift, act);             \
