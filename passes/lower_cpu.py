@@ -18,8 +18,10 @@ Requires: the ``final`` graph, weights on the CPU in a dtype the kernel takes, t
 available (``unmet(gm, kernel)`` says why not). Ensures (checked): no ``addmm`` / ``linear`` /
 ``mm`` on a weight of the graph is left; each became the kernel's linear on a packed copy of its
 weight; a pointwise chain that hangs off one linear alone and computes an activation the kernel
-fuses is gone, done in the epilogue. Everything else is untouched; the input graph module is not
-modified (the result is a new module sharing its other weights).
+fuses is gone, done in the epilogue; a norm written in place over the operands of its residual
+add is their last reader. Everything else is untouched; the input graph module is not modified
+(the result is a new module sharing its other weights; the originals of the packed weights are
+not attributes of it, and it reads every weight through a flat alias).
 
 Why. Decode iterations multiply a few dozen rows by every weight matrix. ``torch.addmm`` hands
 the weight to MKL, which re-packs it on every call; with weights streamed from DRAM that costs as
@@ -425,4 +427,10 @@ def _postcondition(gm):
     left = [n.name for n, _, _ in _linears(gm)]
     if left:
         raise AssertionError(f"lower_cpu: matmuls on weights left unlowered: {left}")
+    # a norm written in place must be the last reader of both operands: anything else reading
+    # one would see the norm's results instead
+    shared = [n.name for n in gm.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm)
+              if len(n.args) > 5 and n.args[5] and any(not _dies_at(o, n) for o in n.args[:2])]
+    if shared:
+        raise AssertionError(f"lower_cpu: norms written over operands that are read elsewhere: {shared}")
     gm.graph.lint()

@@ -343,3 +343,15 @@ def test_every_gpt2_norm_is_in_place():
     fused = list(lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm))
     assert len(fused) == lowered.meta["orca_lowering"]["norms_in_place"] == 2 * cm.num_layers + 1
     assert all(n.args[5] is True for n in fused)
+
+
+@NEEDS["orca"]
+@pytest.mark.skipif(not norm_cpu.available(), reason="the C norm kernel is unavailable")
+def test_the_postcondition_refuses_an_in_place_norm_whose_operand_is_read_elsewhere():
+    lowered = lower_cpu.lower_cpu(_norm_graph("plain"), kernel="orca")
+    lower_cpu._postcondition(lowered)  # as the pass leaves it: fine
+    (fused,) = lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm)
+    out = lowered.graph.output_node()
+    out.args = (tuple(out.args[0]) + (fused.args[0],),)  # a second reader of an operand it overwrites
+    with pytest.raises(AssertionError, match="read elsewhere"):
+        lower_cpu._postcondition(lowered)
