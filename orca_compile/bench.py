@@ -274,8 +274,9 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     is set up once (the engine: compile, lower, one untimed pass; HF continuous batching: its own
     warm-up, every round). A system's time is its median round (the lower middle one for an even
     count); a speed-up is the median of the per-round ratios, each between runs a minute or two
-    apart. ``settle_seconds`` > 0: before each timed run, wait for that many undisturbed seconds
-    of CPU (``settle``)."""
+    apart. ``settle_seconds`` > 0: before each system's run, wait for that many undisturbed
+    seconds of CPU (``settle``; for HF continuous batching its warm-up, part of that run's call,
+    comes between the wait and the timed part)."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
     w = WORKLOADS[workload]
