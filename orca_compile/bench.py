@@ -264,9 +264,60 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
+def _system_worker(conn, workload, system, reqs, engine_kwargs, threads):
+    """A system in a process of its own (``run(isolate=True)``): loads the workload's model, sets
+    the system up, then times one pass per request from the parent until it sends None."""
+    if threads:
+        torch.set_num_threads(threads)
+    w = WORKLOADS[workload]
+    model = load_model(w.model, dtype=w.dtype)
+    if system == "engine" or system in ENGINE_VARIANTS:
+        timed = prepare_engine(model, reqs, **engine_kwargs)
+    elif system == "hf-static":
+        timed = lambda: run_hf_static(model, reqs)  # noqa: E731
+    else:
+        timed = lambda: run_hf_continuous(model, reqs)  # noqa: E731
+    conn.send("ready")
+    while conn.recv() is not None:
+        res, tokens = timed()
+        res.extra["pid"] = os.getpid()
+        conn.send((dataclasses.asdict(res), tokens))
+
+
+class _Isolated:
+    """The parent's handle on a ``_system_worker``: set up on creation, one timed pass per call."""
+
+    def __init__(self, workload, system, reqs, engine_kwargs, threads):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the parent's state
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_system_worker, args=(child, workload, system, reqs, engine_kwargs, threads),
+                                   daemon=True)
+        self.process.start()
+        child.close()
+        if self._recv() != "ready":
+            raise RuntimeError(f"the {system} worker did not start")
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the benchmark worker died (exit code {self.process.exitcode})") from None
+
+    def __call__(self):
+        self.conn.send("run")
+        res, tokens = self._recv()
+        return Result(**res), tokens
+
+    def close(self):
+        self.conn.send(None)
+        self.process.join(timeout=60)
+
+
 def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), max_num_seqs=32,
         max_num_batched_tokens=512, backend="auto", threads: int | None = None, repeat: int = 1, settle_seconds: int = 0,
-        log=print) -> dict:
+        isolate: bool = False, log=print) -> dict:
     """Time each system on the workload, in one process on one model object, and compare.
 
     ``repeat`` > 1 runs the systems in rounds, the order reversed every other round (ABBA), so
@@ -276,7 +327,10 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     count); a speed-up is the median of the per-round ratios, each between runs a minute or two
     apart. ``settle_seconds`` > 0: before each system's run, wait for that many undisturbed
     seconds of CPU (``settle``; for HF continuous batching its warm-up, part of that run's call,
-    comes between the wait and the timed part)."""
+    comes between the wait and the timed part). ``isolate``: each system in a process of its own
+    (spawned, set up once, timed on request), so that none runs under another's process-wide
+    state: the engine tunes glibc's malloc for the whole process, which made HF continuous
+    batching ~5% faster when it shared the engine's process (docs/benchmarks.md)."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
     w = WORKLOADS[workload]
@@ -306,14 +360,17 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     prepared = {}
 
     def prepare(system):
-        prepared[system] = prepare_engine(model, reqs, max_num_seqs=max_num_seqs,
-                                          max_num_batched_tokens=max_num_batched_tokens,
-                                          backend=ENGINE_VARIANTS.get(system, backend), compiled=compiled)
+        kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                      backend=ENGINE_VARIANTS.get(system, backend))
+        if isolate:
+            prepared[system] = _Isolated(workload, system, reqs, kwargs, threads)
+        else:
+            prepared[system] = prepare_engine(model, reqs, compiled=compiled, **kwargs)
 
     def once(system):
-        if system == "engine" or system in ENGINE_VARIANTS:
-            if system not in prepared:
-                prepare(system)
+        if system not in prepared and (isolate or system == "engine" or system in ENGINE_VARIANTS):
+            prepare(system)
+        if system in prepared:
             return prepared[system]()
         if system == "hf-static":
             return run_hf_static(model, reqs)
@@ -326,7 +383,7 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
         if repeat > 1:
             log(f"round {r + 1} of {repeat}")
         for system in (systems if r % 2 == 0 else systems[::-1]):
-            if system in ("engine", *ENGINE_VARIANTS) and system not in prepared:
+            if (isolate or system in ("engine", *ENGINE_VARIANTS)) and system not in prepared:
                 prepare(system)  # set-up before settling: the timed run follows the settle directly
             settled = settle(settle_seconds) if settle_seconds else None
             res, toks = once(system)
@@ -340,6 +397,9 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
             log(f"  {res.system:38} {res.seconds:8.2f} s {res.tokens_per_second:9.1f} tok/s "
                 f"(set-up {res.setup_seconds:.1f} s" + ("" if steal is None else f"; CPU stolen {steal:.2f} s")
                 + (f"; settled {settled[0]:.0f} s first" if settled else "") + ")")
+    for worker in prepared.values():
+        if isinstance(worker, _Isolated):
+            worker.close()
     bandwidth.append(read_bandwidth())
     log(f"DRAM read rate (sum over 512 MB): {bandwidth[0] / 1e9:.1f} GB/s before the systems ran, "
         f"{bandwidth[1] / 1e9:.1f} GB/s after")
@@ -347,7 +407,7 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     results = [sorted(rounds[s], key=lambda res: res.seconds)[(repeat - 1) // 2] for s in systems]
     report = {"workload": dataclasses.asdict(w), "flops": flops, "matmul_rate": rate, "compute_floor_s": floor,
               "read_bandwidth_before": bandwidth[0], "read_bandwidth_after": bandwidth[1],
-              "threads": torch.get_num_threads(), "repeat": repeat,
+              "threads": torch.get_num_threads(), "repeat": repeat, "isolated": isolate,
               "results": [dataclasses.asdict(res) | {"tokens_per_second": res.tokens_per_second,
                                                      "rounds_seconds": [x.seconds for x in rounds[s]]}
                           for s, res in zip(systems, results)]}

@@ -123,7 +123,7 @@ def cmd_bench(args) -> int:
     systems = tuple(s.strip() for s in args.systems.split(","))
     report = bench.run(args.workload, systems=systems, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend, threads=args.threads,
-                       repeat=args.repeat, settle_seconds=args.settle)
+                       repeat=args.repeat, settle_seconds=args.settle, isolate=args.isolate)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=int, default=5, metavar="SECONDS",
                    help="before each timed run, wait until the host has left the CPUs alone this long "
                         "(CPU steal under 1%%; 0: do not wait)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="each system in a process of its own (default), so none runs under another's "
+                        "process-wide settings such as the engine's malloc tuning")
     p.add_argument("--json", default=None, help="also write the report here")
     p.set_defaults(func=cmd_bench)
 

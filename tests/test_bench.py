@@ -71,3 +71,17 @@ def test_settling_waits_for_clean_seconds_of_cpu_before_a_timed_run():
     report = bench.run("w1-tiny", systems=("engine",), settle_seconds=1, log=lines.append)
     assert report["results"][0]["extra"]["settle_seconds"] >= 1
     assert any("settled" in l for l in lines)
+
+
+def test_isolated_systems_run_in_processes_of_their_own_and_agree():
+    import os
+
+    lines = []
+    report = bench.run("w1-tiny", systems=("engine", "hf-static"), isolate=True, log=lines.append)
+    engine, static = report["results"]
+    pids = {engine["extra"]["pid"], static["extra"]["pid"]}
+    assert report["isolated"] and len(pids) == 2 and os.getpid() not in pids
+    wanted = sum(n for _, n in bench.WORKLOADS["w1-tiny"].requests(256))
+    assert engine["useful_tokens"] == static["useful_tokens"] == wanted
+    # the same weights in every process (the preset is seeded): the same greedy tokens
+    assert any("same tokens for 100% of requests" in l for l in lines)
