@@ -329,8 +329,9 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     seconds of CPU (``settle``; for HF continuous batching its warm-up, part of that run's call,
     comes between the wait and the timed part). ``isolate``: each system in a process of its own
     (spawned, set up once, timed on request), so that none runs under another's process-wide
-    state: the engine tunes glibc's malloc for the whole process, which made HF continuous
-    batching ~5% faster when it shared the engine's process (docs/benchmarks.md)."""
+    state: the engine tunes glibc's malloc for the whole process, and HF continuous batching,
+    which spends more CPU in the kernel than in user code, ran under that tuning when it shared
+    the engine's process (docs/benchmarks.md)."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
     w = WORKLOADS[workload]
