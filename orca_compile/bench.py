@@ -311,8 +311,13 @@ class _Isolated:
         return Result(**res), tokens
 
     def close(self):
-        self.conn.send(None)
+        try:
+            self.conn.send(None)
+        except (BrokenPipeError, OSError):  # it died already
+            pass
         self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.terminate()
 
 
 def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), max_num_seqs=32,
@@ -380,27 +385,29 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     bandwidth = [read_bandwidth()]
     rounds = {system: [] for system in systems}
     tokens = {}
-    for r in range(repeat):
-        if repeat > 1:
-            log(f"round {r + 1} of {repeat}")
-        for system in (systems if r % 2 == 0 else systems[::-1]):
-            if (isolate or system in ("engine", *ENGINE_VARIANTS)) and system not in prepared:
-                prepare(system)  # set-up before settling: the timed run follows the settle directly
-            settled = settle(settle_seconds) if settle_seconds else None
-            res, toks = once(system)
-            if settled is not None:
-                res.extra["settle_seconds"], res.extra["cpu_stolen_while_settling"] = settled
-            if system in tokens and toks != tokens[system]:
-                raise RuntimeError(f"{res.system} gave other tokens in round {r + 1} than in round 1")
-            tokens[system] = toks
-            rounds[system].append(res)
-            steal = res.extra.get("cpu_steal_seconds")
-            log(f"  {res.system:38} {res.seconds:8.2f} s {res.tokens_per_second:9.1f} tok/s "
-                f"(set-up {res.setup_seconds:.1f} s" + ("" if steal is None else f"; CPU stolen {steal:.2f} s")
-                + (f"; settled {settled[0]:.0f} s first" if settled else "") + ")")
-    for worker in prepared.values():
-        if isinstance(worker, _Isolated):
-            worker.close()
+    try:
+        for r in range(repeat):
+            if repeat > 1:
+                log(f"round {r + 1} of {repeat}")
+            for system in (systems if r % 2 == 0 else systems[::-1]):
+                if (isolate or system in ("engine", *ENGINE_VARIANTS)) and system not in prepared:
+                    prepare(system)  # set-up before settling: the timed run follows the settle directly
+                settled = settle(settle_seconds) if settle_seconds else None
+                res, toks = once(system)
+                if settled is not None:
+                    res.extra["settle_seconds"], res.extra["cpu_stolen_while_settling"] = settled
+                if system in tokens and toks != tokens[system]:
+                    raise RuntimeError(f"{res.system} gave other tokens in round {r + 1} than in round 1")
+                tokens[system] = toks
+                rounds[system].append(res)
+                steal = res.extra.get("cpu_steal_seconds")
+                log(f"  {res.system:38} {res.seconds:8.2f} s {res.tokens_per_second:9.1f} tok/s "
+                    f"(set-up {res.setup_seconds:.1f} s" + ("" if steal is None else f"; CPU stolen {steal:.2f} s")
+                    + (f"; settled {settled[0]:.0f} s first" if settled else "") + ")")
+    finally:  # the workers go with the run, whether it finished or raised
+        for worker in prepared.values():
+            if isinstance(worker, _Isolated):
+                worker.close()
     bandwidth.append(read_bandwidth())
     log(f"DRAM read rate (sum over 512 MB): {bandwidth[0] / 1e9:.1f} GB/s before the systems ran, "
         f"{bandwidth[1] / 1e9:.1f} GB/s after")

@@ -85,3 +85,23 @@ def test_isolated_systems_run_in_processes_of_their_own_and_agree():
     assert engine["useful_tokens"] == static["useful_tokens"] == wanted
     # the same weights in every process (the preset is seeded): the same greedy tokens
     assert any("same tokens for 100% of requests" in l for l in lines)
+
+
+def test_a_run_that_fails_still_stops_its_worker_processes(monkeypatch):
+    import pytest
+
+    started = []
+    real_init = bench._Isolated.__init__
+
+    def init(self, *args):
+        real_init(self, *args)
+        started.append(self)
+
+    def fail(self):
+        raise RuntimeError("the timed pass broke")
+
+    monkeypatch.setattr(bench._Isolated, "__init__", init)
+    monkeypatch.setattr(bench._Isolated, "__call__", fail)
+    with pytest.raises(RuntimeError, match="the timed pass broke"):
+        bench.run("w1-tiny", systems=("hf-static",), isolate=True, log=lambda line: None)
+    assert len(started) == 1 and not started[0].process.is_alive()
