@@ -2,7 +2,7 @@
 docs/benchmarks.md; here: every system produces every requested token, and the report adds up)."""
 import sys
 
-from orca_compile import bench
+from orca_compile import bench, host_probes
 
 
 def test_w1_tiny_engine_and_hf_static_produce_every_requested_token():
@@ -62,10 +62,10 @@ def test_bad_repeat_and_systems_are_refused_before_anything_runs():
 
 
 def test_settling_waits_for_clean_seconds_of_cpu_before_a_timed_run():
-    if bench.cpu_steal_seconds() is None:
-        assert bench.settle(2) is None  # nothing to go by: no wait
+    if host_probes.cpu_steal_seconds() is None:
+        assert host_probes.settle(2) is None  # nothing to go by: no wait
         return
-    waited, stolen = bench.settle(2)
+    waited, stolen = host_probes.settle(2)
     assert waited >= 2 and stolen >= 0
     lines = []
     report = bench.run("w1-tiny", systems=("engine",), settle_seconds=1, log=lines.append)
