@@ -433,4 +433,7 @@ def _postcondition(gm):
               if len(n.args) > 5 and n.args[5] and any(not _dies_at(o, n) for o in n.args[:2])]
     if shared:
         raise AssertionError(f"lower_cpu: norms written over operands that are read elsewhere: {shared}")
+    walks = [n.target for n in gm.graph.find_nodes(op="get_attr") if n.target not in vars(gm)]
+    if walks:
+        raise AssertionError(f"lower_cpu: weights still read through the submodules: {walks}")
     gm.graph.lint()
