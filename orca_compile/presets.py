@@ -70,7 +70,10 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device
                 raise ValueError(f"no checkpoint directory at {name_or_path!r}")
             if "/" not in name_or_path and name_or_path.startswith("tiny"):
                 raise ValueError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
+        except OSError as exc:  # HF's message names the hub but not the id the user gave
+            raise ValueError(f"could not load {name_or_path!r} as a checkpoint directory or hub id: {exc}") from exc
     if device:
         model = model.to(device)
     return model.eval()

@@ -64,3 +64,53 @@ def test_a_directory_without_tokenizer_serves_token_ids_only(tmp_path):
 def test_a_missing_directory_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint directory"):
         orca_compile.optimize(str(tmp_path / "nope"))
+
+
+def _hub_cache_with(checkpoint, root, repo_id):
+    """A hub cache as ``huggingface_hub`` lays it out (``models--org--name/snapshots/<sha>``,
+    ``refs/main`` naming the snapshot), holding ``checkpoint``'s files: the path a hub id takes
+    for a user who downloaded the model before, without the network."""
+    import shutil
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(checkpoint, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    return root
+
+
+def _cli(args, env):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "orca_compile.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+def test_a_hub_id_loads_from_the_hub_cache_offline(checkpoint, tmp_path):
+    """The hub-id path end to end, offline: model and tokenizer resolved through the hub cache,
+    text in, the same tokens as HF ``generate`` on the same weights."""
+    cache = _hub_cache_with(checkpoint, tmp_path / "hub", "orca-test/tiny-llama")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    prompt = "the cat sat on a mat"
+    proc = _cli(["generate", "orca-test/tiny-llama", "--prompt", prompt, "--max-tokens", "6", "--ignore-eos"], env)
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith("[0] "))
+    tokens = [int(t) for t in lines["[0] tokens"].split("]")[0].strip("[").split(",")]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+    assert tokens == ref.tolist()
+    assert lines["[0] text"] == repr(tok.decode(ref, skip_special_tokens=True))
+
+    # an id the cache does not hold: the error names it, and the CLI exits 2 with no traceback
+    proc = _cli(["generate", "orca-test/not-there", "--prompt", prompt, "--max-tokens", "2"], env)
+    assert proc.returncode == 2 and "'orca-test/not-there'" in proc.stderr and "Traceback" not in proc.stderr
