@@ -1,4 +1,4 @@
-"""Small helpers the passes share: node values, symbolic sizes, module paths."""
+"""Small helpers the passes share: node values, module attributes, symbolic sizes, module paths."""
 from __future__ import annotations
 
 import re
@@ -14,6 +14,14 @@ CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.dev
 def val(node):
     """The node's ``meta["val"]`` (a FakeTensor, SymInt or tuple), or None for non-nodes."""
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def fetch_attr(gm: torch.nn.Module, target: str):
+    """The attribute a ``get_attr`` target names (``a.b.c``), or None where a link is missing."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def new_symint(shape_env, name: str, hint: int) -> torch.SymInt:

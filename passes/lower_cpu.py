@@ -8,9 +8,10 @@ Two kernels (``kernel=``):
   ``kernels/gemm_cpu.linear``), float32 and float64, fusing bias and GELU-tanh / SiLU / ReLU /
   sigmoid. Every ``orca::attention`` also becomes a direct call of ``kernels/attention_cpu``'s
   C path (when dispatch would pick it), skipping the custom op's dispatch (~0.1 ms a call), and
-  every ``layer_norm`` over the last dim, with the residual ``add`` that feeds it, one call of
-  ``kernels/norm_cpu.add_layer_norm`` (one pass over the rows, one call instead of two ATen ops),
-  which writes its results over the add's operands where the graph shows both die there.
+  every layer norm or HF RMSNorm over the last dim, with the residual ``add`` that feeds it, one
+  call of ``kernels/norm_cpu`` (``passes/fuse_norms.py``: one pass over the rows, one call
+  instead of two to seven ATen ops), which writes its results over the add's operands where the
+  graph shows both die there.
 * ``"onednn"`` (the ``onednn`` backend): ``mkldnn._linear_pointwise`` on oneDNN's packed layout,
   float32 only, fusing GELU (tanh and erf), SiLU, ReLU, sigmoid, tanh.
 
@@ -54,12 +55,13 @@ Before / after (GPT-2 MLP, ``kernel="orca"``)::
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 import torch.fx
 
 from orca_compile.kernels import gemm_cpu, norm_cpu
+from orca_compile.passes import fuse_norms as norm_fusion
+from orca_compile.passes.graph_utils import fetch_attr
 
 aten = torch.ops.aten
 PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise.default
@@ -120,8 +122,8 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
               attention: bool = True, fuse_norms: bool = True) -> torch.fx.GraphModule:
     """The lowered copy of ``gm``. ``attention`` (``kernel="orca"`` only): call the C attention
     path directly where dispatch would choose it for this graph's dtype. ``fuse_norms``
-    (``kernel="orca"`` only): each ``layer_norm`` over the last dim, with the ``add`` that feeds it,
-    becomes one call of the C ``add_layer_norm``."""
+    (``kernel="orca"`` only): each layer norm or RMSNorm over the last dim, with the ``add`` that
+    feeds it, becomes one call of the C ``add_layer_norm`` / ``add_rms_norm`` (``fuse_norms``)."""
     why = unmet(gm, kernel)
     if why:
         raise ValueError(f"lower_cpu cannot apply: {why}")
@@ -168,14 +170,16 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
             fused[act] = fused.get(act, 0) + 1
     graph.eliminate_dead_code()
     dropped = _drop_unreferenced(out)
-    direct = norms = reused = 0
+    direct = 0
+    norms = {"layer_norms": 0, "rms_norms": 0, "in_place": 0}
     if kernel == "orca" and attention:  # after DCE: a plain function call looks pure to it, the op does not
         direct = _direct_attention(graph)
     if kernel == "orca" and fuse_norms and norm_cpu.available():
-        norms, reused = _fuse_add_layer_norm(out)
+        norms = norm_fusion.fuse_norms(out)
     flat = _flatten_attributes(out)
     out.meta["orca_lowering"] = {"kernel": kernel, "packed_weights": len(packed), "fused_activations": fused,
-                                 "direct_attention": direct, "fused_norms": norms, "norms_in_place": reused,
+                                 "direct_attention": direct, "fused_norms": norms["layer_norms"] + norms["rms_norms"],
+                                 "fused_rms_norms": norms["rms_norms"], "norms_in_place": norms["in_place"],
                                  "dropped_weights": dropped, "flat_attributes": flat}
     _postcondition(out)
     out.recompile()
@@ -211,7 +215,7 @@ def _flatten_attributes(gm) -> int:
     forward for GPT-2's 149 (``docs/benchmarks.md``)."""
     aliases: dict[int, str] = {}
     for node in gm.graph.find_nodes(op="get_attr"):
-        t = _fetch(gm, node.target)
+        t = fetch_attr(gm, node.target)
         if not isinstance(t, torch.Tensor):
             continue
         if id(t) not in aliases:
@@ -226,7 +230,7 @@ def _flatten_attributes(gm) -> int:
 
 def _plain_bias(gm, bias, weight, out_features) -> bool:
     """The C kernel reads the bias in place: a contiguous [out] tensor of the weight's dtype."""
-    t = _fetch(gm, bias.target) if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
+    t = fetch_attr(gm, bias.target) if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
     return (isinstance(t, torch.Tensor) and t.shape == (out_features,) and t.dtype == weight.dtype
             and t.is_contiguous() and t.device == weight.device)
 
@@ -245,83 +249,6 @@ def _direct_attention(graph) -> int:
         node.target = attention_cpu.attention
         count += 1
     return count
-
-
-def _fuse_add_layer_norm(gm) -> tuple[int, int]:
-    """``s = add(x, r); y = layer_norm(s, [n], w, b, eps)`` -> ``s, y = add_layer_norm(x, r, w, b, eps,
-    reuse)`` (a ``layer_norm`` fed by anything else: ``add_layer_norm(x, None, ...)``). Applies where
-    the norm is over the last dim only, the add has two tensor operands of its own shape and dtype
-    (no broadcast, no alpha), and weight and bias are [n] weights of the graph (or absent).
-    ``reuse`` is True where both operands die at the add (``_dies_at``): the call then writes its
-    results over them. Returns (norms fused, of those in place)."""
-    graph = gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    count = reused = 0
-    for ln in list(graph.find_nodes(op="call_function", target=aten.layer_norm.default)):
-        if ln.kwargs or len(ln.args) < 2:
-            continue
-        x, shape, w, b, eps = (list(ln.args) + [None, None, 1e-5])[:5]
-        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-        if (val is None or val.dtype not in norm_cpu.DTYPES or val.device.type != "cpu" or val.dim() == 0
-                or list(shape) != [val.shape[-1]] or not isinstance(eps, (int, float))):
-            continue
-        n = val.shape[-1]
-        if not all(p is None or _param(gm, p, n, val.dtype) for p in (w, b)):
-            continue
-        add = x if _plain_add(x, val) else None
-        anchor = add if add is not None else ln
-        if any(isinstance(p, torch.fx.Node) and order[p] > order[anchor] for p in (w, b)):
-            continue
-        operands = tuple(add.args) if add is not None else (x, None)
-        # both operands of the add read nowhere else and owned by nobody else: the kernel writes
-        # the residual and the norm over them instead of into new tensors
-        reuse = add is not None and all(_dies_at(o, add) for o in operands)
-        reused += reuse
-        with graph.inserting_before(anchor):
-            fused = graph.call_function(norm_cpu.add_layer_norm, operands + (w, b, float(eps), reuse))
-            s = graph.call_function(operator.getitem, (fused, 0))
-            y = graph.call_function(operator.getitem, (fused, 1))
-        s.meta = dict(add.meta) if add is not None else {"val": val}
-        y.meta = dict(ln.meta)
-        fused.meta = {"val": (s.meta.get("val"), y.meta.get("val"))}
-        ln.replace_all_uses_with(y)
-        graph.erase_node(ln)
-        if add is not None:
-            add.replace_all_uses_with(s)
-            graph.erase_node(add)
-        count += 1
-    return count, reused
-
-
-def _dies_at(node, user) -> bool:
-    """``node``'s value is read by ``user`` alone and is memory of its own: the result of a kernel
-    call (the C linear, a result of a fused norm) or of an ATen op whose schema returns new memory
-    (no view or alias of an input, a weight or a graph input)."""
-    if not isinstance(node, torch.fx.Node) or list(node.users) != [user]:
-        return False
-    t = node.target
-    if t is gemm_cpu.linear:
-        return True
-    if t is operator.getitem:
-        src = node.args[0]
-        return isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target is norm_cpu.add_layer_norm
-    if isinstance(t, torch._ops.OpOverload):
-        schema = t._schema
-        return not schema.is_mutable and all(ret.alias_info is None for ret in schema.returns)
-    return False
-
-
-def _plain_add(node, val) -> bool:
-    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.add.Tensor
-            and len(node.args) == 2 and not node.kwargs):
-        return False
-    vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in node.args]
-    return all(v is not None and v.shape == val.shape and v.dtype == val.dtype for v in vals)
-
-
-def _param(gm, node, n, dtype) -> bool:
-    t = _fetch(gm, node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
-    return isinstance(t, torch.Tensor) and t.shape == (n,) and t.dtype == dtype and t.device.type == "cpu"
 
 
 def _linears(gm):
@@ -348,17 +275,10 @@ def _linears(gm):
 
 def _weight(gm, node):
     if isinstance(node, torch.fx.Node) and node.op == "get_attr":
-        w = _fetch(gm, node.target)
+        w = fetch_attr(gm, node.target)
         if isinstance(w, torch.Tensor) and w.dim() == 2 and w.layout == torch.strided:
             return w
     return None
-
-
-def _fetch(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def _operands(node):
@@ -427,12 +347,7 @@ def _postcondition(gm):
     left = [n.name for n, _, _ in _linears(gm)]
     if left:
         raise AssertionError(f"lower_cpu: matmuls on weights left unlowered: {left}")
-    # a norm written in place must be the last reader of both operands: anything else reading
-    # one would see the norm's results instead
-    shared = [n.name for n in gm.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm)
-              if len(n.args) > 5 and n.args[5] and any(not _dies_at(o, n) for o in n.args[:2])]
-    if shared:
-        raise AssertionError(f"lower_cpu: norms written over operands that are read elsewhere: {shared}")
+    norm_fusion.check(gm)  # a norm written in place is the last reader of both operands
     walks = [n.target for n in gm.graph.find_nodes(op="get_attr") if n.target not in vars(gm)]
     if walks:
         raise AssertionError(f"lower_cpu: weights still read through the submodules: {walks}")

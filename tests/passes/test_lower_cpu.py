@@ -67,18 +67,32 @@ def test_every_linear_is_packed_and_the_activation_fused(name, kernel):
     assert lowered.meta["orca_lowering"]["direct_attention"] == direct
     assert len(list(lowered.graph.find_nodes(op="call_function", target=attention_cpu.attention))) == direct
     assert len(list(lowered.graph.find_nodes(op="call_function", target=ATTENTION))) == layers - direct
-    # the C kernel's lowering turns every layer norm (with the residual add that feeds it, where one
-    # does) into one add_layer_norm call; RMSNorm families have none
-    norms = len(list(cm.graph_module.graph.find_nodes(op="call_function", target=aten.layer_norm.default)))
+    # the C kernel's lowering turns every layer norm and every RMSNorm (with the residual add that
+    # feeds it, where one does) into one add_layer_norm / add_rms_norm call
+    def count(gm, target):
+        return len(list(gm.graph.find_nodes(op="call_function", target=target)))
+
+    norms, rms = count(cm.graph_module, aten.layer_norm.default), count(cm.graph_module, aten.rsqrt.default)
     fused_norms = list(lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm))
+    fused_rms = list(lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_rms_norm))
     if kernel == "orca" and norm_cpu.available():
-        assert lowered.meta["orca_lowering"]["fused_norms"] == len(fused_norms) == norms
-        assert not list(lowered.graph.find_nodes(op="call_function", target=aten.layer_norm.default))
+        meta = lowered.meta["orca_lowering"]
+        assert len(fused_norms) == norms and meta["fused_rms_norms"] == len(fused_rms) == rms  # each rsqrt: a norm's
+        assert meta["fused_norms"] == norms + rms
+        assert count(lowered, aten.layer_norm.default) == count(lowered, aten.rsqrt.default) == 0
+        assert count(lowered, aten.pow.Tensor_Scalar) == 0 and count(lowered, aten.mean.dim) == 0
+        residual_norms = 2 * layers + 1  # before attention and MLP in each layer, and the final norm
         if name == "tiny-gpt2":  # ln_1, ln_2 per layer and ln_f, each fed by a residual add
-            assert norms == 2 * layers + 1 and all(n.args[1] is not None for n in fused_norms)
-            assert not list(lowered.graph.find_nodes(op="call_function", target=aten.add.Tensor))
+            assert norms == residual_norms and all(n.args[1] is not None for n in fused_norms)
+            assert count(lowered, aten.add.Tensor) == 0
+        if name in ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-llama-mqa"):
+            # all but the first (fed by the embedding) take their residual add; every weight is fused
+            assert rms == residual_norms and sum(n.args[1] is not None for n in fused_rms) == rms - 1
+            assert all(n.args[2] is not None for n in fused_rms)
+        if name == "tiny-gemma2":  # four norms a layer; the (1 + w) scale is no graph weight and stays
+            assert rms == 4 * layers + 1 and all(n.args[2] is None for n in fused_rms)
     else:
-        assert not fused_norms
+        assert not fused_norms and not fused_rms
     # every weight is read through a flat alias in the module's own dict (one lookup, not a walk
     # through the submodules' __getattr__ at each level)
     targets = [n.target for n in lowered.graph.find_nodes(op="get_attr")]
@@ -279,79 +293,3 @@ def test_lowered_engine_gives_the_eager_engines_tokens(name, backend):
     for a, b in zip(outs["eager"], outs[backend]):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 2e-5
-
-
-# ------------------------------------------------------------------------------ norms written in place
-
-def _norm_graph(variant):
-    """a = linear(x, W1), b = linear(x, W2) (or another operand), s = a + b, y = layer_norm(s),
-    out = linear(y, W3): the residual point of a pre-norm block. Returns (module, outputs' names)."""
-    root = torch.nn.Module()
-    g = torch.Generator().manual_seed(0)
-    root.w1, root.w2, root.w3 = (torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g),
-                                 torch.randn(4, 16, generator=g))
-    root.lw, root.lb = torch.randn(16, generator=g), torch.randn(16, generator=g)
-    graph = torch.fx.Graph()
-    x, extra = graph.placeholder("x"), graph.placeholder("extra")
-    lw, lb = graph.get_attr("lw"), graph.get_attr("lb")  # before the add, as the compiler leaves them
-    c = graph.call_function
-    a = c(aten.linear.default, (x, graph.get_attr("w1")))
-    b = c(aten.linear.default, (x, graph.get_attr("w2")))
-    if variant == "view":  # b's value is a view of another tensor: not the add's to overwrite
-        b = c(aten.view.default, (c(aten.linear.default, (x, graph.get_attr("w2"))), [5, 16]))
-    elif variant == "input":  # a graph input: the caller's tensor
-        b = extra
-    s = c(aten.add.Tensor, (a, b))
-    y = c(aten.layer_norm.default, (s, [16], lw, lb, 1e-5))
-    out = c(aten.linear.default, (y, graph.get_attr("w3")))
-    graph.output((out, s, a) if variant == "read-later" else (out, s))
-    gm = torch.fx.GraphModule(root, graph)
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    ShapeProp(gm).propagate(torch.randn(5, 8), torch.randn(5, 16))
-    for n in gm.graph.nodes:
-        if hasattr(n.meta.get("tensor_meta"), "shape"):  # the output's is a tuple
-            n.meta["val"] = torch.empty(n.meta["tensor_meta"].shape, dtype=n.meta["tensor_meta"].dtype)
-    return gm
-
-
-@NEEDS["orca"]
-@pytest.mark.skipif(not norm_cpu.available(), reason="the C norm kernel is unavailable")
-@pytest.mark.parametrize("variant,in_place", [("plain", True), ("read-later", False), ("view", False),
-                                              ("input", False)])
-def test_a_norm_writes_over_its_operands_only_where_nothing_else_reads_them(variant, in_place):
-    gm = _norm_graph(variant)
-    x, extra = torch.randn(5, 8), torch.randn(5, 16)
-    want = gm(x, extra)
-    kept = extra.clone()
-    lowered = lower_cpu.lower_cpu(gm, kernel="orca")
-    (fused,) = lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm)
-    assert lowered.meta["orca_lowering"]["norms_in_place"] == int(in_place) and fused.args[5] is in_place
-    got = lowered(x, extra)
-    for g_, w_ in zip(got, want):  # "read-later" also returns a: overwriting it would show here
-        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
-    assert torch.equal(extra, kept)  # a graph input is never written
-
-
-@NEEDS["orca"]
-@pytest.mark.skipif(not norm_cpu.available(), reason="the C norm kernel is unavailable")
-def test_every_gpt2_norm_is_in_place():
-    # each residual add's operands are a linear's output and the previous norm's residual (the
-    # first: two embedding lookups), read nowhere else
-    _, cm = _compiled("tiny-gpt2")
-    lowered = lower_cpu.lower_cpu(cm.graph_module, kernel="orca")
-    fused = list(lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm))
-    assert len(fused) == lowered.meta["orca_lowering"]["norms_in_place"] == 2 * cm.num_layers + 1
-    assert all(n.args[5] is True for n in fused)
-
-
-@NEEDS["orca"]
-@pytest.mark.skipif(not norm_cpu.available(), reason="the C norm kernel is unavailable")
-def test_the_postcondition_refuses_an_in_place_norm_whose_operand_is_read_elsewhere():
-    lowered = lower_cpu.lower_cpu(_norm_graph("plain"), kernel="orca")
-    lower_cpu._postcondition(lowered)  # as the pass leaves it: fine
-    (fused,) = lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm)
-    out = lowered.graph.output_node()
-    out.args = (tuple(out.args[0]) + (fused.args[0],),)  # a second reader of an operand it overwrites
-    with pytest.raises(AssertionError, match="read elsewhere"):
-        lower_cpu._postcondition(lowered)
