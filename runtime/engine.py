@@ -19,6 +19,7 @@ import torch
 from orca_compile.compiler import CompiledModel
 from orca_compile.config import EngineConfig
 from orca_compile.runtime.block_manager import KVBlockManager
+from orca_compile.runtime.detokenizer import Detokenizer
 from orca_compile.runtime.executor import LocalExecutor
 from orca_compile.runtime.host import tune_malloc
 from orca_compile.runtime.model_runner import ModelRunner
@@ -76,6 +77,7 @@ class Engine:
         self.iteration_stats: collections.deque[IterationStats] = collections.deque(maxlen=100_000)
         self._arrivals = itertools.count()
         self._auto_ids = itertools.count()
+        self._detokenizers: dict[str, Detokenizer] = {}  # unfinished requests' (with a tokenizer)
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -88,13 +90,16 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         prompt_ids = self._prompt_ids(prompt)
         self._check_fits(prompt_ids, params)
-        self.scheduler.add(Request(request_id, prompt_ids, params, next(self._arrivals), self.compiled.eos_token_ids))
+        req = Request(request_id, prompt_ids, params, next(self._arrivals), self.compiled.eos_token_ids)
+        self.scheduler.add(req)
+        if self.tokenizer is not None:
+            self._detokenizers[request_id] = Detokenizer(self.tokenizer, req)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request wherever it is and free its blocks; returns its final output (or None
         if the engine does not know it)."""
         req = self.scheduler.abort(request_id)
-        return None if req is None else RequestOutput.of(req, [], self.tokenizer)
+        return None if req is None else RequestOutput.of(req, [], self._detokenizers.pop(request_id, None))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -114,7 +119,9 @@ class Engine:
         result = self.executor.execute(decision)
         t2 = time.perf_counter()
         touched = self.scheduler.update(decision, result.sampled_token_ids, result.logprobs)
-        outputs = [RequestOutput.of(req, new, self.tokenizer) for req, new in touched]
+        detoks = self._detokenizers
+        outputs = [RequestOutput.of(req, new, detoks.pop(req.request_id, None) if req.status.finished
+                                    else detoks.get(req.request_id)) for req, new in touched]
         t3 = time.perf_counter()
         self.num_iterations += 1
         self.num_generated_tokens += len(result.sampled_token_ids)

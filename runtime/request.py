@@ -143,18 +143,31 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "length", "stop", "abort"; None while running
     num_preemptions: int = 0
-    tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
+    detokenizer: object = dataclasses.field(default=None, repr=False, compare=False)  # the request's, or None
 
     @property
     def text(self) -> str | None:
-        """The generated tokens decoded, when a tokenizer is known. Decoded when read, not at
-        every step: a stream that never reads it pays nothing, one that does pays one decode."""
-        if self.tokenizer is None:
+        """The generated tokens decoded (special tokens skipped), when a tokenizer is known.
+        Decoded when read, incrementally (``runtime/detokenizer.py``): a stream that never reads
+        it pays nothing, one that reads it every step pays for the new tokens only."""
+        if self.detokenizer is None:
             return None
-        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        return self.detokenizer.text_until(len(self.token_ids), self.finished)
+
+    @property
+    def new_text(self) -> str | None:
+        """The text this step added: ``text`` grows by exactly this much from the previous step's
+        output. Empty while the step's tokens end inside a character (its other bytes are still
+        to come) or are special tokens."""
+        if self.detokenizer is None:
+            return None
+        n = len(self.token_ids)
+        return self.detokenizer.text_between(n - len(self.new_token_ids), n, self.finished)
 
     @classmethod
-    def of(cls, req: Request, new_token_ids: list[int], tokenizer=None) -> "RequestOutput":
+    def of(cls, req: Request, new_token_ids: list[int], detokenizer=None) -> "RequestOutput":
+        if detokenizer is not None:
+            detokenizer.mark(req.num_output_tokens)
         return cls(req.request_id, req.prompt_token_ids, req.output_token_ids, new_token_ids,
                    list(req.logprobs) if req.params.logprobs else None, req.status.finished,
-                   req.status.value if req.status.finished else None, req.num_preemptions, tokenizer)
+                   req.status.value if req.status.finished else None, req.num_preemptions, detokenizer)

@@ -52,6 +52,26 @@ def test_text_in_text_out_from_a_saved_checkpoint(checkpoint):
         assert out.text == tok.decode(ref, skip_special_tokens=True) and out.text
 
 
+def test_streamed_text_pieces_join_into_the_final_text(checkpoint):
+    """Through ``step()``: each output's ``new_text`` is what its step added, and the pieces of a
+    request join into its final ``text``, the tokenizer's decode of its tokens."""
+    engine = orca_compile.optimize(str(checkpoint), max_num_seqs=2, max_num_batched_tokens=8, block_size=4,
+                                   num_kv_blocks=64)
+    for i, prompt in enumerate(["the cat sat on a mat", "dog ran", "bird saw the park and then slept"]):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=5 + 3 * i, ignore_eos=True))
+    pieces, final = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            pieces.setdefault(out.request_id, []).append(out.new_text)
+            if out.finished:
+                final[out.request_id] = out
+    tok = engine.tokenizer
+    assert len(final) == 3
+    for rid, out in final.items():
+        assert "".join(pieces[rid]) == out.text == tok.decode(out.token_ids, skip_special_tokens=True)
+        assert len(pieces[rid]) == len(out.token_ids)  # one output per sampled token (no chunk-only steps)
+
+
 def test_a_directory_without_tokenizer_serves_token_ids_only(tmp_path):
     load_model("tiny-gpt2", dtype=torch.float32).save_pretrained(tmp_path)
     engine = orca_compile.optimize(str(tmp_path), num_kv_blocks=16, block_size=4)
