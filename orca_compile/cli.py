@@ -85,8 +85,12 @@ def cmd_generate(args) -> int:
         raise ValueError("give at least one --prompt TEXT or --prompt-ids '1 2 3'")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+    if args.stream and len(prompts) != 1:
+        raise ValueError(f"--stream prints one prompt's text as it is generated; got {len(prompts)} prompts")
     engine = orca_compile.optimize(args.model or DEFAULT_PRESET, tokenizer=args.tokenizer, dtype=args.dtype,
                                    device=args.device, **_engine_kwargs(args))
+    if args.stream:
+        return _stream(engine, prompts[0], params)
     def progress(it, outs):  # a live status line where a person waits (a terminal only)
         print(f"\r  iteration {it.iteration}: {it.num_running} running, {it.num_waiting} waiting, "
               f"KV blocks {it.kv_blocks_used}/{engine.block_manager.num_blocks}", end="", file=sys.stderr, flush=True)
@@ -103,6 +107,21 @@ def cmd_generate(args) -> int:
             print(f"[{i}] logprobs: {[round(x, 4) for x in out.logprobs]}")
     s = engine.stats()
     print(f"{s['num_generated_tokens']} tokens in {s['num_iterations']} iterations", file=sys.stderr)
+    return 0
+
+
+def _stream(engine, prompt, params) -> int:
+    """One prompt's text printed piece by piece as the iterations produce it."""
+    if engine.tokenizer is None:
+        raise ValueError("--stream prints text, and this model has no tokenizer: pass --tokenizer, or drop "
+                         "--stream to see the token ids")
+    engine.add_request("stream", prompt, params)
+    out = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            print(out.new_text, end="", flush=True)
+    print()
+    print(f"({len(out.token_ids)} tokens, {out.finish_reason})", file=sys.stderr)
     return 0
 
 
@@ -165,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--logprobs", action="store_true")
+    p.add_argument("--stream", action="store_true", help="print one prompt's text as it is generated")
     _add_engine_args(p)
     p.set_defaults(func=cmd_generate)
 

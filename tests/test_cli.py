@@ -126,6 +126,8 @@ def test_generate_prints_tokens_and_logprobs(capsys):
     (["bench", "w9"], "unknown workload"),
     (["bench", "w1-tiny", "--systems", "engine,vllm"], "unknown system 'vllm'"),
     (["demo", "--requests", "0"], "at least 1 request"),
+    (["generate", "tiny-llama", "--prompt-ids", "1 2", "--stream"], "this model has no tokenizer"),
+    (["generate", "tiny-llama", "--prompt-ids", "1", "--prompt-ids", "2", "--stream"], "got 2 prompts"),
 ])
 def test_generate_and_bench_errors_are_one_line(argv, match, capsys):
     assert main(argv) == 2

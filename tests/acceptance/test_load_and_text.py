@@ -72,6 +72,26 @@ def test_streamed_text_pieces_join_into_the_final_text(checkpoint):
         assert len(pieces[rid]) == len(out.token_ids)  # one output per sampled token (no chunk-only steps)
 
 
+def test_the_cli_streams_the_text_hf_generates(checkpoint, capsys):
+    from orca_compile.cli import main
+
+    prompt = "dog ran to the park"
+    assert main(["generate", str(checkpoint), "--prompt", prompt, "--max-tokens", "7", "--ignore-eos", "--stream",
+                 "--num-kv-blocks", "32", "--block-size", "4"]) == 0
+    out = capsys.readouterr()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+    assert out.out == tok.decode(ref, skip_special_tokens=True) + "\n"
+    assert "(7 tokens, length)" in out.err
+
+
 def test_a_directory_without_tokenizer_serves_token_ids_only(tmp_path):
     load_model("tiny-gpt2", dtype=torch.float32).save_pretrained(tmp_path)
     engine = orca_compile.optimize(str(tmp_path), num_kv_blocks=16, block_size=4)
