@@ -52,12 +52,7 @@ def _declare(lib):
 LIB = cbuild.CLibrary("cpu_attention.c", _declare)
 
 
-def available() -> bool:
-    return LIB.available()
-
-
-def why_unavailable() -> str | None:
-    return LIB.why_unavailable()
+available, why_unavailable = LIB.available, LIB.why_unavailable  # built and loaded at first call
 
 
 def _lib():

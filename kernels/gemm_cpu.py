@@ -38,12 +38,7 @@ def _declare(lib):
 LIB = cbuild.CLibrary("cpu_gemm.c", _declare)
 
 
-def available() -> bool:
-    return LIB.available()
-
-
-def why_unavailable() -> str | None:
-    return LIB.why_unavailable()
+available, why_unavailable = LIB.available, LIB.why_unavailable  # built and loaded at first call
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -40,12 +40,7 @@ def _declare(lib):
 LIB = cbuild.CLibrary("cpu_norm.c", _declare)
 
 
-def available() -> bool:
-    return LIB.available()
-
-
-def why_unavailable() -> str | None:
-    return LIB.why_unavailable()
+available, why_unavailable = LIB.available, LIB.why_unavailable  # built and loaded at first call
 
 
 def add_layer_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor | None,

@@ -59,8 +59,9 @@ import copy
 import torch
 import torch.fx
 
-from orca_compile.kernels import gemm_cpu, norm_cpu
+from orca_compile.kernels import gemm_cpu, norm_cpu, rope_cpu
 from orca_compile.passes import fuse_norms as norm_fusion
+from orca_compile.passes import fuse_rope as rope_fusion
 from orca_compile.passes.graph_utils import fetch_attr
 
 aten = torch.ops.aten
@@ -119,11 +120,13 @@ def applies(gm: torch.fx.GraphModule, kernel: str = "onednn") -> bool:
 
 
 def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activations: bool = True,
-              attention: bool = True, fuse_norms: bool = True) -> torch.fx.GraphModule:
+              attention: bool = True, fuse_norms: bool = True, fuse_rope: bool = True) -> torch.fx.GraphModule:
     """The lowered copy of ``gm``. ``attention`` (``kernel="orca"`` only): call the C attention
     path directly where dispatch would choose it for this graph's dtype. ``fuse_norms``
     (``kernel="orca"`` only): each layer norm or RMSNorm over the last dim, with the ``add`` that
-    feeds it, becomes one call of the C ``add_layer_norm`` / ``add_rms_norm`` (``fuse_norms``)."""
+    feeds it, becomes one call of the C ``add_layer_norm`` / ``add_rms_norm`` (``fuse_norms``).
+    ``fuse_rope`` (``kernel="orca"`` only): each HF rotary embedding of a query or key becomes one
+    call of the C ``rope_cpu.rotate`` (``passes/fuse_rope.py``)."""
     why = unmet(gm, kernel)
     if why:
         raise ValueError(f"lower_cpu cannot apply: {why}")
@@ -176,10 +179,12 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
         direct = _direct_attention(graph)
     if kernel == "orca" and fuse_norms and norm_cpu.available():
         norms = norm_fusion.fuse_norms(out)
+    rope = rope_fusion.fuse_rope(out) if kernel == "orca" and fuse_rope and rope_cpu.available() else 0
     flat = _flatten_attributes(out)
     out.meta["orca_lowering"] = {"kernel": kernel, "packed_weights": len(packed), "fused_activations": fused,
                                  "direct_attention": direct, "fused_norms": norms["layer_norms"] + norms["rms_norms"],
                                  "fused_rms_norms": norms["rms_norms"], "norms_in_place": norms["in_place"],
+                                 "fused_rope": rope,
                                  "dropped_weights": dropped, "flat_attributes": flat}
     _postcondition(out)
     out.recompile()

@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 import orca_compile
-from orca_compile.kernels import attention_cpu, gemm_cpu, norm_cpu
+from orca_compile.kernels import attention_cpu, gemm_cpu, norm_cpu, rope_cpu
 from orca_compile.ops import ATTENTION
 from orca_compile.passes import lower_cpu
 from orca_compile.presets import load_model
@@ -93,6 +93,14 @@ def test_every_linear_is_packed_and_the_activation_fused(name, kernel):
             assert rms == 4 * layers + 1 and all(n.args[2] is None for n in fused_rms)
     else:
         assert not fused_norms and not fused_rms
+    # and every rotary embedding of a query or key into one rope_cpu.rotate call
+    rotations = list(lowered.graph.find_nodes(op="call_function", target=rope_cpu.rotate))
+    if kernel == "orca" and rope_cpu.available():
+        rope_families = ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-llama-mqa", "tiny-gemma2", "tiny-gpt-neox")
+        assert len(rotations) == lowered.meta["orca_lowering"]["fused_rope"] == (2 * layers if name in rope_families else 0)
+        assert count(lowered, aten.neg.default) == 0
+    else:
+        assert not rotations
     # every weight is read through a flat alias in the module's own dict (one lookup, not a walk
     # through the submodules' __getattr__ at each level)
     targets = [n.target for n in lowered.graph.find_nodes(op="get_attr")]
