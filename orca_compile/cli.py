@@ -121,6 +121,8 @@ def _stream(engine, prompt, params) -> int:
         for out in engine.step():
             print(out.new_text, end="", flush=True)
     print()
+    if out.logprobs is not None:
+        print(f"logprobs: {[round(x, 4) for x in out.logprobs]}")
     print(f"({len(out.token_ids)} tokens, {out.finish_reason})", file=sys.stderr)
     return 0
 

@@ -73,7 +73,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
         except OSError as exc:  # HF's message names the hub but not the id the user gave
-            raise ValueError(f"could not load {name_or_path!r} as a checkpoint directory or hub id: {exc}") from exc
+            reason = " ".join(str(exc).split())  # one line, as every error the CLI prints
+            raise ValueError(f"could not load {name_or_path!r} as a checkpoint directory or hub id: {reason}") from exc
     if device:
         model = model.to(device)
     return model.eval()

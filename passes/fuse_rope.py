@@ -117,8 +117,10 @@ def _half(node, d, which):
         return None
     x, dim, start, end = node.args[:4]
     step = node.args[4] if len(node.args) > 4 else 1
+    start, end = 0 if start is None else start, d if end is None else end  # None: from the start / to the end
     xv = _val(x)
-    if xv is None or xv.shape[-1] != d or dim % xv.dim() != xv.dim() - 1 or step != 1:
+    if (xv is None or xv.shape[-1] != d or not all(isinstance(v, int) for v in (dim, start, end, step))
+            or dim % xv.dim() != xv.dim() - 1 or step != 1):
         return None
     want = (0, d // 2) if which == 0 else (d // 2, d)
     return x if (start, min(end, d)) == want else None

@@ -78,6 +78,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._auto_ids = itertools.count()
         self._detokenizers: dict[str, Detokenizer] = {}  # unfinished requests' (with a tokenizer)
+        self._special_ids: frozenset[int] | None = None  # the tokenizer's, which decode skips
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -93,7 +94,9 @@ class Engine:
         req = Request(request_id, prompt_ids, params, next(self._arrivals), self.compiled.eos_token_ids)
         self.scheduler.add(req)
         if self.tokenizer is not None:
-            self._detokenizers[request_id] = Detokenizer(self.tokenizer, req)
+            if self._special_ids is None:
+                self._special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()))
+            self._detokenizers[request_id] = Detokenizer(self.tokenizer, req, self._special_ids)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request wherever it is and free its blocks; returns its final output (or None

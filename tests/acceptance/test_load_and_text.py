@@ -77,8 +77,9 @@ def test_the_cli_streams_the_text_hf_generates(checkpoint, capsys):
 
     prompt = "dog ran to the park"
     assert main(["generate", str(checkpoint), "--prompt", prompt, "--max-tokens", "7", "--ignore-eos", "--stream",
-                 "--num-kv-blocks", "32", "--block-size", "4"]) == 0
+                 "--num-kv-blocks", "32", "--block-size", "4", "--logprobs"]) == 0
     out = capsys.readouterr()
+    text, logprobs = out.out.rstrip("\n").split("\n")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,7 +89,8 @@ def test_the_cli_streams_the_text_hf_generates(checkpoint, capsys):
     with torch.no_grad():
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
-    assert out.out == tok.decode(ref, skip_special_tokens=True) + "\n"
+    assert text == tok.decode(ref, skip_special_tokens=True)
+    assert logprobs.startswith("logprobs: [") and len(eval(logprobs.split(": ", 1)[1])) == 7
     assert "(7 tokens, length)" in out.err
 
 
@@ -154,3 +156,4 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(checkpoint, tmp_path):
     # an id the cache does not hold: the error names it, and the CLI exits 2 with no traceback
     proc = _cli(["generate", "orca-test/not-there", "--prompt", prompt, "--max-tokens", "2"], env)
     assert proc.returncode == 2 and "'orca-test/not-there'" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

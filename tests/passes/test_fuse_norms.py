@@ -108,14 +108,16 @@ def _rms_graph(variant):
                             c(aten.linear.default, (x, graph.get_attr("w2")))))
     if variant == "cast":  # the norm in another dtype than its input's: HF's float32 round trip
         s = c(aten.to.dtype, (s, torch.float64))
-    rsqrt = c(aten.rsqrt.default, (c(aten.add.Tensor, (c(aten.mean.dim, (c(aten.pow.Tensor_Scalar, (s, 2)), [-1], True)),
-                                                       1e-6)),))
+    squares = c(aten.pow.Tensor_Scalar, (s, 2))
+    mean = c(aten.mean.dim, (squares, [0] if variant == "mean over the rows" else [-1], True))
+    rsqrt = c(aten.rsqrt.default, (c(aten.add.Tensor, (mean, 1e-6)),))
     normed = c(aten.mul.Tensor, (s, rsqrt))
     y = c(aten.mul.Tensor, (scale if variant == "scale-not-a-weight" else lw, normed))
     if variant == "cast":
         y = c(aten.to.dtype, (y, torch.float32))
     out = c(aten.linear.default, (y, graph.get_attr("w3")))
-    graph.output((out, rsqrt) if variant == "rsqrt-read-later" else (out,))
+    later = {"rsqrt-read-later": rsqrt, "squares read later": squares}.get(variant)
+    graph.output((out, later) if later is not None else (out,))
     gm = torch.fx.GraphModule(root, graph)
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -127,7 +129,9 @@ def _rms_graph(variant):
 
 
 @pytest.mark.parametrize("variant,fused,weighted", [("plain", True, True), ("scale-not-a-weight", True, False),
-                                                    ("rsqrt-read-later", False, False), ("cast", False, False)])
+                                                    ("rsqrt-read-later", False, False), ("cast", False, False),
+                                                    ("squares read later", False, False),
+                                                    ("mean over the rows", False, False)])
 def test_rms_norm_is_fused_only_where_its_chain_is_its_own(variant, fused, weighted):
     gm = _rms_graph(variant)
     x, scale = torch.randn(5, 8), torch.randn(16)

@@ -27,12 +27,17 @@ def _rope_graph(variant):
     x, cos, sin = graph.placeholder("x"), graph.placeholder("cos"), graph.placeholder("sin")
     c = graph.call_function
     q = c(aten.transpose.int, (c(aten.view.default, (c(aten.linear.default, (x, graph.get_attr("w"))), [T, H, D])), 0, 1))
-    cu, su = c(aten.unsqueeze.default, (cos, 0)), c(aten.unsqueeze.default, (sin, 0))
+    if variant == "per-head table":  # cos, sin [H, T, D]: not HF's table, which is one per position
+        cu, su = (c(aten.expand.default, (c(aten.unsqueeze.default, (t, 0)), [H, T, D])) for t in (cos, sin))
+        cu, su = (c(aten.mul.Tensor, (t, 1.5)) for t in (cu, su))
+    else:
+        cu, su = c(aten.unsqueeze.default, (cos, 0)), c(aten.unsqueeze.default, (sin, 0))
+    other = c(aten.mul.Tensor, (q, 2.0))  # a tensor of q's shape that is not q
     x1 = c(aten.slice.Tensor, (q, 2, 0, D // 2))
-    x2 = c(aten.slice.Tensor, (q, 2, D // 2, 9223372036854775807))
+    x2 = c(aten.slice.Tensor, (q, 2, D // 2, None if variant == "end None" else 9223372036854775807))
     first, second = (x1, x2) if variant == "halves swapped" else (x2, x1)  # rotate_half: cat(-x2, x1)
     r = c(aten.cat.default, ([c(aten.neg.default, (first,)), second], -1))
-    a = c(aten.mul.Tensor, (cu, q) if variant == "operands swapped" else (q, cu))
+    a = c(aten.mul.Tensor, (cu, q) if variant == "operands swapped" else (other if variant == "another x" else q, cu))
     b = c(aten.mul.Tensor, (su, r) if variant == "operands swapped" else (r, su))
     y = c(aten.add.Tensor, (b, a) if variant == "operands swapped" else (a, b))
     graph.output((y, r) if variant == "rotate_half read later" else (y,))
@@ -46,8 +51,9 @@ def _rope_graph(variant):
     return gm
 
 
-@pytest.mark.parametrize("variant,fused", [("plain", True), ("operands swapped", True),
-                                           ("rotate_half read later", False), ("halves swapped", False)])
+@pytest.mark.parametrize("variant,fused", [("plain", True), ("operands swapped", True), ("end None", True),
+                                           ("rotate_half read later", False), ("halves swapped", False),
+                                           ("per-head table", False), ("another x", False)])
 def test_the_rotation_is_fused_only_where_its_chain_is_hfs_and_its_own(variant, fused):
     gm = _rope_graph(variant)
     args = (torch.randn(T, 4), torch.randn(T, D), torch.randn(T, D))
@@ -62,7 +68,7 @@ def test_the_rotation_is_fused_only_where_its_chain_is_hfs_and_its_own(variant, 
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     if fused:  # laid out as q, the projection's [T, H, D] rows: what ATen's add leaves in HF's order
         assert got[0].stride() == (D, H * D, 1)
-        if variant == "plain":
+        if variant in ("plain", "end None"):
             assert got[0].stride() == want[0].stride()
 
 

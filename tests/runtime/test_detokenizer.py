@@ -4,7 +4,7 @@ ASCII spans several tokens, one byte each)."""
 import pytest
 
 from orca_compile.runtime.detokenizer import Detokenizer
-from orca_compile.runtime.request import Request, RequestOutput, SamplingParams
+from orca_compile.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
 
 TEXT = "the cat sat on the mat. Zoë's café: 😀 naïve 日本 — done"
 
@@ -31,16 +31,20 @@ class CountingTokenizer:
         return self.tokenizer.decode(ids, **kw)
 
 
-def _stream(tokenizer, ids, steps):
-    """Outputs of a request fed ``ids`` in steps of the given sizes, as the engine makes them."""
-    req = Request("r", [1, 2, 3], SamplingParams(max_tokens=len(ids)), 0)
-    detok = Detokenizer(tokenizer, req)
+def _stream(tokenizer, ids, steps, abort=False, special=None):
+    """Outputs of a request fed ``ids`` in steps of the given sizes, as the engine makes them
+    (``abort``: one more output, as ``abort_request`` makes it after the last step)."""
+    req = Request("r", [1, 2, 3], SamplingParams(max_tokens=len(ids) + abort, ignore_eos=True), 0)
+    detok = Detokenizer(tokenizer, req, special)
     outs, i = [], 0
     for k in steps:
         for t in ids[i:i + k]:
             req.append_token(t, None)
         i += k
         outs.append(RequestOutput.of(req, ids[i - k:i], detok))
+    if abort:
+        req.status = RequestStatus.FINISHED_ABORT
+        outs.append(RequestOutput.of(req, [], detok))
     return outs
 
 
@@ -92,3 +96,25 @@ def test_without_a_tokenizer_there_is_no_text():
     req.append_token(5, None)
     out = RequestOutput.of(req, [5])
     assert out.text is None and out.new_text is None
+
+
+def test_an_abort_emits_what_was_held_back_whichever_output_is_read_first(tokenizer):
+    ids = tokenizer.encode("ok 😀")[:-1]  # aborted inside the emoji: its last byte never came
+    for abort_first in (False, True):
+        outs = _stream(tokenizer, ids, [1] * len(ids), abort=True)
+        assert outs[-1].finished and outs[-1].finish_reason == "abort" and not outs[-2].finished
+        if abort_first:
+            assert outs[-1].text == tokenizer.decode(ids, skip_special_tokens=True)
+        pieces = [o.new_text for o in outs]
+        # the steps inside the emoji held their bytes back; the abort's output carries them
+        assert pieces[-1] == "\ufffd" and all("\ufffd" not in o.text for o in outs[:-1])
+        assert "".join(pieces) == outs[-1].text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_run_of_special_tokens_does_not_widen_the_window(tokenizer):
+    counting = CountingTokenizer(tokenizer)
+    eos = tokenizer.eos_token_id
+    ids = tokenizer.encode("the cat") + [eos] * 300 + tokenizer.encode(" sat")
+    outs = _stream(counting, ids, [1] * len(ids), special=frozenset(tokenizer.all_special_ids))
+    assert "".join(o.new_text for o in outs) == outs[-1].text == "the cat sat"
+    assert max(counting.sizes) <= 8 and sum(counting.sizes) < 20 * len(ids)
