@@ -21,6 +21,19 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
 
 
+def hf_reference(checkpoint, prompt, max_new_tokens):
+    """HF ``generate`` alone on the same checkpoint, greedy, EOS ignored: (prompt ids, new ids, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return ids[0].tolist(), out[0, ids.shape[1]:].tolist(), tok
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
@@ -38,17 +51,10 @@ def test_text_in_text_out_from_a_saved_checkpoint(checkpoint):
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     outs = engine.generate(prompts, params)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64).eval()
-    tok = AutoTokenizer.from_pretrained(checkpoint)
     for prompt, out in zip(prompts, outs):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        assert out.prompt_token_ids == ids[0].tolist()
-        with torch.no_grad():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
-        assert out.token_ids == ref.tolist()
+        prompt_ids, ref, tok = hf_reference(checkpoint, prompt, 8)
+        assert out.prompt_token_ids == prompt_ids
+        assert out.token_ids == ref
         assert out.text == tok.decode(ref, skip_special_tokens=True) and out.text
 
 
@@ -80,15 +86,7 @@ def test_the_cli_streams_the_text_hf_generates(checkpoint, capsys):
                  "--num-kv-blocks", "32", "--block-size", "4", "--logprobs"]) == 0
     out = capsys.readouterr()
     text, logprobs = out.out.rstrip("\n").split("\n")
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64).eval()
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+    _, ref, tok = hf_reference(checkpoint, prompt, 7)
     assert text == tok.decode(ref, skip_special_tokens=True)
     assert logprobs.startswith("logprobs: [") and len(eval(logprobs.split(": ", 1)[1])) == 7
     assert "(7 tokens, length)" in out.err
@@ -141,16 +139,8 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith("[0] "))
     tokens = [int(t) for t in lines["[0] tokens"].split("]")[0].strip("[").split(",")]
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64).eval()
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
-    assert tokens == ref.tolist()
+    _, ref, tok = hf_reference(checkpoint, prompt, 6)
+    assert tokens == ref
     assert lines["[0] text"] == repr(tok.decode(ref, skip_special_tokens=True))
 
     # an id the cache does not hold: the error names it, and the CLI exits 2 with no traceback
