@@ -14,9 +14,10 @@ of ``x`` become one call that reads ``x`` once and writes ``y`` laid out as ``x`
 of a ``[T, H * D]`` projection: ``[T, H, D]`` rows), which is what ATen's ``add`` leaves in HF's
 operand order, so the transpose in front of attention stays contiguous.
 
-Requires: ``meta["val"]`` on the nodes; the C RoPE kernel available. Ensures: each fused call
-has the ``add``'s value (shape, dtype) and the chain's other nodes are gone; a graph that spells
-RoPE otherwise keeps its ATen ops (the count says how many were fused).
+Requires: ``meta["val"]`` on the nodes; the C RoPE kernel available. Ensures (``check``): each
+fused call's value has its ``x``'s shape and dtype, and its tables are ``[T, D]`` or ``[1, T, D]``
+of that dtype; a graph that spells RoPE otherwise keeps its ATen ops (the count says how many
+were fused).
 
 Before / after (a Llama layer's query)::
 
@@ -57,6 +58,18 @@ def fuse_rope(gm: torch.fx.GraphModule) -> int:
             graph.erase_node(node)
         count += 1
     return count
+
+
+def check(gm: torch.fx.GraphModule) -> None:
+    bad = []
+    for node in gm.graph.find_nodes(op="call_function", target=rope_cpu.rotate):
+        y, (x, cos, sin) = _val(node), node.args
+        xv = _val(x)
+        if (y is None or xv is None or tuple(y.shape) != tuple(xv.shape) or y.dtype != xv.dtype
+                or not (_table(cos, y) and _table(sin, y))):
+            bad.append(node.name)
+    if bad:
+        raise AssertionError(f"fuse_rope: rotations whose operands do not fit their result: {bad}")
 
 
 def _match(add):

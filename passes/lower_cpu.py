@@ -353,6 +353,7 @@ def _postcondition(gm):
     if left:
         raise AssertionError(f"lower_cpu: matmuls on weights left unlowered: {left}")
     norm_fusion.check(gm)  # a norm written in place is the last reader of both operands
+    rope_fusion.check(gm)  # each rotation's operands fit its result
     walks = [n.target for n in gm.graph.find_nodes(op="get_attr") if n.target not in vars(gm)]
     if walks:
         raise AssertionError(f"lower_cpu: weights still read through the submodules: {walks}")

@@ -12,6 +12,8 @@ from orca_compile.kernels import gemm_cpu, rope_cpu
 from orca_compile.passes import lower_cpu
 
 aten = torch.ops.aten
+# reason: a kernel not built means no C compiler (not Linux, or none on PATH); where one is, the
+# kernels' own test_the_kernel_builds_where_a_compiler_is fails instead of this skipping
 pytestmark = [
     pytest.mark.skipif(not gemm_cpu.available(), reason=f"C GEMM: {gemm_cpu.why_unavailable()}"),
     pytest.mark.skipif(not rope_cpu.available(), reason=f"C RoPE kernel: {rope_cpu.why_unavailable()}"),
@@ -76,3 +78,12 @@ def test_off_when_asked():
     lowered = lower_cpu.lower_cpu(_rope_graph("plain"), kernel="orca", fuse_rope=False)
     assert lowered.meta["orca_lowering"]["fused_rope"] == 0
     assert not list(lowered.graph.find_nodes(op="call_function", target=rope_cpu.rotate))
+
+
+def test_the_postcondition_refuses_a_rotation_whose_table_does_not_fit():
+    lowered = lower_cpu.lower_cpu(_rope_graph("plain"), kernel="orca")
+    lower_cpu._postcondition(lowered)  # as the pass leaves it: fine
+    (call,) = lowered.graph.find_nodes(op="call_function", target=rope_cpu.rotate)
+    call.args = (call.args[0], call.args[0], call.args[2])  # q itself as the cos table: [H, T, D]
+    with pytest.raises(AssertionError, match="do not fit"):
+        lower_cpu._postcondition(lowered)
