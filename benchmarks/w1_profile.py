@@ -35,8 +35,8 @@ def main():
     prompts, params = [p for p, _ in reqs], [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in reqs]
     engine.generate(prompts, params)  # set-up pass, untimed
 
-    runner = engine.executor.runner
-    graph_globals = runner.forward.forward.__globals__
+    lowered = engine.executor.runner.model  # the artifact the engine runs (lowered for its backend)
+    graph_globals = lowered.graph_module.forward.__globals__
     spent = collections.defaultdict(float)
     phase = ["decode"]
 
@@ -52,8 +52,8 @@ def main():
 
     for name in [n for n in graph_globals if any(n.endswith(s) for s in KINDS)]:
         graph_globals[name] = timed(name, graph_globals[name])
-    forward = runner.forward
-    names = compiled.input_names
+    forward = lowered.forward
+    names = lowered.input_names
     ids, qsl = names.index("input_ids"), names.index("query_start_loc")
 
     def forward_timed(*args):
@@ -64,7 +64,7 @@ def main():
         out = forward(*args)
         spent[phase[0], "forward"] += time.perf_counter() - start
         return out
-    runner.forward = forward_timed
+    lowered.forward = forward_timed
 
     engine.iteration_stats.clear()
     start = time.perf_counter()

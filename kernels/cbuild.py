@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import pathlib
 import shutil
@@ -28,6 +29,10 @@ from typing import Callable
 
 import torch
 
+from orca_compile import env
+
+log = logging.getLogger(__name__)
+
 FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno"]
 VARIANTS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native", "-fopenmp-simd"],
             ["-fopenmp-simd", "-Wno-psabi"])
@@ -35,21 +40,18 @@ ENV_DISABLE = "ORCA_CPU_KERNELS"
 
 
 def cache_dir() -> pathlib.Path:
-    if os.environ.get("ORCA_CACHE_DIR"):
-        return pathlib.Path(os.environ["ORCA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "orca_compile"
+    return env.get().cache_dir
 
 
 def compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+    for name in (env.get().cc, "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
 
 
 def disabled() -> bool:
-    return os.environ.get(ENV_DISABLE, "1").strip().lower() in ("0", "false", "off", "no")
+    return not env.get().cpu_kernels
 
 
 def _cpu_flags() -> str:
@@ -122,6 +124,8 @@ class CLibrary:
                             self._lib = lib
                         except (RuntimeError, OSError, AttributeError) as exc:
                             self._error = str(exc)
+                            log.warning("the C kernel %s is unavailable (%s); its torch path runs instead",
+                                        self.source.name, exc)
         return self._lib
 
     def available(self) -> bool:

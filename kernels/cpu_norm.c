@@ -1,8 +1,7 @@
-/* Residual add and layer norm (or RMS norm) in one pass over each row, float32 and float64:
+/* Residual add and layer norm in one pass over each row, float32 and float64:
  *
  *     s = x + r                (the new residual stream; skipped when r is NULL: s = x)
  *     y = (s - mean(s)) / sqrt(var(s) + eps) * w + b      (biased variance, as torch.layer_norm)
- *     y = w * (s / sqrt(mean(s^2) + eps))                 (orca_add_rms_norm: Llama's RMSNorm)
  *
  * What a pre-norm transformer does between its sublayers (GPT-2: `h = h + attn(...)`, then
  * `ln_2(h)`). As two ATen ops that is two passes over the rows and two dispatches; here it is one
@@ -27,12 +26,10 @@
 #define PARALLEL_FROM (64 * 1024)
 #endif
 
-/* The first pass over a row, shared by both norms: s = x + r (or x), and the sum of s (squares:
- * of s^2) in four vector accumulators, as one add chain would wait out the add latency at every
- * vector (a 768-wide row is 96 of them). Inlined, so `squares` is a constant at each call. */
+/* The first pass over a row: s = x + r (or x), and the sum of s in four vector accumulators, as
+ * one add chain would wait out the add latency at every vector (a 768-wide row is 96 of them). */
 #define DEFINE_ADD_SUM(S, T, V, L)                                                                  \
-static inline __attribute__((always_inline)) T add_sum_##S(const T *x, const T *r, T *s, int64_t n, \
-                                                           const int squares) {                     \
+static inline __attribute__((always_inline)) T add_sum_##S(const T *x, const T *r, T *s, int64_t n) { \
     const int64_t whole = n - n % L, quads = n - n % (4 * L);                                       \
     V a0 = splat_##S(0), a1 = a0, a2 = a0, a3 = a0;                                                 \
     T tail = 0;                                                                                     \
@@ -44,19 +41,18 @@ static inline __attribute__((always_inline)) T add_sum_##S(const T *x, const T *
             v2 += load_##S(r + i + 2 * L); v3 += load_##S(r + i + 3 * L);                           \
         }                                                                                           \
         store_##S(s + i, v0); store_##S(s + i + L, v1); store_##S(s + i + 2 * L, v2); store_##S(s + i + 3 * L, v3); \
-        if (squares) { a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3; }                \
-        else { a0 += v0; a1 += v1; a2 += v2; a3 += v3; }                                            \
+        a0 += v0; a1 += v1; a2 += v2; a3 += v3;                                                     \
     }                                                                                               \
     for (; i < whole; i += L) {                                                                     \
         V v = load_##S(x + i);                                                                      \
         if (r) v += load_##S(r + i);                                                                \
         store_##S(s + i, v);                                                                        \
-        a0 += squares ? v * v : v;                                                                  \
+        a0 += v;                                                                                    \
     }                                                                                               \
     for (; i < n; i++) {                                                                            \
         const T v = r ? x[i] + r[i] : x[i];                                                         \
         s[i] = v;                                                                                   \
-        tail += squares ? v * v : v;                                                                \
+        tail += v;                                                                                  \
     }                                                                                               \
     const V acc = (a0 + a1) + (a2 + a3);                                                            \
     T sum = tail;                                                                                   \
@@ -68,7 +64,7 @@ static inline __attribute__((always_inline)) T add_sum_##S(const T *x, const T *
 #define DEFINE_ROW(S, T, V, L)                                                                      \
 static void row_##S(const T *x, const T *r, T *s, const T *w, const T *b, T *y, int64_t n, T eps) { \
     const int64_t whole = n - n % L, quads = n - n % (4 * L);                                       \
-    const T sum = add_sum_##S(x, r, s, n, 0);                                                       \
+    const T sum = add_sum_##S(x, r, s, n);                                                          \
     const T mean = sum / (T)n;                                                                      \
     const V mv = splat_##S(mean);                                                                   \
     V a0 = splat_##S(0), a1 = a0, a2 = a0, a3 = a0;                                                 \
@@ -103,35 +99,12 @@ static void row_##S(const T *x, const T *r, T *s, const T *w, const T *b, T *y, 
     }                                                                                               \
 }
 
-/* RMS norm: one pass writes s and sums its squares (no mean to subtract first), one writes y.
- * The scaling order is HF's: (s * rstd), then times the weight. */
-#define DEFINE_RMS_ROW(S, T, V, L)                                                                  \
-static void rms_row_##S(const T *x, const T *r, T *s, const T *w, T *y, int64_t n, T eps) {        \
-    const int64_t whole = n - n % L;                                                                \
-    const T sq = add_sum_##S(x, r, s, n, 1);                                                        \
-    int64_t i;                                                                                      \
-    const T rstd = (T)1 / sqrt##S(sq / (T)n + eps);                                                 \
-    const V rv = splat_##S(rstd);                                                                   \
-    for (i = 0; i < whole; i += L) {                                                                \
-        V v = load_##S(s + i) * rv;                                                                 \
-        if (w) v = load_##S(w + i) * v;                                                             \
-        store_##S(y + i, v);                                                                        \
-    }                                                                                               \
-    for (; i < n; i++) {                                                                            \
-        T v = s[i] * rstd;                                                                          \
-        if (w) v = w[i] * v;                                                                        \
-        y[i] = v;                                                                                   \
-    }                                                                                               \
-}
-
 #define sqrtf32 sqrtf
 #define sqrtf64 sqrt
 DEFINE_ADD_SUM(f32, float, v8f, 8)
 DEFINE_ADD_SUM(f64, double, v4d, 4)
 DEFINE_ROW(f32, float, v8f, 8)
 DEFINE_ROW(f64, double, v4d, 4)
-DEFINE_RMS_ROW(f32, float, v8f, 8)
-DEFINE_RMS_ROW(f64, double, v4d, 4)
 
 /* dtype: 0 float32, 1 float64. x, r (or NULL), s, y: [M, n] with row strides ldx, ldr, lds, ldy
  * (unit column stride); w, b: [n] or NULL. Each row's first pass reads x and r and writes s at
@@ -151,23 +124,6 @@ int orca_add_layer_norm(int dtype, const void *x, int64_t ldx, const void *r, in
         else
             row_f64((const double *)x + m * ldx, r ? (const double *)r + m * ldr : 0, (double *)s + m * lds,
                     (const double *)w, (const double *)b, (double *)y + m * ldy, n, eps);
-    }
-    return 0;
-}
-
-/* The same contract as orca_add_layer_norm, for RMS norm (no bias). */
-int orca_add_rms_norm(int dtype, const void *x, int64_t ldx, const void *r, int64_t ldr, void *s, int64_t lds,
-                      const void *w, void *y, int64_t ldy, int64_t M, int64_t n, double eps, int num_threads) {
-    if (dtype != 0 && dtype != 1) return -1;
-    if (num_threads < 1 || M * n < PARALLEL_FROM) num_threads = 1;
-    _Pragma("omp parallel for num_threads(num_threads) if(num_threads > 1)")
-    for (int64_t m = 0; m < M; m++) {
-        if (dtype == 0)
-            rms_row_f32((const float *)x + m * ldx, r ? (const float *)r + m * ldr : 0, (float *)s + m * lds,
-                        (const float *)w, (float *)y + m * ldy, n, (float)eps);
-        else
-            rms_row_f64((const double *)x + m * ldx, r ? (const double *)r + m * ldr : 0, (double *)s + m * lds,
-                        (const double *)w, (double *)y + m * ldy, n, eps);
     }
     return 0;
 }

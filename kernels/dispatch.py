@@ -11,19 +11,19 @@ otherwise. ``ORCA_ATTENTION_BACKEND`` overrides the choice:
 * ``triton``: always the kernels, an error when triton is missing. On the CPU that only works with
   ``TRITON_INTERPRET=1`` (Triton's interpreter, slow: for tests), and is an error otherwise.
 
-The variable is read on every call (an ``os.environ`` lookup, cheap next to a launch) so that tests
-can flip it with ``monkeypatch``; the engine's ``cpu`` backend is the exception: its lowering
-(``passes/lower_cpu.py``) reads it once and calls the chosen C path directly. triton is imported only when the kernels are chosen, so the
+The variable is read once, with every other one, by ``orca_compile.env`` (tests that change it call
+``env.reload()``); the engine's ``cpu`` backend asks once, at lowering (``passes/lower_cpu.py``),
+and calls the chosen C path directly. triton is imported only when the kernels are chosen, so the
 package works without it. float64 never takes Triton: ``tl.dot`` has no float64 form and it is not
 a serving dtype.
 """
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
+from orca_compile import env
 from orca_compile.kernels import attention_ref
 
 ENV_VAR = "ORCA_ATTENTION_BACKEND"
@@ -40,7 +40,7 @@ def triton_available() -> bool:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return env.get().triton_interpret
 
 
 def _cpu_kernel_fits(device, dtype) -> bool:
@@ -53,8 +53,8 @@ def attention_backend(device, dtype: torch.dtype | None = None) -> str:
     """``"triton"``, ``"cpu"`` or ``"torch"``: which implementation ``attention`` runs for tensors
     on ``device`` (of ``dtype``, if given). Raises where the forced choice cannot run."""
     device = torch.device(device)
-    forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if forced in ("", "auto"):
+    forced = env.get().attention_backend
+    if not forced:
         if device.type == "cuda" and triton_available() and dtype != torch.float64:
             return "triton"
         return "cpu" if _cpu_kernel_fits(device, dtype) else "torch"

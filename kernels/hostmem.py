@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 import sys
 
 import torch
+
+from orca_compile import env
 
 HUGE_PAGE = 2 << 20
 MIN_BYTES = HUGE_PAGE  # below one huge page there is nothing to gain
 
 
 def enabled() -> bool:
-    return (os.environ.get("ORCA_HUGE_PAGES", "1") != "0" and sys.platform.startswith("linux")
+    return (env.get().huge_pages and sys.platform.startswith("linux")
             and hasattr(mmap, "MADV_HUGEPAGE"))
 
 

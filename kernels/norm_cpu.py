@@ -1,13 +1,13 @@
-"""Residual add + layer norm (or RMS norm) on the CPU in C (``cpu_norm.c``): ``s = x + r``,
-``y = layer_norm(s)`` or ``y = rms_norm(s)``, in one pass over each row, float32 and float64.
+"""Residual add + layer norm on the CPU in C (``cpu_norm.c``): ``s = x + r``, ``y = layer_norm(s)``,
+in one pass over each row, float32 and float64.
 
-``passes/fuse_norms.py`` (run by ``lower_cpu`` with ``kernel="orca"``) turns every ``add`` that
-feeds a ``layer_norm`` over the last dim into one call of ``add_layer_norm``, and every ``add``
-that feeds the ATen ops of an HF RMSNorm into one call of ``add_rms_norm`` (both results kept:
-the sum is the residual stream). On a pre-norm model that is every norm: GPT-2 has 25, a
-2-layer Llama 5. It saves a pass over the rows per residual point and one of two calls; a call costs
-about what ATen's add + layer_norm cost together at one row (``benchmarks/call_overhead.py``), and
-the end-to-end change on W1 was within noise (docs/benchmarks.md).
+``passes/fuse_norms.py`` (a pass of the ``cpu`` backend's lowering) turns every ``add`` that
+feeds a ``layer_norm`` over the last dim into one call of ``add_layer_norm`` (both results kept:
+the sum is the residual stream). On a pre-norm model that is every norm: GPT-2 has 25. It saves a
+pass over the rows per residual point and one of two calls; a call costs about what ATen's add +
+layer_norm cost together at one row (``benchmarks/call_overhead.py``); on W1 it took 0.954x the
+time at the median of 14 ABBA rounds (docs/benchmarks.md). HF's RMSNorm had a C call of its
+own too, removed when its A/B showed no gain beyond the spread.
 
 Numerics: two-pass mean and variance in the input dtype with vector accumulators, so results
 differ from torch's by rounding only (a few ulp of each row's scale).
@@ -32,9 +32,6 @@ def _declare(lib):
     fn.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_double,
                    ctypes.c_int]
     fn.restype = ctypes.c_int
-    fn = lib.orca_add_rms_norm
-    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_double, ctypes.c_int]
-    fn.restype = ctypes.c_int
 
 
 LIB = cbuild.CLibrary("cpu_norm.c", _declare)
@@ -53,18 +50,6 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor
     their layouts allow (2-d, rows of unit column stride, no byte shared), instead
     of into two new tensors. The outputs of a decode step's norms then land in memory that is in
     cache already, not in fresh allocations the rows must be fetched for."""
-    return _add_norm(x, r, weight, bias, eps, reuse, False)
-
-
-def add_rms_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
-                 reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, weight * (s * rsqrt(mean(s**2, -1) + eps)))`` with ``s = x + r`` (``s = x`` when ``r``
-    is None): HF's RMSNorm (Llama, Qwen2, Mistral) computed in the input's dtype, with the residual
-    add that feeds it. Shapes, dtypes and ``reuse`` as in ``add_layer_norm``."""
-    return _add_norm(x, r, weight, None, eps, reuse, True)
-
-
-def _add_norm(x, r, weight, bias, eps, reuse, rms):
     lib = LIB._lib or LIB.load()
     if lib is None:
         raise RuntimeError(f"the C norm kernel is unavailable: {LIB.why_unavailable()}")
@@ -76,7 +61,7 @@ def _add_norm(x, r, weight, bias, eps, reuse, rms):
             or (r is not None and (r.dtype != dtype or not r.is_cpu or r.shape != shape))
             or (weight is not None and (weight.dtype != dtype or not weight.is_cpu or weight.shape != (n,)))
             or (bias is not None and (bias.dtype != dtype or not bias.is_cpu or bias.shape != (n,)))):
-        raise ValueError(_why_not(x, r, weight, bias, "add_rms_norm" if rms else "add_layer_norm"))
+        raise ValueError(_why_not(x, r, weight, bias, "add_layer_norm"))
     x2 = _rows(x, n)
     r2 = None if r is None else _rows(r, n)
     if weight is not None and not weight.is_contiguous():
@@ -91,13 +76,9 @@ def _add_norm(x, r, weight, bias, eps, reuse, rms):
         y = x2.new_empty(m, n)
     r_ptr, ldr = (None, 0) if r2 is None else (r2.data_ptr(), r2.stride(0))
     w_ptr = None if weight is None else weight.data_ptr()
-    if rms:
-        lib.orca_add_rms_norm(DTYPES[dtype], x2.data_ptr(), x2.stride(0), r_ptr, ldr, s.data_ptr(), s.stride(0),
-                              w_ptr, y.data_ptr(), y.stride(0), m, n, float(eps), torch.get_num_threads())
-    else:
-        lib.orca_add_layer_norm(DTYPES[dtype], x2.data_ptr(), x2.stride(0), r_ptr, ldr, s.data_ptr(), s.stride(0),
-                                w_ptr, None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0), m, n,
-                                float(eps), torch.get_num_threads())
+    lib.orca_add_layer_norm(DTYPES[dtype], x2.data_ptr(), x2.stride(0), r_ptr, ldr, s.data_ptr(), s.stride(0),
+                            w_ptr, None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0), m, n,
+                            float(eps), torch.get_num_threads())
     if len(shape) == 2:
         return s, y
     return s.view(shape), y.view(shape)

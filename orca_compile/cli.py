@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from orca_compile.config import BACKENDS
+from orca_compile.config import BACKENDS, DEFAULT_BACKEND, DEFAULTS
 from orca_compile.dump import FORMATS
 
 
@@ -20,12 +20,14 @@ def _add_model_args(p):
 def cmd_dump(args) -> int:
     import orca_compile
     from orca_compile import dump
-    from orca_compile.passes.manager import STAGES
     from orca_compile.presets import DEFAULT_PRESET, load_model
 
     model = load_model(args.model or DEFAULT_PRESET, dtype=args.dtype, device=args.device)
-    compiled = orca_compile.compile(model)
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    compiled = orca_compile.compile(model, backend=args.backend)
+    if args.stage not in ("all", *compiled.stages):
+        raise ValueError(f"no stage {args.stage!r} with backend {compiled.backend}; stages: "
+                         f"{', '.join(compiled.stages)}, all")
+    stages = list(compiled.stages) if args.stage == "all" else [args.stage]
     print(dump.summary(compiled))
     if args.summary_only:
         return 0
@@ -49,23 +51,32 @@ def _stage_path(path, stage):
     return f"{root}.{stage}{ext}"
 
 
-def _add_engine_args(p, max_num_seqs=64, max_num_batched_tokens=512):
-    g = p.add_argument_group("engine")
-    g.add_argument("--max-num-seqs", type=int, default=max_num_seqs, help="requests admitted at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=max_num_batched_tokens, help="token budget per iteration")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="default: max-num-seqs full contexts, memory permitting")
-    g.add_argument("--kv-mode", default="paged", choices=["paged", "reserve"])
-    g.add_argument("--no-chunked-prefill", action="store_true")
-    g.add_argument("--backend", default="auto", choices=list(BACKENDS),
+def _add_backend_arg(p):
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help="auto: the C kernels (cpu) on a float32/float64 CPU model where a C compiler is found, "
                         "else oneDNN-lowered linears (float32), else eager")
+
+
+def _add_engine_args(p):
+    from orca_compile.runtime.policy import POLICIES
+
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, default=DEFAULTS.max_num_seqs, help="requests admitted at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=DEFAULTS.max_num_batched_tokens,
+                   help="token budget per iteration")
+    g.add_argument("--block-size", type=int, default=DEFAULTS.block_size)
+    g.add_argument("--num-kv-blocks", type=int, default=DEFAULTS.num_kv_blocks,
+                   help="default: max-num-seqs full contexts, memory permitting")
+    g.add_argument("--kv-mode", default=DEFAULTS.kv_mode, choices=["paged", "reserve"])
+    g.add_argument("--policy", default=DEFAULTS.policy, choices=list(POLICIES), help="scheduling policy")
+    g.add_argument("--no-chunked-prefill", action="store_true")
+    _add_backend_arg(g)
 
 
 def _engine_kwargs(args) -> dict:
     return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_mode=args.kv_mode,
-                chunked_prefill=not args.no_chunked_prefill, backend=args.backend)
+                policy=args.policy, chunked_prefill=not args.no_chunked_prefill, backend=args.backend)
 
 
 def _token_ids(text: str) -> list[int]:
@@ -87,13 +98,17 @@ def cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     if args.stream and len(prompts) != 1:
         raise ValueError(f"--stream prints one prompt's text as it is generated; got {len(prompts)} prompts")
-    engine = orca_compile.optimize(args.model or DEFAULT_PRESET, tokenizer=args.tokenizer, dtype=args.dtype,
-                                   device=args.device, **_engine_kwargs(args))
-    if args.stream:
-        return _stream(engine, prompts[0], params)
+    with orca_compile.optimize(args.model or DEFAULT_PRESET, tokenizer=args.tokenizer, dtype=args.dtype,
+                               device=args.device, **_engine_kwargs(args)) as engine:
+        if args.stream:
+            return _stream(engine, prompts[0], params)
+        return _generate(engine, prompts, params)
+
+
+def _generate(engine, prompts, params) -> int:
     def progress(it, outs):  # a live status line where a person waits (a terminal only)
         print(f"\r  iteration {it.iteration}: {it.num_running} running, {it.num_waiting} waiting, "
-              f"KV blocks {it.kv_blocks_used}/{engine.block_manager.num_blocks}", end="", file=sys.stderr, flush=True)
+              f"KV blocks {it.kv_blocks_used}/{engine.config.num_kv_blocks}", end="", file=sys.stderr, flush=True)
 
     results = engine.generate(prompts, params, on_step=progress if sys.stderr.isatty() else None)
     if sys.stderr.isatty():
@@ -166,10 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     from orca_compile.passes.manager import STAGES
 
     parser = argparse.ArgumentParser(prog="orca-compile", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what the compiler and the engine decide (backend, fallbacks) to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("dump", help="compile a model and print its graph after each rewrite stage")
     _add_model_args(p)
-    p.add_argument("--stage", default="final", choices=[*STAGES, "all"])
+    _add_backend_arg(p)
+    p.add_argument("--stage", default="final",
+                   help=f"{', '.join(STAGES)} (the graph the engine runs on this machine), a lowering pass's "
+                        "own stage (e.g. linears), or all")
     p.add_argument("--format", default="text", choices=FORMATS)
     p.add_argument("-o", "--output", default=None, help="write the graph here (with --stage all: one file per stage)")
     p.add_argument("--summary-only", action="store_true", help="print the per-stage op counts only")
@@ -199,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="serving benchmark: the engine against HF baselines in the same run")
     p.add_argument("workload", nargs="?", default="w1", help="w1 (GPT-2-small shape, issue 3) or w1-tiny")
     p.add_argument("--systems", default="engine,hf-static,hf-continuous")
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--backend", default="auto", choices=list(BACKENDS), help="the engine system's backend")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: the workload's")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the workload's")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS), help="the engine system's backend")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of all the systems, the order reversed every other round; medians are reported")
@@ -221,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from orca_compile import env
+
+        env.configure_logging("INFO")
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as exc:  # OSError: a checkpoint or hub id not found

@@ -1,22 +1,41 @@
-"""``orca_compile.compile(model) -> CompiledModel``: capture, run the passes, run ragged iterations."""
+"""``orca_compile.compile(model) -> CompiledModel``: the whole pipeline, frontend to backend.
+
+capture (torch.export) -> selective batching (``flatten_tokens``, ``split_attention``,
+``prune_logits``, ``cleanup``) -> lowering for the chosen backend, every step a pass under one
+``PassManager``. The result is a value: the graph to run, the attention layers it holds, the
+cache layout they need and the names of its inputs. Allocating the cache and building each
+iteration's inputs is the runtime's job (``runtime/kv_cache.py``, ``runtime/model_runner.py``); this
+module imports nothing of the runtime.
+"""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import time
 
 import torch
 import torch.fx
 
 from orca_compile.capture import capture
-from orca_compile.kernels import hostmem
 from orca_compile.ops import ATTENTION
-from orca_compile.passes.manager import PassManager
-from orca_compile.runtime.batch import RaggedBatch
+from orca_compile.passes import lower_cpu
+from orca_compile.passes.manager import DEFAULT_PIPELINE, PassManager
+
+log = logging.getLogger(__name__)
+
+# "eager": the rewritten graph as it is. "cpu": its linear layers lowered to this project's C GEMM
+# on weights packed once, activations fused, attention called directly (passes/lower_cpu.py; CPU
+# float32/float64, needs a C compiler). "onednn": the same lowering onto oneDNN (CPU float32).
+# "inductor": torch.compile of the rewritten graph, dynamic in T. "auto": the first of cpu, onednn
+# that applies, else "eager".
+BACKENDS = ("auto", "eager", "cpu", "onednn", "inductor")
+_KERNEL = {"cpu": "orca", "onednn": "onednn"}  # backend -> lower_cpu's kernel
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    """What the runtime needs to know of one attention layer (read off the final graph)."""
+class AttentionSpec:
+    """What the runtime needs to know of one attention layer (read off the graph)."""
 
     num_kv_heads: int
     head_dim: int
@@ -26,38 +45,43 @@ class LayerSpec:
     sliding_window: int
     softcap: float
 
+    def cache_bytes_per_token(self) -> int:
+        return self.num_kv_heads * (self.head_dim + self.v_head_dim) * self.dtype.itemsize
+
+
+LayerSpec = AttentionSpec  # the name before the runtime split
+
 
 class CompiledModel:
-    """The rewritten graph of one model plus what it takes to run it.
+    """The rewritten (and lowered) graph of one model: what a device runs, and what it needs.
 
-    ``graph_module`` is the final ``torch.fx.GraphModule``; ``stages`` maps each stage name
-    (``captured``, ``flattened``, ``split``, ``pruned``, ``final``) to its graph; ``records`` holds
-    each pass's time and op-count changes.
+    ``graph_module`` is the graph the engine runs (the ``lowered`` stage); ``forward`` the callable
+    that runs it (the graph itself, or ``torch.compile`` of it for ``inductor``); ``stages`` maps
+    each kept stage (``captured``, ``flattened``, ``split``, ``pruned``, ``final``, the lowering's,
+    ``lowered``) to its graph; ``records`` holds each pass's time and op-count changes; ``layers``
+    the attention layers in order, which fix the cache layout; ``input_names`` the graph's
+    placeholders in order; ``backend`` the backend it was lowered for (``auto`` resolved).
     """
 
-    def __init__(self, graph_module, stages, records, capture_seconds, config, model_class):
+    def __init__(self, graph_module, stages, records, capture_seconds, config, model_class, backend="eager",
+                 eos_token_ids: tuple[int, ...] = ()):
         self.graph_module = graph_module
         self.stages = stages
         self.records = records
         self.capture_seconds = capture_seconds
         self.config = config
         self.model_class = model_class
+        self.backend = backend
         self.input_names = [n.target for n in graph_module.graph.find_nodes(op="placeholder")]
-        self.layers = _layer_specs(graph_module)
+        self.layers = _attention_specs(graph_module)
         logits = graph_module.graph.output_node().args[0].meta["val"]
         self.vocab_size = int(logits.shape[-1])
         self.device = logits.device
-        self.eos_token_ids: tuple[int, ...] = ()  # what generate() stops at, read off the HF model
+        self.eos_token_ids = tuple(eos_token_ids)  # what generate() stops at, read off the HF model
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 0)  # 0: no limit
-
-    def adopt(self, lowered: torch.fx.GraphModule) -> None:
-        """Make ``lowered`` (a lowering of the final graph: same inputs, same outputs) the final graph
-        and let go of the unlowered one. An engine that compiled its model itself does this, so
-        that the original of every weight the lowering packed can be freed: the packed copy is the
-        only one left."""
-        old = self.graph_module
-        self.graph_module = lowered
-        self.stages = {name: lowered if gm is old else gm for name, gm in self.stages.items()}
+        # dynamic=True: T, R and the block-table width change every iteration; one graph for all
+        # of them instead of a recompile per shape
+        self.forward = torch.compile(graph_module, dynamic=True) if backend == "inductor" else graph_module
 
     @property
     def pass_seconds(self) -> float:
@@ -68,61 +92,112 @@ class CompiledModel:
         return len(self.layers)
 
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
-        return sum(block_size * l.num_kv_heads * (l.head_dim + l.v_head_dim) * l.dtype.itemsize for l in self.layers)
-
-    def new_kv_cache(self, num_blocks: int, block_size: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One (k, v) pair per layer, ``[num_blocks, block_size, kv_heads, head_dim]`` each."""
-        device = torch.device(device or self.device)
-
-        def zeros(*shape, dtype):  # on the CPU, huge pages: decode attention streams the cache from DRAM
-            return hostmem.zeros(shape, dtype) if device.type == "cpu" else torch.zeros(*shape, dtype=dtype,
-                                                                                          device=device)
-        return [(zeros(num_blocks, block_size, l.num_kv_heads, l.head_dim, dtype=l.dtype),
-                 zeros(num_blocks, block_size, l.num_kv_heads, l.v_head_dim, dtype=l.dtype))
-                for l in self.layers]
-
-    def inputs(self, batch: RaggedBatch, kv_cache) -> list[torch.Tensor]:
-        """The graph's positional inputs for one iteration, in placeholder order."""
-        if len(kv_cache) != self.num_layers:
-            raise ValueError(f"kv_cache has {len(kv_cache)} layers; the model has {self.num_layers}")
-        feed = {
-            "input_ids": batch.input_ids, "position_ids": batch.positions,
-            "slot_mapping": batch.slot_mapping, "query_start_loc": batch.query_start_loc,
-            "seq_lens": batch.seq_lens, "block_tables": batch.block_tables,
-            "logits_indices": batch.logits_indices,
-        }
-        for i, (k, v) in enumerate(kv_cache):
-            feed[f"k_cache_{i}"], feed[f"v_cache_{i}"] = k, v
-        return [feed[name] for name in self.input_names]
-
-    def __call__(self, batch: RaggedBatch, kv_cache) -> torch.Tensor:
-        """Run one ragged iteration; returns logits ``[len(batch.logits_indices), vocab]``."""
-        with torch.no_grad():
-            return self.graph_module(*self.inputs(batch, kv_cache))
+        return block_size * sum(spec.cache_bytes_per_token() for spec in self.layers)
 
 
-def _layer_specs(gm: torch.fx.GraphModule) -> list[LayerSpec]:
+def _attention_specs(gm: torch.fx.GraphModule) -> list[AttentionSpec]:
+    from orca_compile.kernels import attention_cpu  # the lowered graph calls it where the op was
+
     specs = []
-    for node in gm.graph.find_nodes(op="call_function", target=ATTENTION):
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (ATTENTION, attention_cpu.attention):
+            continue
         q, k, v, k_cache, v_cache = node.args[:5]
         kc, vc = k_cache.meta["val"], v_cache.meta["val"]
         scale, window, softcap = node.args[9:12]
-        specs.append(LayerSpec(int(kc.shape[2]), int(kc.shape[3]), int(vc.shape[3]), kc.dtype, scale, window, softcap))
+        specs.append(AttentionSpec(int(kc.shape[2]), int(kc.shape[3]), int(vc.shape[3]), kc.dtype, scale, window,
+                                   softcap))
     return specs
 
 
-def compile(model: torch.nn.Module, *, keep_stages: bool = True, max_tokens: int | None = None) -> CompiledModel:
-    """Capture ``model`` (an HF causal LM) and rewrite it into selective-batching form."""
+def resolve_backend(backend: str, gm: torch.fx.GraphModule) -> str:
+    """``auto`` -> ``cpu`` where the C kernels apply (float32/float64 weights on the CPU, a C
+    compiler), else ``onednn`` where it applies (float32 on the CPU, oneDNN built in), else
+    ``eager``; the choice and the reasons go to the log. An explicit ``cpu`` or ``onednn`` that
+    cannot apply is a ``ValueError`` saying why."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        reasons = {}
+        for name, kernel in _KERNEL.items():
+            why = lower_cpu.unmet(gm, kernel)
+            if why is None:
+                log.info("backend auto -> %s", name)
+                return name
+            reasons[name] = why
+        on_cpu = all(t.device.type == "cpu" for t in gm.parameters())
+        (log.warning if on_cpu else log.info)(
+            "backend auto -> eager (the rewritten graph on ATen's kernels%s): %s",
+            ", the slow path on a CPU" if on_cpu else "",
+            "; ".join(f"{name} cannot apply: {why}" for name, why in reasons.items()))
+        return "eager"
+    why = lower_cpu.unmet(gm, _KERNEL[backend]) if backend in _KERNEL else None
+    if why:
+        raise ValueError(f"backend={backend!r} cannot apply: {why}")
+    return backend
+
+
+def lowering_pipeline(backend: str) -> list:
+    """The passes that lower a ``final`` graph for ``backend`` (resolved): the last one's result is
+    the ``lowered`` stage. ``eager`` and ``inductor`` run the graph as it is (an empty pipeline)."""
+    return lower_cpu.pipeline(_KERNEL[backend]) if backend in _KERNEL else []
+
+
+def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool = True,
+            max_tokens: int | None = None) -> CompiledModel:
+    """Capture ``model`` (an HF causal LM), rewrite it into selective-batching form and lower it
+    for ``backend``. The default, ``eager``, leaves the portable graph (what a person inspects,
+    and any device runs); ``optimize()`` asks for ``auto``, the fastest backend that applies here.
+    ``keep_stages=False`` keeps only the ``final`` and ``lowered`` graphs when they are one, else
+    only ``lowered``: the unlowered originals of packed weights are then freed with the model."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     start = time.perf_counter()
     gm = capture(model, max_tokens=max_tokens)
     capture_seconds = time.perf_counter() - start
-    manager = PassManager(keep_stages=keep_stages)
+    manager = PassManager(DEFAULT_PIPELINE, keep_stages=keep_stages)
     final = manager.run(gm)
     info = final.meta["orca"]
     info.module_paths = {}  # only the passes read HF's modules; keep none reachable from the result
-    compiled = CompiledModel(final, manager.stages, manager.records, capture_seconds, info.config, info.model_class)
-    compiled.eos_token_ids = eos_token_ids(model)
-    return compiled
+    resolved = resolve_backend(backend, final)
+    lowered = _lower(final, resolved, manager)
+    if not keep_stages and lowered is not final:
+        manager.stages.pop("final", None)
+    return CompiledModel(lowered, manager.stages, manager.records, capture_seconds, info.config, info.model_class,
+                         backend=resolved, eos_token_ids=eos_token_ids(model))
+
+
+def lower(compiled: CompiledModel, backend: str, keep_stages: bool | None = None) -> CompiledModel:
+    """``compiled`` lowered for ``backend``: itself when it is lowered for that backend already (or
+    ``backend`` is ``auto`` and it is lowered for something), else a new ``CompiledModel`` lowered
+    from its ``final`` graph, which stays as it was (other engines may run it). ``keep_stages``
+    (default: whether ``compiled`` kept its stages) keeps a copy of each lowering stage's graph."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    if backend == compiled.backend or (backend == "auto" and compiled.backend != "eager"):
+        return compiled
+    final = compiled.stages.get("final")
+    if final is None:
+        raise ValueError(f"this CompiledModel was lowered for {compiled.backend!r} without keeping its 'final' "
+                         f"graph; compile the model again with backend={backend!r}")
+    resolved = resolve_backend(backend, final)
+    if resolved == compiled.backend:
+        return compiled
+    if keep_stages is None:
+        keep_stages = "captured" in compiled.stages
+    manager = PassManager([], keep_stages=keep_stages)
+    manager.stages = {k: v for k, v in compiled.stages.items() if k != "lowered"}
+    manager.records = list(compiled.records)
+    lowered = _lower(final, resolved, manager)
+    return CompiledModel(lowered, manager.stages, manager.records, compiled.capture_seconds, compiled.config,
+                         compiled.model_class, backend=resolved, eos_token_ids=compiled.eos_token_ids)
+
+
+def _lower(final: torch.fx.GraphModule, backend: str, manager: PassManager) -> torch.fx.GraphModule:
+    manager.pipeline = lowering_pipeline(backend)
+    lowered = manager.run(final)
+    manager.stages["lowered"] = lowered
+    return lowered
 
 
 def eos_token_ids(model) -> tuple[int, ...]:
@@ -134,3 +209,45 @@ def eos_token_ids(model) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Where a worker gets its model from, and how to compile it: picklable, so that an executor
+    in another process builds its own artifact (``build()``) instead of receiving a model over a
+    pipe. ``source``: a preset name, a checkpoint directory or a hub id; an HF model object or a
+    ``CompiledModel`` (in-process executors and small tests). Later: the partition plan and the
+    rank whose shard to build."""
+
+    source: object
+    backend: str = "auto"
+    dtype: str | None = None
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; one of {', '.join(BACKENDS)}")
+
+    @property
+    def device_type(self) -> str:
+        """Where the built model will run (``cpu``, ``cuda``), known before it is built."""
+        src = self.source
+        if isinstance(src, CompiledModel):
+            return src.device.type
+        if isinstance(src, torch.nn.Module):
+            return next((p.device.type for p in src.parameters()), "cpu")
+        return torch.device(self.device or "cpu").type
+
+    def build(self) -> CompiledModel:
+        src = self.source
+        if isinstance(src, CompiledModel):
+            return lower(src, self.backend)
+        if isinstance(src, (str, os.PathLike)):
+            from orca_compile.presets import load_model
+
+            src = load_model(os.fspath(src), dtype=self.dtype, device=self.device)
+        if not isinstance(src, torch.nn.Module):
+            raise ValueError(f"a model is an HF model, a CompiledModel or a checkpoint path, got {type(src).__name__}")
+        # keep_stages=False: the lowered graph holds the only copy of each packed weight once the
+        # model object is gone (a caller's model object keeps its own)
+        return compile(src, backend=self.backend, keep_stages=False)

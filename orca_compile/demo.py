@@ -13,7 +13,7 @@ def iteration_line(it, engine) -> str:
     batch = " ".join(f"{rid}:D" if n == 1 else f"{rid}:P{n}" for rid, n in zip(it.request_ids, it.num_scheduled_tokens))
     if len(batch) > 64:
         batch = batch[:61] + "..."
-    kv = f"{it.kv_blocks_used}/{engine.block_manager.num_blocks}"
+    kv = f"{it.kv_blocks_used}/{engine.config.num_kv_blocks}"
     pre = f" preempted {it.num_preempted}" if it.num_preempted else ""
     return (f"{it.iteration:5d} {it.num_prefill_tokens:6d} {it.num_decode_tokens:5d} {it.num_running:4d} "
             f"{it.num_waiting:4d} {kv:>9} {1e3 * it.seconds:7.1f}  {batch}{pre}")
@@ -33,7 +33,7 @@ def run_demo(model_name: str, num_requests: int = 12, seed: int = 0, max_num_seq
     if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
         raise ValueError(f"the demo needs at least 1 request, got {num_requests!r}")
     model = load_model(model_name, dtype=dtype, device=device)
-    compiled = orca_compile.compile(model)
+    compiled = orca_compile.compile(model, backend="auto")  # every stage, down to the graph that runs here
     print(dump.summary(compiled), file=out)
     engine = orca_compile.optimize(compiled, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    block_size=block_size, num_kv_blocks=num_kv_blocks)
@@ -70,5 +70,6 @@ def run_demo(model_name: str, num_requests: int = 12, seed: int = 0, max_num_seq
           f"iterations, {seconds:.2f} s: {s['num_generated_tokens'] / seconds:.1f} tokens/s; "
           f"{s['num_preemptions']} preemptions (recompute); KV blocks in use at the end: {s['kv_blocks_used']}",
           file=out)
+    engine.shutdown()
     return s
 

@@ -60,6 +60,9 @@ def target_name(node: torch.fx.Node) -> str:
         ns, name = t._schema.name.split("::")
         overload = t._overloadname
         return f"{ns}.{name}" + ("" if overload == "default" else f".{overload}")
+    module = getattr(t, "__module__", "") or ""
+    if module.startswith("orca_compile."):  # a kernel the lowering calls: gemm_cpu.linear, norm_cpu.add_layer_norm
+        return f"{module.rpartition('.')[2]}.{t.__name__}"
     return getattr(t, "__name__", str(t))
 
 
@@ -185,8 +188,8 @@ def summary(compiled) -> str:
         counts = op_counts(gm)
         rows.append((stage, *(str(counts[k]) for k in _SUMMARY_KEYS)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    out = [f"{compiled.model_class}: {compiled.num_layers} layers, vocab {compiled.vocab_size}; "
-           f"capture {compiled.capture_seconds:.2f}s, passes {compiled.pass_seconds:.2f}s", ""]
+    out = [f"{compiled.model_class}: {compiled.num_layers} layers, vocab {compiled.vocab_size}, backend "
+           f"{compiled.backend}; capture {compiled.capture_seconds:.2f}s, passes {compiled.pass_seconds:.2f}s", ""]
     for j, row in enumerate(rows):
         out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if j == 0:
@@ -194,5 +197,5 @@ def summary(compiled) -> str:
     out.append("")
     for rec in compiled.records:
         changes = ", ".join(f"{k} {v:+d}" for k, v in rec.changes().items()) or "no count changed"
-        out.append(f"{rec.name:>16} -> {rec.stage:<9} {rec.seconds * 1000:7.1f} ms  {changes}")
+        out.append(f"{rec.name:>23} -> {rec.stage:<9} {rec.seconds * 1000:7.1f} ms  {changes}")
     return "\n".join(out) + "\n"

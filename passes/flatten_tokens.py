@@ -27,7 +27,7 @@ the pass never guesses; the structural tests check that no dense op was wrapped.
 from __future__ import annotations
 
 import operator
-import os
+from orca_compile import env  # noqa: E402 (placed with the stdlib imports below)
 
 import sympy
 import torch
@@ -84,7 +84,7 @@ def flatten_tokens(gm: torch.fx.GraphModule, verify: bool | None = None) -> torc
     is derived from the old node's (its shape and strides without the batch dim), which is what
     keeps the pass well under export's own time."""
     if verify is None:
-        verify = os.environ.get("ORCA_VERIFY_PASSES", "0") == "1"
+        verify = env.get().verify_passes
     info = gm.meta["orca"]
     return _Flattener(gm, info.batch_symbol, verify).run()
 

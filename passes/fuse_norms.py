@@ -1,41 +1,30 @@
-"""fuse_norms: each norm over the last dim, with the residual add that feeds it, becomes one call
-of the C kernel ``kernels/norm_cpu`` (part of ``lower_cpu``, ``kernel="orca"``).
+"""fuse_norms: each layer norm over the last dim, with the residual add that feeds it, becomes one
+call of the C kernel ``kernels/norm_cpu`` (a pass of the ``cpu`` backend's lowering).
 
-Two forms are recognised, each with or without the ``add`` in front:
+Recognised: ``aten.layer_norm`` over the last dim only, weight and bias ``[n]`` weights of the
+graph or absent, with or without the ``add`` in front -> ``norm_cpu.add_layer_norm(x, r, w, b,
+eps, reuse)``. The add is fused where it has two tensor operands of its own shape and dtype (no
+broadcast, no alpha); the call's results are ``(s, y)``: the residual stream and the norm.
+``reuse`` is True where both operands die at the add (``dies_at``: read by it alone, memory of
+their own): the kernel then writes ``s`` and ``y`` over them, so a decode step's norms write into
+lines that are in cache, not into fresh allocations.
 
-* ``aten.layer_norm`` over the last dim only, weight and bias ``[n]`` weights of the graph or
-  absent -> ``norm_cpu.add_layer_norm(x, r, w, b, eps, reuse)``;
-* HF's RMSNorm as export spells it in the model's own dtype (Llama, Qwen2, Mistral; the chain
-  ``pow(s, 2) -> mean(-1, keepdim) -> add(eps) -> rsqrt -> mul(s, .) -> mul(w, .)``, each link
-  read by the next alone) -> ``norm_cpu.add_rms_norm(x, r, w, eps, reuse)``. Where HF computes
-  the norm in float32 for a float64 model, ``s`` is a cast and the chain stays as it is (the
-  kernel would round otherwise than ATen's float32 ops, which the float64 tests hold HF to);
-  Gemma's ``(1 + w)`` scale is no graph weight, so its norm is fused without one and the
-  ``mul`` by ``1 + w`` stays.
+HF's RMSNorm (Llama, Qwen2, Mistral) was fused the same way until its A/B on a Llama-shaped W1
+showed no gain beyond the run-to-run spread (docs/benchmarks.md); its ATen ops stay as they are.
 
-The add is fused where it has two tensor operands of its own shape and dtype (no broadcast, no
-alpha); the call's results are ``(s, y)``: the residual stream and the norm. ``reuse`` is True
-where both operands die at the add (``dies_at``: read by it alone, memory of their own): the
-kernel then writes ``s`` and ``y`` over them, so a decode step's norms write into lines that are in
-cache, not into fresh allocations.
+Requires: a graph with ``meta["val"]`` on its nodes; the C norm kernel available (else the
+graph is returned as it is). Ensures (``check``): a norm written in place is the last reader of
+both operands.
 
-Requires: a graph with ``meta["val"]`` on its nodes; the C norm kernel available. Ensures
-(``check``): a norm written in place is the last reader of both operands.
+Before / after (GPT-2's second norm of a layer)::
 
-Before / after (a Llama layer's second norm)::
-
-    add_5 = aten.add.Tensor(embedding, linear_3)
-    pow_2 = aten.pow.Tensor_Scalar(add_5, 2)
-    mean_1 = aten.mean.dim(pow_2, [1], True)
-    add_6 = aten.add.Tensor(mean_1, 1e-06)
-    rsqrt_1 = aten.rsqrt(add_6)
-    mul_17 = aten.mul.Tensor(add_5, rsqrt_1)
-    mul_18 = aten.mul.Tensor(post_attention_layernorm_weight, mul_17)
+    add_3 = aten.add.Tensor(add_1, linear_1)
+    layer_norm_1 = aten.layer_norm(add_3, [768], ln_2_weight, ln_2_bias, 1e-05)
   ->
-    add_rms_norm = orca_compile.kernels.norm_cpu.add_rms_norm(embedding, linear_3,
-                                                              post_attention_layernorm_weight, 1e-06, False)
-    getitem = add_rms_norm[0]      # the residual stream (add_5's readers)
-    getitem_1 = add_rms_norm[1]    # the norm (mul_18's readers)
+    add_layer_norm = orca_compile.kernels.norm_cpu.add_layer_norm(add_1, linear_1, ln_2_weight,
+                                                                  ln_2_bias, 1e-05, True)
+    getitem = add_layer_norm[0]      # the residual stream (add_3's readers)
+    getitem_1 = add_layer_norm[1]    # the norm (layer_norm_1's readers)
 """
 from __future__ import annotations
 
@@ -45,25 +34,34 @@ import torch
 import torch.fx
 
 from orca_compile.kernels import gemm_cpu, norm_cpu
-from orca_compile.passes.graph_utils import CASTS, fetch_attr
+from orca_compile.passes.graph_utils import fetch_attr
 
 aten = torch.ops.aten
-KERNELS = (norm_cpu.add_layer_norm, norm_cpu.add_rms_norm)
-_REUSE_ARG = {norm_cpu.add_layer_norm: 5, norm_cpu.add_rms_norm: 4}  # where each call's ``reuse`` flag sits
+KERNELS = (norm_cpu.add_layer_norm,)
+_REUSE_ARG = {norm_cpu.add_layer_norm: 5}  # where the call's ``reuse`` flag sits
 
 
-def fuse_norms(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """Rewrite ``gm``'s graph in place; returns the counts: ``layer_norms``, ``rms_norms`` fused and,
-    of those, ``in_place`` (written over their operands)."""
+def fuse_norms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite ``gm``'s graph in place and return it; the counts go to ``gm.meta["orca_lowering"]``:
+    ``fused_norms`` and, of those, ``norms_in_place`` (written over their operands). A graph
+    without the kernel available is returned as it is."""
+    counts = _fuse(gm) if norm_cpu.available() else {"layer_norms": 0, "in_place": 0}
+    gm.meta.setdefault("orca_lowering", {}).update(fused_norms=counts["layer_norms"],
+                                                   norms_in_place=counts["in_place"])
+    check(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _fuse(gm: torch.fx.GraphModule) -> dict[str, int]:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    counts = {"layer_norms": 0, "rms_norms": 0, "in_place": 0}
-    candidates = [(_layer_norm, n) for n in graph.find_nodes(op="call_function", target=aten.layer_norm.default)]
-    candidates += [(_rms_norm, n) for n in graph.find_nodes(op="call_function", target=aten.pow.Tensor_Scalar)]
-    for matcher, node in candidates:
+    counts = {"layer_norms": 0, "in_place": 0}
+    for node in list(graph.find_nodes(op="call_function", target=aten.layer_norm.default)):
         # matched when its turn comes: an earlier rewrite may have replaced its input (GPT-NeoX's
         # two norms read one residual sum; the first takes the add, the second reads its result)
-        match = matcher(gm, node)
+        match = _layer_norm(gm, node)
         if match is None:
             continue
         kernel, s_node, y_node, dead, w, b, eps = match
@@ -74,7 +72,7 @@ def fuse_norms(gm: torch.fx.GraphModule) -> dict[str, int]:
             continue
         operands = tuple(add.args) if add is not None else (s_node, None)
         reuse = add is not None and all(dies_at(o, add) for o in operands)
-        args = operands + ((w, b, float(eps), reuse) if kernel is norm_cpu.add_layer_norm else (w, float(eps), reuse))
+        args = operands + (w, b, float(eps), reuse)
         with graph.inserting_before(anchor):
             fused = graph.call_function(kernel, args)
             s = graph.call_function(operator.getitem, (fused, 0))
@@ -88,7 +86,7 @@ def fuse_norms(gm: torch.fx.GraphModule) -> dict[str, int]:
         if add is not None:
             add.replace_all_uses_with(s)
             graph.erase_node(add)
-        counts["layer_norms" if kernel is norm_cpu.add_layer_norm else "rms_norms"] += 1
+        counts["layer_norms"] += 1
         counts["in_place"] += reuse
     return counts
 
@@ -135,38 +133,6 @@ def _layer_norm(gm, ln):
     return norm_cpu.add_layer_norm, x, ln, [ln], w, b, eps
 
 
-def _rms_norm(gm, pow_node):
-    s, exponent = pow_node.args[:2] if len(pow_node.args) >= 2 else (None, None)
-    val = _rows_val(s)
-    if val is None or pow_node.kwargs or exponent != 2 or _is(s, *CASTS):
-        # a cast in front: HF computes this norm in float32 for a model of another dtype, and its
-        # result must round as ATen's ops do there (the float64 tests compare with HF to 1e-6)
-        return None
-    mean = _only_user(pow_node)
-    if not (_is(mean, aten.mean.dim) and len(mean.args) == 3 and not mean.kwargs and mean.args[2] is True
-            and [d % val.dim() for d in mean.args[1]] == [val.dim() - 1]):
-        return None
-    add_eps = _only_user(mean)
-    if not (_is(add_eps, aten.add.Tensor, aten.add.Scalar) and len(add_eps.args) == 2 and not add_eps.kwargs
-            and add_eps.args[0] is mean and isinstance(add_eps.args[1], float)):
-        return None
-    rsqrt = _only_user(add_eps)
-    if not (_is(rsqrt, aten.rsqrt.default) and len(rsqrt.args) == 1):
-        return None
-    normed = _only_user(rsqrt)
-    if not (_is(normed, aten.mul.Tensor) and not normed.kwargs and set(normed.args) == {s, rsqrt}
-            and len(normed.args) == 2):
-        return None
-    dead, w = [pow_node, mean, add_eps, rsqrt, normed], None
-    scaled = _only_user(normed)
-    if _is(scaled, aten.mul.Tensor) and len(scaled.args) == 2 and not scaled.kwargs:
-        other = scaled.args[1] if scaled.args[0] is normed else scaled.args[0]
-        if _param(gm, other, val.shape[-1], val.dtype):
-            dead.append(scaled)
-            w = other
-    return norm_cpu.add_rms_norm, s, dead[-1], dead, w, None, add_eps.args[1]
-
-
 def _rows_val(x):
     """``x``'s value when it is a CPU tensor the kernel takes, else None."""
     val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
@@ -178,11 +144,6 @@ def _rows_val(x):
 
 def _is(node, *targets) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
-
-
-def _only_user(node):
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
 
 
 def _plain_add(node, val) -> bool:

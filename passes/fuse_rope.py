@@ -41,8 +41,18 @@ from orca_compile.kernels import rope_cpu
 aten = torch.ops.aten
 
 
-def fuse_rope(gm: torch.fx.GraphModule) -> int:
-    """Rewrite ``gm``'s graph in place; returns how many rotations were fused."""
+def fuse_rope(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite ``gm``'s graph in place and return it; ``gm.meta["orca_lowering"]["fused_rope"]``
+    says how many rotations were fused. A graph without the kernel available is returned as it is."""
+    count = _fuse(gm) if rope_cpu.available() else 0
+    gm.meta.setdefault("orca_lowering", {})["fused_rope"] = count
+    check(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _fuse(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     count = 0
     for add in list(graph.find_nodes(op="call_function", target=aten.add.Tensor)):

@@ -59,7 +59,7 @@ import copy
 import torch
 import torch.fx
 
-from orca_compile.kernels import gemm_cpu, norm_cpu, rope_cpu
+from orca_compile.kernels import gemm_cpu
 from orca_compile.passes import fuse_norms as norm_fusion
 from orca_compile.passes import fuse_rope as rope_fusion
 from orca_compile.passes.graph_utils import fetch_attr
@@ -119,14 +119,11 @@ def applies(gm: torch.fx.GraphModule, kernel: str = "onednn") -> bool:
     return unmet(gm, kernel) is None
 
 
-def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activations: bool = True,
-              attention: bool = True, fuse_norms: bool = True, fuse_rope: bool = True) -> torch.fx.GraphModule:
-    """The lowered copy of ``gm``. ``attention`` (``kernel="orca"`` only): call the C attention
-    path directly where dispatch would choose it for this graph's dtype. ``fuse_norms``
-    (``kernel="orca"`` only): each layer norm or RMSNorm over the last dim, with the ``add`` that
-    feeds it, becomes one call of the C ``add_layer_norm`` / ``add_rms_norm`` (``fuse_norms``).
-    ``fuse_rope`` (``kernel="orca"`` only): each HF rotary embedding of a query or key becomes one
-    call of the C ``rope_cpu.rotate`` (``passes/fuse_rope.py``)."""
+def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activations: bool = True
+                  ) -> torch.fx.GraphModule:
+    """A new module (``gm`` is untouched): every matmul on a graph weight becomes ``kernel``'s linear
+    on a copy of the weight packed once, the activation after it folded into the epilogue where
+    one fits; the weights no node reads any more (the originals of the packed ones) are dropped."""
     why = unmet(gm, kernel)
     if why:
         raise ValueError(f"lower_cpu cannot apply: {why}")
@@ -173,22 +170,96 @@ def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activati
             fused[act] = fused.get(act, 0) + 1
     graph.eliminate_dead_code()
     dropped = _drop_unreferenced(out)
-    direct = 0
-    norms = {"layer_norms": 0, "rms_norms": 0, "in_place": 0}
-    if kernel == "orca" and attention:  # after DCE: a plain function call looks pure to it, the op does not
-        direct = _direct_attention(graph)
-    if kernel == "orca" and fuse_norms and norm_cpu.available():
-        norms = norm_fusion.fuse_norms(out)
-    rope = rope_fusion.fuse_rope(out) if kernel == "orca" and fuse_rope and rope_cpu.available() else 0
-    flat = _flatten_attributes(out)
-    out.meta["orca_lowering"] = {"kernel": kernel, "packed_weights": len(packed), "fused_activations": fused,
-                                 "direct_attention": direct, "fused_norms": norms["layer_norms"] + norms["rms_norms"],
-                                 "fused_rms_norms": norms["rms_norms"], "norms_in_place": norms["in_place"],
-                                 "fused_rope": rope,
-                                 "dropped_weights": dropped, "flat_attributes": flat}
-    _postcondition(out)
+    # every count of the lowering, zero until the pass that does it says otherwise
+    _counts(out).update(kernel=kernel, packed_weights=len(packed), fused_activations=fused, dropped_weights=dropped,
+                        direct_attention=0, fused_norms=0, norms_in_place=0, fused_rope=0)
+    check_linears(out)
+    graph.lint()
     out.recompile()
     return out
+
+
+def call_attention_directly(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Retarget each ``orca::attention`` to ``attention_cpu.attention`` where dispatch picks the C
+    path for its dtype (read from the node's meta): the same function the op would reach, without
+    the custom op's dispatch (~0.1 ms a call). In place; run after DCE (a plain function call looks
+    pure to it, the op does not)."""
+    from orca_compile.kernels import attention_cpu, dispatch
+    from orca_compile.ops import ATTENTION
+
+    count = 0
+    for node in list(gm.graph.find_nodes(op="call_function", target=ATTENTION)):
+        q = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        if q is None or dispatch.attention_backend(torch.device("cpu"), q.dtype) != "cpu":
+            continue
+        node.target = attention_cpu.attention
+        count += 1
+    _counts(gm)["direct_attention"] = count
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def alias_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Point every ``get_attr`` at a flat alias of its tensor held in the module's instance dict
+    (``_w0``, ``_w1``, ...), next to the registered parameter or buffer, which stays. The generated
+    forward then reads ``self._w0``: one dict lookup, where ``self.transformer.h[0].ln_1.weight``
+    went through ``nn.Module.__getattr__`` at every level: ~3.5 us per weight, 0.5 ms per
+    forward for GPT-2's 149 (``docs/benchmarks.md``). In place; the last lowering pass (a pass
+    after it that reads weights by their module path would find them still)."""
+    aliases: dict[int, str] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        t = fetch_attr(gm, node.target)
+        if not isinstance(t, torch.Tensor):
+            continue
+        if id(t) not in aliases:
+            name = f"_w{len(aliases)}"
+            while hasattr(gm, name):
+                name += "_"
+            gm.__dict__[name] = t  # a plain attribute: not registered twice, found before __getattr__
+            aliases[id(t)] = name
+        node.target = aliases[id(t)]
+    _counts(gm)["flat_attributes"] = len(aliases)
+    check_aliases(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def lower_cpu(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_activations: bool = True,
+              attention: bool = True, fuse_norms: bool = True, fuse_rope: bool = True) -> torch.fx.GraphModule:
+    """``gm`` run through ``pipeline(kernel, ...)`` by a ``PassManager`` (no stages kept): the
+    lowered copy, ``gm`` itself untouched. For tests and scripts; ``orca_compile.compile`` runs the
+    same passes as part of its own pipeline."""
+    from orca_compile.passes.manager import PassManager
+
+    return PassManager(pipeline(kernel, fuse_activations=fuse_activations, attention=attention,
+                                fuse_norms=fuse_norms, fuse_rope=fuse_rope), keep_stages=False).run(gm)
+
+
+def pipeline(kernel: str, *, fuse_activations: bool = True, attention: bool = True, fuse_norms: bool = True,
+             fuse_rope: bool = True) -> list:
+    """The lowering passes for ``kernel`` in their order, as ``(stage, pass)`` pairs for the
+    ``PassManager``; the last stage is ``lowered``. ``attention`` (``kernel="orca"`` only): call
+    the C attention path directly where dispatch would choose it for this graph's dtype."""
+    import functools
+
+    _check_kernel(kernel)
+    steps = [("linears", functools.update_wrapper(
+        functools.partial(lower_linears, kernel=kernel, fuse_activations=fuse_activations), lower_linears))]
+    if kernel == "orca" and attention:
+        steps.append(("attention", call_attention_directly))
+    if kernel == "orca" and fuse_norms:
+        steps.append(("norms", norm_fusion.fuse_norms))
+    if kernel == "orca" and fuse_rope:
+        steps.append(("rope", rope_fusion.fuse_rope))
+    steps.append(("lowered", alias_weights))
+    return steps
+
+
+def _counts(gm) -> dict:
+    """What the lowering did, pass by pass, in ``gm.meta["orca_lowering"]`` (the dumps show it)."""
+    return gm.meta.setdefault("orca_lowering", {})
 
 
 def _check_kernel(kernel):
@@ -212,48 +283,11 @@ def _drop_unreferenced(gm) -> int:
     return count
 
 
-def _flatten_attributes(gm) -> int:
-    """Point every ``get_attr`` at a flat alias of its tensor held in the module's instance dict
-    (``_w0``, ``_w1``, ...), next to the registered parameter or buffer, which stays. The generated
-    forward then reads ``self._w0``: one dict lookup, where ``self.transformer.h[0].ln_1.weight``
-    went through ``nn.Module.__getattr__`` at every level: ~3.5 us per weight, 0.5 ms per
-    forward for GPT-2's 149 (``docs/benchmarks.md``)."""
-    aliases: dict[int, str] = {}
-    for node in gm.graph.find_nodes(op="get_attr"):
-        t = fetch_attr(gm, node.target)
-        if not isinstance(t, torch.Tensor):
-            continue
-        if id(t) not in aliases:
-            name = f"_w{len(aliases)}"
-            while hasattr(gm, name):
-                name += "_"
-            gm.__dict__[name] = t  # a plain attribute: not registered twice, found before __getattr__
-            aliases[id(t)] = name
-        node.target = aliases[id(t)]
-    return len(aliases)
-
-
 def _plain_bias(gm, bias, weight, out_features) -> bool:
     """The C kernel reads the bias in place: a contiguous [out] tensor of the weight's dtype."""
     t = fetch_attr(gm, bias.target) if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
     return (isinstance(t, torch.Tensor) and t.shape == (out_features,) and t.dtype == weight.dtype
             and t.is_contiguous() and t.device == weight.device)
-
-
-def _direct_attention(graph) -> int:
-    """Retarget each ``orca::attention`` to ``attention_cpu.attention`` where dispatch picks the C
-    path for its dtype (read from the node's meta): the same function the op would reach."""
-    from orca_compile.kernels import attention_cpu, dispatch
-    from orca_compile.ops import ATTENTION
-
-    count = 0
-    for node in list(graph.find_nodes(op="call_function", target=ATTENTION)):
-        q = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
-        if q is None or dispatch.attention_backend(torch.device("cpu"), q.dtype) != "cpu":
-            continue
-        node.target = attention_cpu.attention
-        count += 1
-    return count
 
 
 def _linears(gm):
@@ -348,13 +382,13 @@ def _evaluate(chain, probe):
     return out if isinstance(out, torch.Tensor) and out.shape == probe.shape else None
 
 
-def _postcondition(gm):
+def check_linears(gm) -> None:
     left = [n.name for n, _, _ in _linears(gm)]
     if left:
         raise AssertionError(f"lower_cpu: matmuls on weights left unlowered: {left}")
-    norm_fusion.check(gm)  # a norm written in place is the last reader of both operands
-    rope_fusion.check(gm)  # each rotation's operands fit its result
+
+
+def check_aliases(gm) -> None:
     walks = [n.target for n in gm.graph.find_nodes(op="get_attr") if n.target not in vars(gm)]
     if walks:
         raise AssertionError(f"lower_cpu: weights still read through the submodules: {walks}")
-    gm.graph.lint()

@@ -4,6 +4,11 @@
 rewritten graph and samples (``RunnerOutput``), the scheduler applies the result. Requests join
 and leave between any two steps. Bad input is refused in ``add_request`` with a ``ValueError``
 before the request touches any state, so it fails alone and the engine goes on serving.
+
+The engine talks to the scheduler and to the executor through their interfaces only: it builds
+the executor named by ``EngineConfig.executor`` from a model source (``executor.py``), reads what
+it needs of the model from ``executor.info``, and ``shutdown()`` (or leaving its ``with`` block)
+releases the executor and everything it started.
 """
 from __future__ import annotations
 
@@ -16,13 +21,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from orca_compile.compiler import CompiledModel
-from orca_compile.config import EngineConfig
-from orca_compile.runtime.block_manager import KVBlockManager
+from orca_compile.runtime.config import EngineConfig
 from orca_compile.runtime.detokenizer import Detokenizer
-from orca_compile.runtime.executor import LocalExecutor
-from orca_compile.runtime.host import tune_malloc
-from orca_compile.runtime.model_runner import ModelRunner
+from orca_compile.runtime.executor import Executor, ModelInfo, make_executor
+from orca_compile.runtime.kv_cache import default_num_kv_blocks
 from orca_compile.runtime.request import Request, RequestOutput, SamplingParams
 from orca_compile.runtime.scheduler import Scheduler
 
@@ -58,19 +60,20 @@ class IterationStats:
 
 
 class Engine:
-    def __init__(self, compiled: CompiledModel, config: EngineConfig, tokenizer=None, seed: int = 0,
-                 owns_compiled: bool = False):
-        """``owns_compiled``: ``compiled`` is this engine's alone (``optimize()`` compiled it), so a
-        lowered backend may replace its final graph and free the weights the lowering packed."""
-        self.compiled = compiled
-        self.config = config
+    def __init__(self, model, config: EngineConfig, tokenizer=None, seed: int = 0):
+        """``model``: a model source, built by the executor (``orca_compile.compiler.ModelSpec``;
+        ``optimize()`` makes one). ``config.max_model_len`` None takes the model's limit and
+        ``config.num_kv_blocks`` None sizes the cache from memory (``kv_cache.default_num_kv_blocks``)."""
         self.tokenizer = tokenizer
-        if compiled.device.type == "cpu":
-            tune_malloc()  # see runtime/host.py: no page-faulting of activations every iteration
-        self.block_manager = KVBlockManager(config.num_kv_blocks, config.block_size)
-        self.scheduler = Scheduler(config, self.block_manager)
-        self.executor = LocalExecutor(ModelRunner(compiled, config.num_kv_blocks, config.block_size,
-                                                  backend=config.backend, seed=seed, owns_compiled=owns_compiled))
+        self.executor: Executor = make_executor(config.executor, model, seed=seed)
+        try:
+            self.config = config = _fit(config, self.executor.info)
+            self.executor.init_kv_cache(config.num_kv_blocks, config.block_size)
+            self.scheduler = Scheduler(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self._closed = False
         self.num_iterations = 0
         self.num_generated_tokens = 0
         self.num_computed_tokens = 0  # every token fed through the graph, recomputes included
@@ -84,14 +87,15 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None) -> None:
         """Queue a request; it joins the batch at the next iteration with room for it."""
+        self._check_open()
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if request_id in self.scheduler.requests:
+        if request_id in self.scheduler:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         prompt_ids = self._prompt_ids(prompt)
         self._check_fits(prompt_ids, params)
-        req = Request(request_id, prompt_ids, params, next(self._arrivals), self.compiled.eos_token_ids)
+        req = Request(request_id, prompt_ids, params, next(self._arrivals), self.info.eos_token_ids)
         self.scheduler.add(req)
         if self.tokenizer is not None:
             if self._special_ids is None:
@@ -112,6 +116,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run exactly one iteration. Returns an output for each request that got a token (a
         request that only advanced its prompt by a chunk has nothing to report)."""
+        self._check_open()
         t0 = time.perf_counter()
         decision = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -132,8 +137,8 @@ class Engine:
         self.iteration_stats.append(IterationStats(
             self.num_iterations, decision.request_ids, [len(t) for t in decision.new_token_ids],
             decision.num_prefill_tokens, decision.num_decode_tokens,
-            len(self.scheduler.running), len(self.scheduler.waiting), len(decision.preempted_request_ids),
-            self.block_manager.num_used_blocks, t1 - t0, result.prepare_seconds, result.forward_seconds,
+            self.scheduler.num_running, self.scheduler.num_waiting, len(decision.preempted_request_ids),
+            self.scheduler.num_kv_blocks_used, t1 - t0, result.prepare_seconds, result.forward_seconds,
             result.sample_seconds, (t2 - t1 - result.prepare_seconds - result.forward_seconds - result.sample_seconds)
             + (t3 - t2)))
         return outputs
@@ -163,7 +168,7 @@ class Engine:
         ids = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             rid = f"generate-{next(self._auto_ids)}"
-            while rid in self.scheduler.requests:  # a caller's own request may hold the name
+            while rid in self.scheduler:  # a caller's own request may hold the name
                 rid = f"generate-{next(self._auto_ids)}"
             try:
                 self.add_request(rid, prompt, p)
@@ -186,16 +191,52 @@ class Engine:
         return [final[rid] for rid in ids]
 
     @property
+    def block_manager(self):
+        """The scheduler's KV block manager, for inspection (``check()``, ``block_table(id)``)."""
+        return self.scheduler.block_manager
+
+    @property
+    def info(self) -> ModelInfo:
+        """What the engine knows of the model (vocabulary, EOS ids, context limit, cache bytes)."""
+        return self.executor.info
+
+    @property
     def backend(self) -> str:
         """The backend the graph runs on (``auto`` resolved): eager, cpu, onednn or inductor."""
-        return self.executor.runner.backend
+        return self.info.backend
+
+    # ---- lifetime ------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Release the executor (the model, the KV cache, any process it started) and drop every
+        request. Idempotent; the engine refuses work afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self.executor.shutdown()
+        self.scheduler.abort_all()
+        self._detokenizers.clear()
+
+    @property
+    def is_shut_down(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is shut down")
 
     def stats(self) -> dict:
         return {
-            "num_waiting": len(self.scheduler.waiting),
-            "num_running": len(self.scheduler.running),
-            "kv_blocks_used": self.block_manager.num_used_blocks,
-            "kv_blocks_total": self.block_manager.num_blocks,
+            "num_waiting": self.scheduler.num_waiting,
+            "num_running": self.scheduler.num_running,
+            "kv_blocks_used": self.scheduler.num_kv_blocks_used,
+            "kv_blocks_total": self.config.num_kv_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_iterations": self.num_iterations,
             "num_generated_tokens": self.num_generated_tokens,
@@ -220,7 +261,7 @@ class Engine:
                 raise ValueError(f"a prompt is a string or a sequence of token ids, got {type(prompt).__name__}") from None
         if not ids:
             raise ValueError("the prompt is empty: at least 1 token is needed")
-        vocab = self.compiled.vocab_size
+        vocab = self.info.vocab_size
         out = []
         for t in ids:
             try:
@@ -234,14 +275,14 @@ class Engine:
             out.append(t)
         return out
 
-    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:  # noqa: C901
         cfg = self.config
         total = len(ids) + params.max_tokens
         if cfg.max_model_len and total > cfg.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
                              f"model's context of {cfg.max_model_len} tokens")
         kv_tokens = total - 1  # the last sampled token is never fed
-        blocks = self.block_manager.blocks_for(kv_tokens)
+        blocks = self.scheduler.kv_blocks_for(kv_tokens)
         if blocks > cfg.num_kv_blocks:
             raise ValueError(f"prompt + max_tokens needs {blocks} KV blocks of {cfg.block_size} tokens; the cache "
                              f"has {cfg.num_kv_blocks} in all, so this request could never fit")
@@ -251,3 +292,21 @@ class Engine:
             if longest > cfg.max_num_batched_tokens:
                 raise ValueError(f"{longest} tokens would have to run in one iteration, over "
                                  f"max_num_batched_tokens={cfg.max_num_batched_tokens} (chunked_prefill is off)")
+
+
+def _fit(config: EngineConfig, info: ModelInfo) -> EngineConfig:
+    """``config`` with ``max_model_len`` and ``num_kv_blocks`` settled against the model: the
+    model's own context limit where none is given (a larger one is a ``ValueError``), and a cache
+    sized from memory where no block count is given."""
+    limit = info.max_model_len
+    max_model_len = config.max_model_len
+    if max_model_len is None:
+        max_model_len = limit
+    elif max_model_len == 0 and limit:
+        raise ValueError(f"max_model_len=0 (no limit) for a model whose context is {limit} tokens")
+    elif limit and max_model_len > limit:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's context of {limit} tokens")
+    num_kv_blocks = config.num_kv_blocks
+    if num_kv_blocks is None:
+        num_kv_blocks = default_num_kv_blocks(info, config.max_num_seqs, config.block_size, max_model_len)
+    return dataclasses.replace(config, max_model_len=max_model_len, num_kv_blocks=num_kv_blocks)

@@ -1,22 +1,129 @@
-"""Where the model runs. Today: one runner in this process. Tensor- and pipeline-parallel
-executors (one process per device over torch.distributed) take the same ``SchedulerOutput`` and
-return the same ``RunnerOutput``, so the engine and scheduler do not change with the placement."""
+"""Where the model runs, behind one interface, so that the engine does not change with the placement.
+
+An executor is built from a *model source*: anything with a ``build()`` that returns a compiled
+model (``orca_compile.compiler.ModelSpec`` is the one the face passes: a checkpoint path or an
+in-memory model, the backend, later the partition plan and the rank). A worker in another
+process receives the source, never a model, and builds its own part. The engine then:
+
+1. reads ``executor.info`` (vocabulary, EOS ids, context limit, cache bytes per token) to size
+   and validate;
+2. calls ``init_kv_cache(num_blocks, block_size)`` once;
+3. calls ``execute(scheduler_output)`` every iteration and ``release(request_ids)`` for requests
+   that left without an iteration to say so;
+4. calls ``shutdown()`` once at the end (``Engine.shutdown()`` or its context manager).
+
+Implementations are registered by name (``register_executor``) and chosen by
+``EngineConfig.executor``; ``local`` (one runner in this process) is the default.
+"""
 from __future__ import annotations
 
+import abc
+import dataclasses
+
+import torch
+
+from orca_compile.runtime.host import tune_malloc
 from orca_compile.runtime.model_runner import ModelRunner, RunnerOutput
 from orca_compile.runtime.scheduler import SchedulerOutput
 
 
-class LocalExecutor:
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the engine needs to know of the model, whichever process holds it."""
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int  # 0: the model states no limit
+    kv_cache_bytes_per_token: int  # every layer's K and V, on one device
+    device: torch.device
+    backend: str  # what the graph was lowered for
+
+    @classmethod
+    def of(cls, model) -> "ModelInfo":
+        return cls(model.vocab_size, tuple(model.eos_token_ids), model.max_model_len,
+                   sum(spec.cache_bytes_per_token() for spec in model.layers), model.device, model.backend)
+
+    def kv_cache_bytes_per_block(self, block_size: int) -> int:
+        return block_size * self.kv_cache_bytes_per_token
+
+
+class Executor(abc.ABC):
+    """Runs the scheduler's decisions on the model; see the module docstring for the protocol."""
+
+    info: ModelInfo
+
+    @abc.abstractmethod
+    def __init__(self, source, seed: int = 0):
+        """Build the model from ``source`` (``source.build()``) wherever this executor runs it."""
+
+    @abc.abstractmethod
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """Allocate the paged cache: ``num_blocks`` blocks of ``block_size`` tokens."""
+
+    @abc.abstractmethod
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one iteration; returns the sampled tokens of the requests whose ``out.sample`` is set."""
+
+    @abc.abstractmethod
+    def release(self, request_ids: list[str]) -> None:
+        """Drop per-request state (seeded generators) of requests that left the engine."""
+
+    def shutdown(self) -> None:
+        """Release what the executor holds (the model, the cache, processes it started). Idempotent."""
+
+
+class LocalExecutor(Executor):
+    """One ``ModelRunner`` in this process."""
+
+    def __init__(self, source, seed: int = 0):
+        if not callable(getattr(source, "build", None)):
+            raise ValueError(f"an executor builds its model from a source with build() (orca_compile.ModelSpec), "
+                             f"got {type(source).__name__}")
+        if getattr(source, "device_type", "cpu") == "cpu":
+            # the process that runs a CPU model tunes its allocator before it builds the model (the
+            # lowering's packing then fills the heap that the activations reuse); see runtime/host.py
+            tune_malloc()
+        model = source.build()
+        self.info = ModelInfo.of(model)
+        self.runner: ModelRunner | None = ModelRunner(model, seed=seed)
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        self.runner.init_kv_cache(num_blocks, block_size)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(out)
 
     def release(self, request_ids: list[str]) -> None:
-        """Drop per-request state (seeded generators) of requests that left the engine."""
         self.runner.sampler.forget(request_ids)
 
     def shutdown(self) -> None:
-        pass
+        self.runner = None  # the model, its weights and the cache go with it
+
+
+EXECUTORS: dict[str, type[Executor]] = {}
+
+
+def register_executor(name: str, cls: type[Executor] | None = None):
+    """Register an ``Executor`` class under ``name`` (usable as a decorator); ``EngineConfig``
+    then accepts ``executor=name``. A name taken already is a ``ValueError``."""
+    def add(c):
+        if not (isinstance(c, type) and issubclass(c, Executor)):
+            raise ValueError(f"an executor must subclass Executor, got {c!r}")
+        if name in EXECUTORS and EXECUTORS[name] is not c:
+            raise ValueError(f"executor name {name!r} is taken by {EXECUTORS[name].__name__}")
+        EXECUTORS[name] = c
+        return c
+    return add if cls is None else add(cls)
+
+
+def unregister_executor(name: str) -> None:
+    EXECUTORS.pop(name, None)
+
+
+def make_executor(name: str, source, seed: int = 0) -> Executor:
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor {name!r}; one of {', '.join(EXECUTORS)}")
+    return EXECUTORS[name](source, seed=seed)
+
+
+register_executor("local", LocalExecutor)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
+
+from orca_compile import env
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -28,7 +29,7 @@ def tune_malloc() -> bool:
     global _done
     if _done:
         return True
-    if os.environ.get("ORCA_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+    if not env.get().tune_malloc or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

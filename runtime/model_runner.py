@@ -1,6 +1,6 @@
-"""Runs one scheduled iteration on the rewritten graph: builds the ragged batch, calls the graph
+"""Runs one scheduled iteration on a compiled model: builds the ragged batch, calls the graph
 against the paged KV cache it owns, samples. It reads the scheduler's output and never touches
-``Request`` objects."""
+``Request`` objects; it never compiles or lowers (the compiler did, for the backend asked)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +8,8 @@ import time
 
 import torch
 
-from orca_compile.compiler import CompiledModel
-from orca_compile.passes import lower_cpu
 from orca_compile.runtime.batch import RaggedBatch
+from orca_compile.runtime.kv_cache import new_kv_cache
 from orca_compile.runtime.sampler import Sampler
 from orca_compile.runtime.scheduler import SchedulerOutput
 
@@ -24,49 +23,54 @@ class RunnerOutput:
     sample_seconds: float = 0.0
 
 
-_LOWERED = {"cpu": "orca", "onednn": "onednn"}  # backend -> lower_cpu's kernel
+def graph_inputs(model, batch: RaggedBatch, kv_cache) -> list[torch.Tensor]:
+    """The positional inputs of ``model``'s graph (placeholder order, ``model.input_names``) for one
+    iteration."""
+    if len(kv_cache) != len(model.layers):
+        raise ValueError(f"kv_cache has {len(kv_cache)} layers; the model has {len(model.layers)}")
+    feed = {
+        "input_ids": batch.input_ids, "position_ids": batch.positions,
+        "slot_mapping": batch.slot_mapping, "query_start_loc": batch.query_start_loc,
+        "seq_lens": batch.seq_lens, "block_tables": batch.block_tables,
+        "logits_indices": batch.logits_indices,
+    }
+    for i, (k, v) in enumerate(kv_cache):
+        feed[f"k_cache_{i}"], feed[f"v_cache_{i}"] = k, v
+    return [feed[name] for name in model.input_names]
 
 
-def resolve_backend(backend: str, compiled: CompiledModel) -> str:
-    """``auto`` -> ``cpu`` where the C kernels apply (float32/float64 weights on the CPU, a C
-    compiler), else ``onednn`` where it applies (float32 on the CPU, oneDNN built in), else
-    ``eager``. An explicit ``cpu`` or ``onednn`` that cannot apply is a ``ValueError``."""
-    if backend == "auto":
-        return next((b for b, k in _LOWERED.items() if lower_cpu.applies(compiled.graph_module, k)), "eager")
-    why = lower_cpu.unmet(compiled.graph_module, _LOWERED[backend]) if backend in _LOWERED else None
-    if why:
-        raise ValueError(f"backend={backend!r} cannot apply: {why}")
-    return backend
+def run_graph(model, batch: RaggedBatch, kv_cache) -> torch.Tensor:
+    """One ragged iteration of a ``CompiledModel``: logits ``[len(batch.logits_indices), vocab]``."""
+    with torch.no_grad():
+        return model.forward(*graph_inputs(model, batch, kv_cache))
 
 
 class ModelRunner:
-    def __init__(self, compiled: CompiledModel, num_kv_blocks: int, block_size: int, backend: str = "auto",
-                 seed: int = 0, owns_compiled: bool = False):
-        self.compiled = compiled
-        self.block_size = block_size
-        self.device = compiled.device
-        self.kv_cache = compiled.new_kv_cache(num_kv_blocks, block_size)
+    def __init__(self, model, seed: int = 0):
+        """``model``: a ``CompiledModel`` (its graph lowered already for the backend it runs on)."""
+        self.model = model
+        self.device = model.device
         self.sampler = Sampler(self.device, seed=seed)
-        self.backend = resolve_backend(backend, compiled)
-        self.forward = compiled.graph_module
-        if self.backend in _LOWERED:
-            self.forward = lower_cpu.lower_cpu(compiled.graph_module, kernel=_LOWERED[self.backend])
-            if owns_compiled:  # nobody else runs the unlowered graph: one copy of each weight, the packed one
-                compiled.adopt(self.forward)
-        elif self.backend == "inductor":
-            # dynamic=True: T, R and the block-table width change every iteration; one graph
-            # for all of them instead of a recompile per shape.
-            self.forward = torch.compile(compiled.graph_module, dynamic=True)
+        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+
+    @property
+    def backend(self) -> str:
+        return self.model.backend
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        self.kv_cache = new_kv_cache(self.model, num_blocks, block_size)
+        self.block_size = block_size
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        assert self.kv_cache, "init_kv_cache() first"
         # Preempted requests keep their generators: a recompute must not replay their draws.
         self.sampler.forget(out.finished_request_ids)
         t0 = time.perf_counter()
         batch = RaggedBatch.build(out.new_token_ids, out.num_computed_tokens, out.block_tables, self.block_size,
                                   sample=out.sample, device=self.device)
         t1 = time.perf_counter()
-        with torch.no_grad():
-            logits = self.forward(*self.compiled.inputs(batch, self.kv_cache))
+        logits = run_graph(self.model, batch, self.kv_cache)
         t2 = time.perf_counter()
         rows = [i for i, s in enumerate(out.sample) if s]
         if rows:

@@ -4,29 +4,33 @@ Every iteration the scheduler picks which requests run and how many tokens each 
 limits: ``max_num_seqs`` requests admitted at once (Orca's max batch size) and
 ``max_num_batched_tokens`` tokens per iteration. Requests join and leave between iterations.
 
-Order within an iteration (``fcfs``):
+The choices are the policy's (``policy.py``: order of service, strict admission or not, the
+victim, how it is preempted); this module carries them out. Order within an iteration:
 
-1. running requests that decode (one pending token), in arrival order: nobody's next token waits
-   behind a long prompt;
-2. running requests part-way through their prompt (or through a recompute), in arrival order;
-3. waiting requests in arrival order, while a slot, budget and KV blocks last. Admission stops at
-   the first request that does not fit (strict FCFS: a short request never overtakes a long one).
+1. running requests that decode (one pending token), in the policy's order: nobody's next token
+   waits behind a long prompt;
+2. running requests part-way through their prompt (or through a recompute), in that order;
+3. waiting requests in that order, while a slot, budget and KV blocks last. Under strict
+   admission (``fcfs``) admission stops at the first request that does not fit: a short request
+   never overtakes a long one.
 
 KV modes. ``reserve`` is Orca's: a request is admitted only with blocks for
 ``prompt + max_tokens - 1`` slots, so nothing is ever preempted. ``paged`` allocates blocks as
 tokens arrive; when they run out, the latest-arrived running request is preempted by recompute:
-its blocks are freed, its prompt and generated tokens go back to the head of the queue and are
+the policy's victim (``fcfs``: the latest-arrived running request) is preempted by recompute:
+its blocks are freed, its prompt and generated tokens go back to the queue in its order and are
 fed again later (chunked like any prompt). Generated tokens are kept, so the output is the same.
-No deadlock: ``add_request`` rejects a request that could not finish alone in the whole cache,
-and the earliest running request is the last to be preempted, so it always progresses.
+No deadlock under ``fcfs``: ``add_request`` rejects a request that could not finish alone in the
+whole cache, and the earliest running request is the last to be preempted, so it always progresses.
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
 
-from orca_compile.config import EngineConfig
 from orca_compile.runtime.block_manager import KVBlockManager
+from orca_compile.runtime.config import EngineConfig
+from orca_compile.runtime.policy import SchedulingPolicy, make_policy
 from orca_compile.runtime.request import Request, RequestStatus, SamplingParams
 
 
@@ -55,11 +59,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: KVBlockManager):
+    def __init__(self, config: EngineConfig, block_manager: KVBlockManager | None = None,
+                 policy: SchedulingPolicy | None = None):
         self.config = config
-        self.block_manager = block_manager
-        self.waiting: list[Request] = []  # sorted by arrival
-        self.running: list[Request] = []  # sorted by arrival
+        self.block_manager = block_manager or KVBlockManager(config.num_kv_blocks, config.block_size)
+        self.policy = policy if policy is not None else make_policy(config.policy)
+        self._key = self.policy.key
+        self.waiting: list[Request] = []  # in the policy's order
+        self.running: list[Request] = []  # in the policy's order
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
@@ -69,7 +76,7 @@ class Scheduler:
     def add(self, req: Request) -> None:
         assert req.request_id not in self.requests
         self.requests[req.request_id] = req
-        bisect.insort(self.waiting, req, key=_arrival)
+        bisect.insort(self.waiting, req, key=self._key)
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
@@ -83,9 +90,36 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def abort_all(self) -> None:
+        for request_id in list(self.requests):
+            self.abort(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_kv_blocks_used(self) -> int:
+        return self.block_manager.num_used_blocks
+
+    def kv_blocks_for(self, num_tokens: int) -> int:
+        """KV blocks that ``num_tokens`` tokens of one request take."""
+        return self.block_manager.blocks_for(num_tokens)
+
     # ---- the decision ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        # A policy's keys may change between iterations; the lists stay sorted for fcfs, where
+        # this is one linear pass each.
+        self.running.sort(key=self._key)
+        self.waiting.sort(key=self._key)
         budget = self.config.max_num_batched_tokens
         chosen: dict[str, tuple[Request, int]] = {}  # insertion order is batch order
         preempted: list[str] = []
@@ -99,7 +133,7 @@ class Scheduler:
                 continue
             n = min(req.num_pending_tokens, budget)
             while not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
-                victim = self.running[-1]  # latest arrival
+                victim = self.policy.victim(self.running)
                 budget += chosen.pop(victim.request_id, (None, 0))[1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -110,17 +144,20 @@ class Scheduler:
                 budget -= n
 
         # Admitting while preempting would only thrash: the freed blocks go to the running ones.
-        while not preempted and self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
-            req = self.waiting[0]
+        i = 0
+        while not preempted and i < len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0:
+            req = self.waiting[i]
             n = min(req.num_pending_tokens, budget)
-            if n < req.num_pending_tokens and not self.config.chunked_prefill:
-                break
             need = req.max_kv_tokens if self.config.kv_mode == "reserve" else req.num_computed_tokens + n
-            if not self.block_manager.allocate(req.request_id, need):
-                break
-            self.waiting.pop(0)
+            if (n < req.num_pending_tokens and not self.config.chunked_prefill) or \
+                    not self.block_manager.allocate(req.request_id, need):
+                if self.policy.strict_admission:
+                    break
+                i += 1
+                continue
+            self.waiting.pop(i)
             req.status = RequestStatus.RUNNING
-            bisect.insort(self.running, req, key=_arrival)
+            bisect.insort(self.running, req, key=self._key)
             chosen[req.request_id] = (req, n)
             budget -= n
 
@@ -172,13 +209,10 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        bisect.insort(self.waiting, req, key=_arrival)
+        bisect.insort(self.waiting, req, key=self._key)
 
     def _retire(self, req: Request) -> None:
         self.block_manager.free(req.request_id)
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)
 
-
-def _arrival(req: Request) -> int:
-    return req.arrival

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import orca_compile
+from orca_compile import env
 from orca_compile.presets import load_model
 
 # The SDPA families must match HF to float64 rounding. Gemma2 has no SDPA path in HF: its eager
@@ -46,3 +47,16 @@ class BlockPool:
         while len(table) * self.block_size < num_tokens:
             table.append(self.free.pop())
         return table
+
+
+@pytest.fixture
+def setenv(monkeypatch):
+    """``setenv(name, value)``: set an environment variable for this test (``None``: unset it) and
+    have ``orca_compile.env`` read the variables again; both are undone after the test."""
+    def set_(name, value):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(env, "_current", env.Environment.read())
+    return set_

@@ -145,3 +145,33 @@ def test_demo_serves_staggered_requests_with_a_live_table(capsys):
     assert sum("joined" in r for r in rows) >= 2 and sum(r.count(",") + 1 for r in rows if "done" in r) >= 6
     assert re.search(r"6 requests, \d+ tokens generated .* tokens/s", out)
     assert out.rstrip().endswith("KV blocks in use at the end: 0")
+
+
+def test_dump_lowered_is_the_graph_the_engine_runs_here(tmp_path, capsys):
+    import torch
+
+    import orca_compile
+    from orca_compile.passes import lower_cpu
+    from orca_compile.presets import load_model
+
+    engine = orca_compile.optimize("tiny-llama", num_kv_blocks=8)
+    runs = engine.executor.runner.model.graph_module
+    out = tmp_path / "lowered.txt"
+    assert main(["dump", "tiny-llama", "--stage", "lowered", "-o", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert f"backend {engine.backend}" in summary
+    from orca_compile.dump import format_text
+
+    assert out.read_text() == format_text(runs)  # the same graph, node for node
+    if lower_cpu.available("orca"):
+        assert engine.backend == "cpu"
+        assert "gemm_cpu.linear(" in out.read_text() and "attention_cpu.attention(" in out.read_text()
+    # the portable graph is the lowered one when nothing lowers it
+    assert main(["dump", "tiny-llama", "--backend", "eager", "--stage", "lowered", "-o", str(out)]) == 0
+    portable = orca_compile.compile(load_model("tiny-llama", dtype=torch.float32))
+    assert out.read_text() == format_text(portable.stages["final"])
+
+
+def test_dump_refuses_a_stage_the_backend_has_not(capsys):
+    assert main(["dump", "tiny-llama", "--backend", "eager", "--stage", "norms"]) == 2
+    assert "no stage 'norms' with backend eager" in capsys.readouterr().err

@@ -4,6 +4,8 @@ import torch
 from transformers import DynamicCache
 
 from orca_compile.runtime.batch import RaggedBatch
+from orca_compile.runtime.kv_cache import new_kv_cache
+from orca_compile.runtime.model_runner import run_graph
 from tests.conftest import TOLERANCE, BlockPool, compiled_preset
 
 BLOCK_SIZE = 4  # small, so contexts cross many block boundaries
@@ -23,10 +25,10 @@ def test_ragged_prefill_equals_hf_per_prompt(family):
     model, cm = compiled_preset(family)
     prompts = _prompts(cm.vocab_size, [5, 23, 1, 9, 17])  # 23 > the sliding windows of 16
     pool = BlockPool(64, BLOCK_SIZE)
-    cache = cm.new_kv_cache(64, BLOCK_SIZE)
+    cache = new_kv_cache(cm, 64, BLOCK_SIZE)
     tables = [pool.ensure(r, len(p)) for r, p in enumerate(prompts)]
     batch = RaggedBatch.build(prompts, [0] * len(prompts), tables, BLOCK_SIZE, all_logits=True)
-    logits = cm(batch, cache)
+    logits = run_graph(cm, batch, cache)
     assert logits.shape == (sum(map(len, prompts)), cm.vocab_size)
     for r, p in enumerate(prompts):
         got = logits[batch.query_start_loc[r] : batch.query_start_loc[r + 1]]
@@ -38,9 +40,9 @@ def test_ragged_decode_equals_hf_with_its_own_cache(family):
     model, cm = compiled_preset(family)
     prompts = _prompts(cm.vocab_size, [3, 19, 8], seed=1)
     pool = BlockPool(64, BLOCK_SIZE, seed=1)
-    cache = cm.new_kv_cache(64, BLOCK_SIZE)
+    cache = new_kv_cache(cm, 64, BLOCK_SIZE)
     tables = [pool.ensure(r, len(p)) for r, p in enumerate(prompts)]
-    last = cm(RaggedBatch.build(prompts, [0] * 3, tables, BLOCK_SIZE), cache)
+    last = run_graph(cm, RaggedBatch.build(prompts, [0] * 3, tables, BLOCK_SIZE), cache)
 
     hf_caches, hf_last = [], []
     with torch.no_grad():
@@ -54,7 +56,7 @@ def test_ragged_decode_equals_hf_with_its_own_cache(family):
     for step in range(5):
         new = [[int(last[r].argmax())] for r in range(3)]
         tables = [pool.ensure(r, len(s) + 1) for r, s in enumerate(seqs)]
-        last = cm(RaggedBatch.build(new, [len(s) for s in seqs], tables, BLOCK_SIZE), cache)
+        last = run_graph(cm, RaggedBatch.build(new, [len(s) for s in seqs], tables, BLOCK_SIZE), cache)
         with torch.no_grad():
             for r in range(3):
                 out = model(input_ids=torch.tensor([new[r]]), past_key_values=hf_caches[r], use_cache=True)
@@ -69,14 +71,14 @@ def test_mixed_prefill_decode_and_chunked_prefill(family):
     model, cm = compiled_preset(family)
     a, b, c = _prompts(cm.vocab_size, [6, 21, 11], seed=2)
     pool = BlockPool(64, BLOCK_SIZE, seed=2)
-    cache = cm.new_kv_cache(64, BLOCK_SIZE)
+    cache = new_kv_cache(cm, 64, BLOCK_SIZE)
     # iteration 1: a prefills whole, b prefills its first 9 tokens (a chunk)
-    cm(RaggedBatch.build([a, b[:9]], [0, 0], [pool.ensure(0, 6), pool.ensure(1, 9)], BLOCK_SIZE), cache)
+    run_graph(cm, RaggedBatch.build([a, b[:9]], [0, 0], [pool.ensure(0, 6), pool.ensure(1, 9)], BLOCK_SIZE), cache)
     # iteration 2: a decodes one token, b prefills the rest, c arrives and prefills
     a_next = 7
     batch = RaggedBatch.build([[a_next], b[9:], c], [6, 9, 0],
                               [pool.ensure(0, 7), pool.ensure(1, 21), pool.ensure(2, 11)], BLOCK_SIZE, all_logits=True)
-    logits = cm(batch, cache)
+    logits = run_graph(cm, batch, cache)
     qsl = batch.query_start_loc.tolist()
     tol = TOLERANCE[family]
     torch.testing.assert_close(logits[qsl[0]], _hf_logits(model, a + [a_next])[-1], atol=tol, rtol=0)
@@ -89,9 +91,9 @@ def test_empty_request_in_batch_is_harmless():
     model, cm = compiled_preset("tiny-llama")
     a, b = _prompts(cm.vocab_size, [5, 7], seed=3)
     pool = BlockPool(16, BLOCK_SIZE)
-    cache = cm.new_kv_cache(16, BLOCK_SIZE)
+    cache = new_kv_cache(cm, 16, BLOCK_SIZE)
     batch = RaggedBatch.build([a, [], b], [0, 0, 0], [pool.ensure(0, 5), pool.ensure(1, 1), pool.ensure(2, 7)], BLOCK_SIZE)
-    logits = cm(batch, cache)
+    logits = run_graph(cm, batch, cache)
     assert logits.shape[0] == 2
     torch.testing.assert_close(logits[1], _hf_logits(model, b)[-1], atol=1e-9, rtol=0)
 
@@ -107,8 +109,8 @@ def test_float32_model_matches_hf(dtype, atol):
     cm = orca_compile.compile(model)
     prompts = _prompts(cm.vocab_size, [4, 13])
     pool = BlockPool(16, BLOCK_SIZE)
-    logits = cm(RaggedBatch.build(prompts, [0, 0], [pool.ensure(r, len(p)) for r, p in enumerate(prompts)],
-                                  BLOCK_SIZE), cm.new_kv_cache(16, BLOCK_SIZE))
+    logits = run_graph(cm, RaggedBatch.build(prompts, [0, 0], [pool.ensure(r, len(p)) for r, p in enumerate(prompts)],
+                                  BLOCK_SIZE), new_kv_cache(cm, 16, BLOCK_SIZE))
     assert logits.dtype == dtype
     for r, p in enumerate(prompts):
         torch.testing.assert_close(logits[r], _hf_logits(model, p)[-1], atol=atol, rtol=0)

@@ -46,7 +46,7 @@ def checkpoint(tmp_path_factory):
 def test_text_in_text_out_from_a_saved_checkpoint(checkpoint):
     engine = orca_compile.optimize(str(checkpoint), max_num_seqs=4, max_num_batched_tokens=32, block_size=4,
                                    num_kv_blocks=64)
-    assert engine.tokenizer is not None and engine.compiled.layers[0].dtype == torch.float64
+    assert engine.tokenizer is not None and engine.executor.runner.model.layers[0].dtype == torch.float64
     prompts = ["the cat sat on a mat", "dog ran to the park and then", "bird"]
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     outs = engine.generate(prompts, params)

@@ -9,3 +9,7 @@ import torch
 # With CUDA the same tests run the compiled kernels on the GPU and the variable is left alone.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    from orca_compile import env
+
+    env.reload()  # orca_compile read the environment when the top conftest imported it

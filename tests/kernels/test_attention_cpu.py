@@ -216,11 +216,11 @@ def test_store_kv_leaves_shapes_that_do_not_fit_to_the_reference():
 # ---------------------------------------------------------------------------------------- building
 
 @pytest.fixture
-def fresh_loader(monkeypatch, tmp_path):
+def fresh_loader(monkeypatch, tmp_path, setenv):
     """The loader as on first use, building into an empty cache directory."""
     monkeypatch.setattr(attention_cpu.LIB, "_lib", None)
     monkeypatch.setattr(attention_cpu.LIB, "_error", None)
-    monkeypatch.setenv("ORCA_CACHE_DIR", str(tmp_path))
+    setenv("ORCA_CACHE_DIR", str(tmp_path))
     return tmp_path
 
 
@@ -239,30 +239,30 @@ def test_build_goes_to_the_cache_dir_and_is_reused(fresh_loader, monkeypatch):
     assert all("--version" in c for c in calls)  # only the compiler's version was asked, nothing rebuilt
 
 
-def test_no_compiler_means_the_reference(fresh_loader, monkeypatch):
+def test_no_compiler_means_the_reference(fresh_loader, monkeypatch, setenv):
     monkeypatch.setattr(cbuild, "compiler", lambda: None)
     assert not attention_cpu.available()
     assert "no C compiler" in attention_cpu.why_unavailable()
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    setenv(dispatch.ENV_VAR, None)
     assert dispatch.attention_backend("cpu", torch.float32) == "torch"
-    monkeypatch.setenv(dispatch.ENV_VAR, "cpu")
+    setenv(dispatch.ENV_VAR, "cpu")
     with pytest.raises(RuntimeError, match="no C compiler"):
         dispatch.attention_backend("cpu", torch.float32)
 
 
-def test_env_var_disables_the_kernel(fresh_loader, monkeypatch):
-    monkeypatch.setenv("ORCA_CPU_KERNELS", "0")
+def test_env_var_disables_the_kernel(fresh_loader, monkeypatch, setenv):
+    setenv("ORCA_CPU_KERNELS", "0")
     assert not attention_cpu.available()
     assert "ORCA_CPU_KERNELS=0" in attention_cpu.why_unavailable()
     assert not list(fresh_loader.iterdir())
 
 
 @pytest.mark.skipif(not LINUX_WITH_CC, reason="building needs Linux and a C compiler")
-def test_a_broken_compiler_means_the_reference(fresh_loader, monkeypatch, tmp_path_factory):
+def test_a_broken_compiler_means_the_reference(fresh_loader, monkeypatch, tmp_path_factory, setenv):
     fake = tmp_path_factory.mktemp("bin") / "cc"
     fake.write_text("#!/bin/sh\necho 'fake cc 1.0'\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setenv("CC", str(fake))
+    setenv("CC", str(fake))
     assert not attention_cpu.available()
     assert "failed to build" in attention_cpu.why_unavailable()
     assert not list(fresh_loader.glob("*.so"))  # nothing half-written left behind
@@ -271,14 +271,14 @@ def test_a_broken_compiler_means_the_reference(fresh_loader, monkeypatch, tmp_pa
 # ---------------------------------------------------------------------------------------- dispatch
 
 @pytestmark_kernel
-def test_auto_picks_the_kernel_on_the_cpu(monkeypatch):
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+def test_auto_picks_the_kernel_on_the_cpu(monkeypatch, setenv):
+    setenv(dispatch.ENV_VAR, None)
     assert dispatch.attention_backend("cpu", torch.float32) == "cpu"
     assert dispatch.attention_backend("cpu", torch.float64) == "cpu"  # the float64 acceptance tests run it
     assert dispatch.attention_backend("cpu", torch.bfloat16) == "torch"
-    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    setenv(dispatch.ENV_VAR, "torch")
     assert dispatch.attention_backend("cpu", torch.float32) == "torch"
-    monkeypatch.setenv(dispatch.ENV_VAR, "cpu")
+    setenv(dispatch.ENV_VAR, "cpu")
     assert dispatch.attention_backend("cpu", torch.float64) == "cpu"
     with pytest.raises(RuntimeError, match="float32/float64 CPU tensors"):
         dispatch.attention_backend("cpu", torch.bfloat16)
@@ -294,7 +294,7 @@ def _mixed_case(dtype, meta_dtype=torch.int64):
 
 
 @pytestmark_kernel
-def test_op_runs_the_kernel_in_one_call(monkeypatch):
+def test_op_runs_the_kernel_in_one_call(monkeypatch, setenv):
     # what the engine feeds (int64 metadata, contiguous caches): one C call a layer; anything else
     # (here int32 metadata) the three checked calls. Both give the reference's output and caches.
     lib = attention_cpu.LIB.load()
@@ -304,7 +304,7 @@ def test_op_runs_the_kernel_in_one_call(monkeypatch):
     for name in ("store_kv", "decode_attention", "prefill_attention"):
         real = getattr(attention_cpu, name)
         monkeypatch.setattr(attention_cpu, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    setenv(dispatch.ENV_VAR, None)
     for meta_dtype, want_calls in ((torch.int64, ["fused"]),
                                    (torch.int32, ["store_kv", "decode_attention", "prefill_attention"])):
         calls.clear()

@@ -17,6 +17,8 @@ else:
     pytest.importorskip("triton")  # no triton wheels off Linux
 
 from orca_compile.kernels import attention_cpu, attention_ref, attention_triton, dispatch  # noqa: E402
+from orca_compile.runtime.kv_cache import new_kv_cache
+from orca_compile.runtime.model_runner import run_graph
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
@@ -189,8 +191,8 @@ def test_bad_head_counts_raise():
         attention_triton.attention(*args, 0.25)
 
 
-def test_cpu_tensors_without_interpreter_raise(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_cpu_tensors_without_interpreter_raise(monkeypatch, setenv):
+    setenv("TRITON_INTERPRET", None)
     args = _batch([(0, 2)], 2, 2, 16, 16, 4, torch.float32, device="cpu")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         attention_triton.attention(*args, 0.25)
@@ -198,39 +200,39 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
 
 # ---------------------------------------------------------------------------------------- dispatch
 
-def test_backend_choice(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # only dispatch reads it here; nothing is launched
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+def test_backend_choice(monkeypatch, setenv):
+    setenv("TRITON_INTERPRET", "1")  # only dispatch reads it here; nothing is launched
+    setenv(dispatch.ENV_VAR, None)
     # auto on the CPU: the C decode kernel where it builds (tests/kernels/test_attention_cpu.py)
     assert dispatch.attention_backend("cpu") == ("cpu" if attention_cpu.available() else "torch")
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    setenv(dispatch.ENV_VAR, "triton")
     assert dispatch.attention_backend("cpu") == "triton"
     assert dispatch.attention_backend("cpu", torch.float64) == "torch"
-    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    setenv(dispatch.ENV_VAR, "torch")
     assert dispatch.attention_backend("cuda") == "torch"
-    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    setenv(dispatch.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="ORCA_ATTENTION_BACKEND='cuda'"):
         dispatch.attention_backend("cpu")
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
+    setenv(dispatch.ENV_VAR, "triton")
+    setenv("TRITON_INTERPRET", None)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dispatch.attention_backend("cpu")
     monkeypatch.setattr(dispatch, "_triton_present", False)
     with pytest.raises(RuntimeError, match="triton is not installed"):
         dispatch.attention_backend("cuda")
-    monkeypatch.delenv(dispatch.ENV_VAR)
+    setenv(dispatch.ENV_VAR, None)
     assert dispatch.attention_backend("cuda") == "torch"  # auto without triton
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
-def test_op_runs_the_chosen_backend(monkeypatch, backend):
+def test_op_runs_the_chosen_backend(monkeypatch, backend, setenv):
     if backend == "cpu" and not attention_cpu.available():
         pytest.skip(f"C decode kernel not built: {attention_cpu.why_unavailable()}")
     calls = []
     for mod in (attention_ref, attention_triton, attention_cpu):
         real = mod.attention
         monkeypatch.setattr(mod, "attention", lambda *a, _m=mod, _f=real: calls.append(_m) or _f(*a))
-    monkeypatch.setenv(dispatch.ENV_VAR, backend)
+    setenv(dispatch.ENV_VAR, backend)
     args = _batch([(2, 3), (5, 1)], 4, 2, 16, 16, 4, torch.float32)
     out = torch.ops.orca.attention(*args, 0.25)
     assert out.shape == (4, 4, 16)
@@ -245,15 +247,15 @@ def _greedy(cm, prompts, steps, block_size=4):
     from tests.conftest import BlockPool
 
     pool = BlockPool(32, block_size)
-    cache = cm.new_kv_cache(32, block_size)
+    cache = new_kv_cache(cm, 32, block_size)
     seqs = [list(p) for p in prompts]
     tables = [pool.ensure(r, len(p)) for r, p in enumerate(prompts)]
-    last = cm(RaggedBatch.build(prompts, [0] * len(prompts), tables, block_size, device=DEVICE), cache)
+    last = run_graph(cm, RaggedBatch.build(prompts, [0] * len(prompts), tables, block_size, device=DEVICE), cache)
     logits = [last]
     for _ in range(steps):
         new = [[int(last[r].argmax())] for r in range(len(seqs))]
         tables = [pool.ensure(r, len(s) + 1) for r, s in enumerate(seqs)]
-        last = cm(RaggedBatch.build(new, [len(s) for s in seqs], tables, block_size, device=DEVICE), cache)
+        last = run_graph(cm, RaggedBatch.build(new, [len(s) for s in seqs], tables, block_size, device=DEVICE), cache)
         logits.append(last)
         for s, n in zip(seqs, new):
             s += n
@@ -261,16 +263,16 @@ def _greedy(cm, prompts, steps, block_size=4):
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma2"])  # gemma2: window 16 + soft-cap
-def test_greedy_generation_same_tokens_as_reference(monkeypatch, preset):
+def test_greedy_generation_same_tokens_as_reference(monkeypatch, preset, setenv):
     import orca_compile
     from orca_compile.presets import load_model
 
     cm = orca_compile.compile(load_model(preset, dtype=torch.float32).to(DEVICE))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, cm.vocab_size, (n,), generator=g).tolist() for n in (3, 18, 9)]
-    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    setenv(dispatch.ENV_VAR, "torch")
     want_tokens, want_logits = _greedy(cm, prompts, steps=5)
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    setenv(dispatch.ENV_VAR, "triton")
     calls = []
     real = attention_triton.attention
     monkeypatch.setattr(attention_triton, "attention", lambda *a: calls.append(1) or real(*a))

@@ -173,11 +173,11 @@ def test_relu_keeps_nan(dtype):
     assert got[0, 0].isnan() and got[1, 0] == 0 and got[2, 0] == 3  # as torch.relu
 
 
-def test_env_var_disables_the_kernel(monkeypatch, tmp_path):
+def test_env_var_disables_the_kernel(monkeypatch, tmp_path, setenv):
     monkeypatch.setattr(gemm_cpu.LIB, "_lib", None)
     monkeypatch.setattr(gemm_cpu.LIB, "_error", None)
-    monkeypatch.setenv("ORCA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("ORCA_CPU_KERNELS", "0")
+    setenv("ORCA_CACHE_DIR", str(tmp_path))
+    setenv("ORCA_CPU_KERNELS", "0")
     assert not gemm_cpu.available()
     assert "ORCA_CPU_KERNELS=0" in gemm_cpu.why_unavailable()
     with pytest.raises(RuntimeError, match="C GEMM kernel is unavailable"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from orca_compile.kernels import hostmem
+from orca_compile.runtime.kv_cache import new_kv_cache
 
 BIG = (3, hostmem.HUGE_PAGE // 4)  # 6 MiB of float32
 
@@ -39,10 +40,10 @@ def test_a_view_keeps_the_mapping_alive():
     row += 1  # still writable memory
 
 
-def test_small_tensors_and_the_opt_out_use_torch_empty(monkeypatch):
+def test_small_tensors_and_the_opt_out_use_torch_empty(monkeypatch, setenv):
     small = hostmem.empty((4, 5), torch.float32)
     assert small.shape == (4, 5) and not _mapped(small)
-    monkeypatch.setenv("ORCA_HUGE_PAGES", "0")
+    setenv("ORCA_HUGE_PAGES", "0")
     assert not hostmem.enabled()
     big = hostmem.zeros(BIG, torch.float64)
     assert big.shape == BIG and not _mapped(big) and not big.any()
@@ -59,5 +60,5 @@ def test_the_kv_cache_and_packed_weights_use_it():
     _, cm = compiled_preset("tiny-llama")
     layer = cm.layers[0]
     blocks = -(-hostmem.HUGE_PAGE // (16 * layer.num_kv_heads * layer.head_dim * 8))  # float64: >= 2 MiB a tensor
-    for k, v in cm.new_kv_cache(blocks, 16):
+    for k, v in new_kv_cache(cm, blocks, 16):
         assert _mapped(k) == _mapped(v) == hostmem.enabled() and not k.any() and not v.any()

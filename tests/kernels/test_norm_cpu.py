@@ -1,5 +1,4 @@
-"""The C residual add + layer norm / RMS norm (kernels/cpu_norm.c via norm_cpu.add_layer_norm and
-add_rms_norm) against torch.
+"""The C residual add + layer norm (kernels/cpu_norm.c via norm_cpu.add_layer_norm) against torch.
 
 float64: the kernel and torch differ in summation order only: 1e-12 on outputs of scale ~1-3.
 float32: a row's mean and variance are sums of n float32 terms (~n * 6e-8 relative), so the
@@ -145,55 +144,3 @@ def test_reuse_falls_back_to_new_tensors_where_the_layouts_do_not_allow_it():
             assert s.data_ptr() == x.data_ptr() and y.data_ptr() == r.data_ptr(), name
         else:  # nothing written over
             assert torch.equal(x, x0) and (r is None or torch.equal(r, r0)), name
-
-
-def _rms_norm(s, w, eps):
-    """HF's RMSNorm (``LlamaRMSNorm.forward``) without its float32 round trip."""
-    y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
-    return y if w is None else w * y
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("m,n", [(0, 8), (1, 1), (3, 7), (5, 8), (33, 100), (4, 768), (700, 100)])
-@pytest.mark.parametrize("residual,weighted", [(True, True), (False, True), (True, False)])
-def test_rms_norm_matches_torch(dtype, m, n, residual, weighted):
-    x, r, w, _ = _inputs(m, n, dtype, seed=m * 1000 + n + 1)
-    r = r if residual else None
-    w = w if weighted else None
-    s, y = norm_cpu.add_rms_norm(x, r, w, 1e-6)
-    want_s = x.double() + (r.double() if residual else 0)
-    want_y = _rms_norm(want_s, None if w is None else w.double(), 1e-6)
-    assert s.shape == y.shape == x.shape and s.dtype == y.dtype == dtype
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(s.double(), want_s, atol=tol, rtol=0)
-    torch.testing.assert_close(y.double(), want_y, atol=tol, rtol=0)
-
-
-def test_rms_norm_is_not_a_layer_norm():
-    # a row with a large mean: RMS norm keeps it (no centring), layer norm removes it; eps enters
-    x = torch.randn(3, 16, dtype=torch.float64) + 5.0
-    for eps in (1e-6, 1.0):
-        _, y = norm_cpu.add_rms_norm(x, None, None, eps)
-        torch.testing.assert_close(y, _rms_norm(x, None, eps), atol=1e-12, rtol=0)
-    assert y.mean() > 0.5
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rms_norm_reuse_writes_the_results_over_the_inputs(dtype):
-    g = torch.Generator().manual_seed(5)
-    x, r = (torch.randn(7, 40, generator=g, dtype=dtype) for _ in range(2))
-    w = torch.randn(40, generator=g, dtype=dtype)
-    want_s, want_y = norm_cpu.add_rms_norm(x, r, w, 1e-6)
-    x2, r2 = x.clone(), r.clone()
-    s, y = norm_cpu.add_rms_norm(x2, r2, w, 1e-6, reuse=True)
-    assert s.data_ptr() == x2.data_ptr() and y.data_ptr() == r2.data_ptr()
-    torch.testing.assert_close(s, want_s, rtol=0, atol=0)
-    torch.testing.assert_close(y, want_y, rtol=0, atol=0)
-
-
-def test_rms_norm_bad_inputs_raise():
-    x, r, w, _ = _inputs(2, 8, torch.float32, seed=0)
-    with pytest.raises(ValueError, match="add_rms_norm takes float32 or float64 CPU tensors of one dtype"):
-        norm_cpu.add_rms_norm(x, r, w.double(), 1e-6)
-    with pytest.raises(ValueError, match=r"add_rms_norm: shapes do not fit: x \(2, 8\), r \(2, 8\), weight \(4,\)"):
-        norm_cpu.add_rms_norm(x, r, w[:4], 1e-6)

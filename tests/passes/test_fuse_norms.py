@@ -1,4 +1,4 @@
-"""fuse_norms (run by lower_cpu with ``kernel="orca"``): which norms become one C call with their
+"""fuse_norms (a pass of the ``cpu`` lowering): which layer norms become one C call with their
 residual add, and when the call may write over its operands. Family-wide counts are in
 test_lower_cpu.py (``test_every_linear_is_packed_and_the_activation_fused``); these are graphs
 built by hand, each with one thing about it that must or must not block the rewrite.
@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from orca_compile.kernels import gemm_cpu, norm_cpu
-from orca_compile.passes import lower_cpu
+from orca_compile.passes import fuse_norms, lower_cpu
 from tests.passes.test_lower_cpu import _compiled
 
 aten = torch.ops.aten
@@ -85,66 +85,9 @@ def test_every_gpt2_norm_is_in_place():
 
 def test_the_postcondition_refuses_an_in_place_norm_whose_operand_is_read_elsewhere():
     lowered = lower_cpu.lower_cpu(_norm_graph("plain"), kernel="orca")
-    lower_cpu._postcondition(lowered)  # as the pass leaves it: fine
+    fuse_norms.check(lowered)  # as the pass leaves it: fine
     (fused,) = lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm)
     out = lowered.graph.output_node()
     out.args = (tuple(out.args[0]) + (fused.args[0],),)  # a second reader of an operand it overwrites
     with pytest.raises(AssertionError, match="read elsewhere"):
-        lower_cpu._postcondition(lowered)
-
-
-# ------------------------------------------------------------------------------ RMSNorm recognition
-
-def _rms_graph(variant):
-    """s = linear(x, W1) + linear(x, W2); HF's RMSNorm of s as export spells it; out = linear(y, W3)."""
-    root = torch.nn.Module()
-    g = torch.Generator().manual_seed(1)
-    root.w1, root.w2, root.w3 = (torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g),
-                                 torch.randn(4, 16, generator=g))
-    root.lw = torch.randn(16, generator=g)
-    graph = torch.fx.Graph()
-    x, scale = graph.placeholder("x"), graph.placeholder("scale")
-    lw = graph.get_attr("lw")
-    c = graph.call_function
-    s = c(aten.add.Tensor, (c(aten.linear.default, (x, graph.get_attr("w1"))),
-                            c(aten.linear.default, (x, graph.get_attr("w2")))))
-    if variant == "cast":  # the norm in another dtype than its input's: HF's float32 round trip
-        s = c(aten.to.dtype, (s, torch.float64))
-    squares = c(aten.pow.Tensor_Scalar, (s, 2))
-    mean = c(aten.mean.dim, (squares, [0] if variant == "mean over the rows" else [-1], True))
-    rsqrt = c(aten.rsqrt.default, (c(aten.add.Tensor, (mean, 1e-6)),))
-    normed = c(aten.mul.Tensor, (s, rsqrt))
-    y = c(aten.mul.Tensor, (scale if variant == "scale-not-a-weight" else lw, normed))
-    if variant == "cast":
-        y = c(aten.to.dtype, (y, torch.float32))
-    out = c(aten.linear.default, (y, graph.get_attr("w3")))
-    later = {"rsqrt-read-later": rsqrt, "squares read later": squares}.get(variant)
-    graph.output((out, later) if later is not None else (out,))
-    gm = torch.fx.GraphModule(root, graph)
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    ShapeProp(gm).propagate(torch.randn(5, 8), torch.randn(16))
-    for n in gm.graph.nodes:
-        if hasattr(n.meta.get("tensor_meta"), "shape"):
-            n.meta["val"] = torch.empty(n.meta["tensor_meta"].shape, dtype=n.meta["tensor_meta"].dtype)
-    return gm
-
-
-@pytest.mark.parametrize("variant,fused,weighted", [("plain", True, True), ("scale-not-a-weight", True, False),
-                                                    ("rsqrt-read-later", False, False), ("cast", False, False),
-                                                    ("squares read later", False, False),
-                                                    ("mean over the rows", False, False)])
-def test_rms_norm_is_fused_only_where_its_chain_is_its_own(variant, fused, weighted):
-    gm = _rms_graph(variant)
-    x, scale = torch.randn(5, 8), torch.randn(16)
-    want = gm(x, scale)
-    lowered = lower_cpu.lower_cpu(gm, kernel="orca")
-    calls = list(lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_rms_norm))
-    assert len(calls) == lowered.meta["orca_lowering"]["fused_rms_norms"] == int(fused)
-    if fused:
-        (call,) = calls
-        assert call.args[1] is not None and (call.args[2] is not None) == weighted and call.args[4] is True
-        # without the weight, the multiplication by the graph input stays after the call
-        assert len(list(lowered.graph.find_nodes(op="call_function", target=aten.mul.Tensor))) == int(not weighted)
-    for got, ref in zip(lowered(x, scale), want):
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        fuse_norms.check(lowered)

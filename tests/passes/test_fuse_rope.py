@@ -9,7 +9,7 @@ import torch
 import torch.fx
 
 from orca_compile.kernels import gemm_cpu, rope_cpu
-from orca_compile.passes import lower_cpu
+from orca_compile.passes import fuse_rope, lower_cpu
 
 aten = torch.ops.aten
 # reason: a kernel not built means no C compiler (not Linux, or none on PATH); where one is, the
@@ -82,8 +82,8 @@ def test_off_when_asked():
 
 def test_the_postcondition_refuses_a_rotation_whose_table_does_not_fit():
     lowered = lower_cpu.lower_cpu(_rope_graph("plain"), kernel="orca")
-    lower_cpu._postcondition(lowered)  # as the pass leaves it: fine
+    fuse_rope.check(lowered)  # as the pass leaves it: fine
     (call,) = lowered.graph.find_nodes(op="call_function", target=rope_cpu.rotate)
     call.args = (call.args[0], call.args[0], call.args[2])  # q itself as the cos table: [H, T, D]
     with pytest.raises(AssertionError, match="do not fit"):
-        lower_cpu._postcondition(lowered)
+        fuse_rope.check(lowered)

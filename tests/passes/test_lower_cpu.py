@@ -17,6 +17,8 @@ from orca_compile.ops import ATTENTION
 from orca_compile.passes import lower_cpu
 from orca_compile.presets import load_model
 from orca_compile.runtime.batch import RaggedBatch
+from orca_compile.runtime.kv_cache import new_kv_cache
+from orca_compile.runtime.model_runner import graph_inputs
 from tests.conftest import FAMILIES
 
 aten = torch.ops.aten
@@ -67,32 +69,22 @@ def test_every_linear_is_packed_and_the_activation_fused(name, kernel):
     assert lowered.meta["orca_lowering"]["direct_attention"] == direct
     assert len(list(lowered.graph.find_nodes(op="call_function", target=attention_cpu.attention))) == direct
     assert len(list(lowered.graph.find_nodes(op="call_function", target=ATTENTION))) == layers - direct
-    # the C kernel's lowering turns every layer norm and every RMSNorm (with the residual add that
-    # feeds it, where one does) into one add_layer_norm / add_rms_norm call
+    # the C kernel's lowering turns every layer norm (with the residual add that feeds it, where one
+    # does) into one add_layer_norm call; RMSNorm's ATen ops stay (their fusion did not pay its way)
     def count(gm, target):
         return len(list(gm.graph.find_nodes(op="call_function", target=target)))
 
     norms, rms = count(cm.graph_module, aten.layer_norm.default), count(cm.graph_module, aten.rsqrt.default)
     fused_norms = list(lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_layer_norm))
-    fused_rms = list(lowered.graph.find_nodes(op="call_function", target=norm_cpu.add_rms_norm))
+    assert count(lowered, aten.rsqrt.default) == rms
     if kernel == "orca" and norm_cpu.available():
-        meta = lowered.meta["orca_lowering"]
-        assert len(fused_norms) == norms and meta["fused_rms_norms"] == len(fused_rms) == rms  # each rsqrt: a norm's
-        assert meta["fused_norms"] == norms + rms
-        assert count(lowered, aten.layer_norm.default) == count(lowered, aten.rsqrt.default) == 0
-        assert count(lowered, aten.pow.Tensor_Scalar) == 0 and count(lowered, aten.mean.dim) == 0
-        residual_norms = 2 * layers + 1  # before attention and MLP in each layer, and the final norm
+        assert len(fused_norms) == lowered.meta["orca_lowering"]["fused_norms"] == norms
+        assert count(lowered, aten.layer_norm.default) == 0
         if name == "tiny-gpt2":  # ln_1, ln_2 per layer and ln_f, each fed by a residual add
-            assert norms == residual_norms and all(n.args[1] is not None for n in fused_norms)
+            assert norms == 2 * layers + 1 and all(n.args[1] is not None for n in fused_norms)
             assert count(lowered, aten.add.Tensor) == 0
-        if name in ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-llama-mqa"):
-            # all but the first (fed by the embedding) take their residual add; every weight is fused
-            assert rms == residual_norms and sum(n.args[1] is not None for n in fused_rms) == rms - 1
-            assert all(n.args[2] is not None for n in fused_rms)
-        if name == "tiny-gemma2":  # four norms a layer; the (1 + w) scale is no graph weight and stays
-            assert rms == 4 * layers + 1 and all(n.args[2] is None for n in fused_rms)
     else:
-        assert not fused_norms and not fused_rms
+        assert not fused_norms
     # and every rotary embedding of a query or key into one rope_cpu.rotate call
     rotations = list(lowered.graph.find_nodes(op="call_function", target=rope_cpu.rotate))
     if kernel == "orca" and rope_cpu.available():
@@ -116,7 +108,7 @@ def _logits(gm, cm, seed=0):
     prompts = [torch.randint(1, cm.vocab_size, (n,), generator=g).tolist() for n in (9, 3, 17)]
     tables = [[0, 1], [2], [3, 4]]
     batch = RaggedBatch.build(prompts, [0, 0, 0], tables, 16, all_logits=True)
-    return gm(*cm.inputs(batch, cm.new_kv_cache(8, 16))), prompts
+    return gm(*graph_inputs(cm, batch, new_kv_cache(cm, 8, 16))), prompts
 
 
 @pytest.mark.parametrize("kernel,dtype", [pytest.param(k, d, marks=NEEDS[k]) for k, d in

@@ -6,6 +6,8 @@ import torch
 
 import orca_compile
 from orca_compile import SamplingParams
+from orca_compile.runtime.kv_cache import new_kv_cache
+from orca_compile.runtime.model_runner import run_graph
 from tests.acceptance.test_engine_vs_hf import hf_generate
 from tests.conftest import compiled_preset
 
@@ -225,15 +227,15 @@ def test_bfloat16_model_serves_and_matches_its_own_graph():
     cm = orca_compile.compile(load_model("tiny-qwen2", dtype=torch.bfloat16), keep_stages=False)
     eng = orca_compile.optimize(cm, num_kv_blocks=32, block_size=4)
     out = eng.generate([[5, 4, 3, 2]], SamplingParams(max_tokens=5, ignore_eos=True, logprobs=True))[0]
-    cache, seq, table = cm.new_kv_cache(8, 4), [5, 4, 3, 2], [0, 1, 2]
+    cache, seq, table = new_kv_cache(cm, 8, 4), [5, 4, 3, 2], [0, 1, 2]
     manual, new, done = [], seq, 0
     for _ in range(5):
-        logits = cm(RaggedBatch.build([new], [done], [table], 4), cache)
+        logits = run_graph(cm, RaggedBatch.build([new], [done], [table], 4), cache)
         done += len(new)
         new = [int(logits[0].argmax())]
         manual.append(new[0])
     assert out.token_ids == manual
-    assert all(lp < 0 for lp in out.logprobs) and eng.compiled.layers[0].dtype == torch.bfloat16
+    assert all(lp < 0 for lp in out.logprobs) and eng.executor.runner.model.layers[0].dtype == torch.bfloat16
 
 
 @pytest.mark.slow

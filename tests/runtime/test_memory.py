@@ -1,8 +1,8 @@
 """What the engine keeps alive: one copy of each weight.
 
 The ``cpu`` backend packs every linear weight into the C GEMM's panels. The originals must not
-stay pinned beside the packed copies: by the lowered module, by the engine's final graph when
-``optimize()`` compiled the model itself, or by torch.export's leftovers after capture. With
+stay pinned beside the packed copies: by the lowered module, by an unlowered stage the compiler
+kept when ``optimize()`` compiled the model itself, or by torch.export's leftovers after capture. With
 nothing pinning them, a user who drops the HF model after ``optimize(model)`` gets the memory back.
 A ``CompiledModel`` passed in is the caller's and keeps its unlowered graph (other engines may run it).
 """
@@ -46,10 +46,11 @@ def test_dropping_the_model_frees_every_packed_weight():
     kept = weakref.ref(model.transformer.wte.weight)  # the embedding (tied to the LM head) is still read
     assert len(packed_away) == 4 * model.config.n_layer
     engine = orca_compile.optimize(model, max_num_seqs=4, num_kv_blocks=16, backend="cpu")
-    lowered = engine.executor.runner.forward
+    compiled = engine.executor.runner.model
+    lowered = compiled.graph_module
     assert lowered.meta["orca_lowering"]["dropped_weights"] >= len(packed_away)
     assert not any(name.endswith(tuple(packed_away)) for name, _ in lowered.named_parameters())
-    assert engine.compiled.graph_module is lowered  # the engine's own compile: the unlowered graph is let go
+    assert list(compiled.stages) == ["lowered"]  # the engine's own compile: the unlowered graph is let go
     del model
     gc.collect()
     alive = [name for name, ref in packed_away.items() if ref() is not None]
@@ -64,7 +65,7 @@ def test_a_compiled_model_passed_in_keeps_its_graph_for_other_engines():
     compiled = orca_compile.compile(model, keep_stages=False)
     final = compiled.graph_module
     cpu = orca_compile.optimize(compiled, max_num_seqs=4, num_kv_blocks=16, backend="cpu")
-    assert compiled.graph_module is final and cpu.executor.runner.forward is not final
+    assert compiled.graph_module is final and cpu.executor.runner.model.graph_module is not final
     assert any(name.endswith("c_attn.weight") for name, _ in final.named_parameters())
     eager = orca_compile.optimize(compiled, max_num_seqs=4, num_kv_blocks=16, backend="eager")
     assert _engine_tokens(cpu) == expected
