@@ -3,6 +3,8 @@ docs/benchmarks.md; here: every system produces every requested token, and the r
 import sys
 
 from orca_compile import bench, host_probes
+from orca_compile.bench import systems
+from orca_compile.bench.isolation import Isolated
 
 
 def test_w1_tiny_engine_and_hf_static_produce_every_requested_token():
@@ -32,7 +34,7 @@ def test_rounds_alternate_the_order_and_report_the_median_ratio(monkeypatch):
     # HF's side replaced by a stand-in whose times differ by far more than the engine's can drift
     # (100, 1000, 300 s): the median ratio is round 3's whatever the engine's times are
     times = iter([100.0, 1000.0, 300.0])
-    monkeypatch.setattr(bench, "run_hf_static", lambda model, reqs: (
+    monkeypatch.setattr(systems, "run_hf_static", lambda model, reqs: (
         bench.Result("HF generate, stand-in", next(times), sum(n for _, n in reqs)), [[0]] * len(reqs)))
     lines = []
     report = bench.run("w1-tiny", systems=("engine", "hf-static"), repeat=3, log=lines.append)
@@ -91,7 +93,7 @@ def test_a_run_that_fails_still_stops_its_worker_processes(monkeypatch):
     import pytest
 
     started = []
-    real_init = bench._Isolated.__init__
+    real_init = Isolated.__init__
 
     def init(self, *args):
         real_init(self, *args)
@@ -100,8 +102,8 @@ def test_a_run_that_fails_still_stops_its_worker_processes(monkeypatch):
     def fail(self):
         raise RuntimeError("the timed pass broke")
 
-    monkeypatch.setattr(bench._Isolated, "__init__", init)
-    monkeypatch.setattr(bench._Isolated, "__call__", fail)
+    monkeypatch.setattr(Isolated, "__init__", init)
+    monkeypatch.setattr(Isolated, "__call__", fail)
     with pytest.raises(RuntimeError, match="the timed pass broke"):
         bench.run("w1-tiny", systems=("hf-static",), isolate=True, log=lambda line: None)
     assert len(started) == 1 and not started[0].process.is_alive()

@@ -1,0 +1,55 @@
+"""A benchmark run's report (a JSON-able dict) and the lines it prints."""
+from __future__ import annotations
+
+import dataclasses
+
+from orca_compile.bench import stats
+from orca_compile.bench.systems import ENGINE_VARIANTS
+
+
+def run_line(res, settled) -> str:
+    steal = res.extra.get("cpu_steal_seconds")
+    return (f"  {res.system:38} {res.seconds:8.2f} s {res.tokens_per_second:9.1f} tok/s "
+            f"(set-up {res.setup_seconds:.1f} s" + ("" if steal is None else f"; CPU stolen {steal:.2f} s")
+            + (f"; settled {settled[0]:.0f} s first" if settled else "") + ")")
+
+
+def build(w, systems, rounds, tokens, *, flops, rate, floor, bandwidth, threads, repeat, isolate, max_num_seqs,
+          log) -> dict:
+    """The report of a run: each system's median round and every round's time, and the engine's
+    speed-ups (median of the per-round ratios) over every other system; logs the comparisons."""
+    results = [stats.median_round(rounds[s]) for s in systems]
+    report = {"workload": dataclasses.asdict(w), "flops": flops, "matmul_rate": rate, "compute_floor_s": floor,
+              "read_bandwidth_before": bandwidth[0], "read_bandwidth_after": bandwidth[1],
+              "threads": threads, "repeat": repeat, "isolated": isolate,
+              "results": [dataclasses.asdict(res) | {"tokens_per_second": res.tokens_per_second,
+                                                     "rounds_seconds": [x.seconds for x in rounds[s]]}
+                          for s, res in zip(systems, results)]}
+    if "engine" not in tokens:
+        return report
+    eng = results[list(systems).index("engine")]
+    report["engine_over_floor"] = eng.seconds / floor
+    log(f"engine time / compute floor: {report['engine_over_floor']:.2f}x")
+    for other, res in zip(systems, results):
+        if other == "engine":
+            continue
+        ratios = stats.round_ratios(rounds[other], rounds["engine"])
+        ratio = stats.median_ratio(ratios)
+        spread = f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if repeat > 1 else ""
+        same = stats.agreement(tokens["engine"], tokens[other])
+        if other in ENGINE_VARIANTS:
+            report[f"engine_over_{other}"] = ratio
+            log(f"engine ({eng.system}) is {ratio:.2f}x {res.system}'s speed{spread}; same tokens for "
+                f"{same:.0%} of requests")
+            continue
+        report[f"speedup_over_{other}"] = ratio
+        if repeat > 1:
+            report[f"speedup_over_{other}_rounds"] = ratios
+        log(f"engine speed-up over {res.system}: {ratio:.2f}x{spread}; same tokens for {same:.0%} of requests")
+    if "full_batch_overhead_share" in eng.extra:
+        x = eng.extra
+        log(f"engine iterations: {x['iterations']}; decode-only with all {min(max_num_seqs, w.num_requests)} requests "
+            f"in the batch: median {x['full_batch_iteration_ms']:.1f} ms, "
+            f"CPU overhead {x['full_batch_overhead_ms']:.2f} ms = {x['full_batch_overhead_share']:.1%} "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in x['overhead_breakdown_ms'].items())} ms)")
+    return report

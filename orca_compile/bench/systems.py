@@ -1,0 +1,153 @@
+"""The systems a benchmark times: the engine (on any backend) and HF's own serving, each set up once
+and timed per call. Set-up (compiling, lowering, HF's cache allocation and warm-up) is excluded
+from the timed part and reported apart."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from orca_compile.host_probes import cpu_steal_seconds, since
+
+SYSTEMS = ("engine", "engine-onednn", "engine-eager", "engine-inductor", "hf-static", "hf-continuous")
+ENGINE_VARIANTS = {"engine-onednn": "onednn", "engine-eager": "eager", "engine-inductor": "inductor"}  # the engine on another backend
+
+
+@dataclasses.dataclass
+class Result:
+    system: str
+    seconds: float
+    useful_tokens: int
+    setup_seconds: float = 0.0
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.useful_tokens / self.seconds
+
+
+def run_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, block_size=16, backend="auto",
+               compiled=None) -> tuple[Result, list[list[int]]]:
+    """Set the engine up (compile, lower, one untimed pass) and time one pass over ``reqs``."""
+    return prepare_engine(model, reqs, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          block_size=block_size, backend=backend, compiled=compiled)()
+
+
+def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, block_size=16, backend="auto",
+                   compiled=None):
+    """The engine, set up once: compiled, lowered, and run over the whole workload untimed.
+    Returns a function that times one more pass (a ``Result`` and the tokens); every call of it
+    carries the same set-up seconds."""
+    import orca_compile
+    from orca_compile import SamplingParams
+
+    t0 = time.perf_counter()
+    compiled = compiled or orca_compile.compile(model, keep_stages=False)
+    blocks = sum(-(-(len(p) + n) // block_size) for p, n in reqs) + 1
+    engine = orca_compile.optimize(compiled, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                   block_size=block_size, num_kv_blocks=blocks, backend=backend)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in reqs]
+    prompts = [p for p, _ in reqs]
+    # Warm-up: the whole workload once, untimed. Inductor compiles a new graph whenever a shape
+    # breaks a guard of the ones it has (3 graphs on W1), and those compiles belong to set-up.
+    engine.generate(prompts, params)
+    setup = time.perf_counter() - t0
+
+    def timed() -> tuple[Result, list[list[int]]]:
+        engine.iteration_stats.clear()
+        steal = cpu_steal_seconds()
+        start = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        steal = since(steal)
+        its = list(engine.iteration_stats)
+        # decode-only iterations with every request in the batch: the smallest forward, so the
+        # largest share of CPU overhead
+        full = [it for it in its if len(it.request_ids) >= min(max_num_seqs, len(reqs)) and not it.num_prefill_tokens]
+        extra = {
+            "iterations": len(its),
+            "forward_share": sum(it.forward_seconds for it in its) / sum(it.seconds for it in its),
+            "full_batch_iterations": len(full),
+            "cpu_steal_seconds": steal,
+        }
+        if full:
+            extra |= {
+                "full_batch_iteration_ms": 1e3 * statistics.median(it.seconds for it in full),
+                "full_batch_overhead_ms": 1e3 * statistics.median(it.overhead_seconds for it in full),
+                "full_batch_overhead_share": statistics.median(it.overhead_seconds / it.seconds for it in full),
+                "overhead_breakdown_ms": {k: 1e3 * statistics.median(getattr(it, f"{k}_seconds") for it in full)
+                                          for k in ("schedule", "prepare", "sample", "update")},
+            }
+        extra["iteration_log"] = [dict(requests=len(it.request_ids), prefill_tokens=it.num_prefill_tokens,
+                                       decode_tokens=it.num_decode_tokens, forward_ms=round(1e3 * it.forward_seconds, 2),
+                                       total_ms=round(1e3 * it.seconds, 2)) for it in its]
+        tokens = [o.token_ids for o in outs]
+        return Result(f"orca-compile engine ({engine.backend})", seconds, sum(map(len, tokens)), setup, extra), tokens
+
+    return timed
+
+
+def run_hf_static(model, reqs, batch_size=8) -> tuple[Result, list[list[int]]]:
+    """HF ``generate`` on padded batches of ``batch_size`` in arrival order, each run to the
+    longest output of its batch (the static batching Orca improves on)."""
+    pad = 0
+    steal = cpu_steal_seconds()
+    tokens, start = [], time.perf_counter()
+    computed = 0
+    for i in range(0, len(reqs), batch_size):
+        batch = reqs[i:i + batch_size]
+        longest = max(len(p) for p, _ in batch)
+        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (p, _) in enumerate(batch):  # left padding: every row's last prompt token lines up
+            ids[r, longest - len(p):] = torch.tensor(p)
+            mask[r, longest - len(p):] = 1
+        steps = max(n for _, n in batch)
+        with torch.no_grad():
+            out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=steps,
+                                 do_sample=False, eos_token_id=None, pad_token_id=pad)
+        computed += len(batch) * steps
+        tokens += [out[r, longest:longest + n].tolist() for r, (_, n) in enumerate(batch)]
+    seconds = time.perf_counter() - start
+    useful = sum(n for _, n in reqs)
+    return Result(f"HF generate, static batches of {batch_size}", seconds, useful,
+                  extra={"generated_incl_padding_waste": computed, "cpu_steal_seconds": since(steal)}), tokens
+
+
+def run_hf_continuous(model, reqs) -> tuple[Result, list[list[int]]]:
+    """HF's own continuous batching (``init_continuous_batching``), per-request ``max_new_tokens``."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in reqs), eos_token_id=-1, pad_token_id=0)
+    t0 = time.perf_counter()
+    results = {}
+    with model.continuous_batching_context_manager(generation_config=gen, warmup=True) as manager:
+        setup = time.perf_counter() - t0
+        steal = cpu_steal_seconds()
+        start = time.perf_counter()
+        for i, (p, n) in enumerate(reqs):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
+        while len(results) < len(reqs):
+            r = manager.get_result(timeout=60)
+            if r is None:
+                if not manager.is_running():
+                    raise RuntimeError("HF continuous batching stopped before finishing the workload")
+                continue
+            if r.is_finished():
+                results[r.request_id] = r
+        seconds = time.perf_counter() - start
+        steal = since(steal)
+    tokens = [list(results[f"r{i}"].generated_tokens) for i in range(len(reqs))]
+    return Result("HF continuous batching", seconds, sum(map(len, tokens)), setup,
+                  {"cpu_steal_seconds": steal}), tokens
+
+
+def prepare(system: str, model, reqs, engine_kwargs: dict, compiled=None):
+    """``system`` set up on ``model``: a function that times one pass (a ``Result`` and the tokens)."""
+    if system == "engine" or system in ENGINE_VARIANTS:
+        return prepare_engine(model, reqs, compiled=compiled, **engine_kwargs)
+    if system == "hf-static":
+        return lambda: run_hf_static(model, reqs)
+    return lambda: run_hf_continuous(model, reqs)
