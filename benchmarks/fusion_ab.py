@@ -1,5 +1,4 @@
-"""A/B: the engine on W1's requests over a Llama-shaped model, with one of the CPU lowering's
-Llama-side fusions switched off (A) or on (B).
+"""A/B: the engine on W1's requests with one of the CPU lowering's fusions switched off (A) or on (B).
 
     python benchmarks/fusion_ab.py ln|rope [ROUNDS]
 

@@ -178,7 +178,10 @@ def cmd_presets(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from orca_compile.passes.lower_cpu import pipeline
     from orca_compile.passes.manager import STAGES
+
+    LOWERING_STAGES = [stage for stage, _ in pipeline("orca") if stage not in STAGES]
 
     parser = argparse.ArgumentParser(prog="orca-compile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -187,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dump", help="compile a model and print its graph after each rewrite stage")
     _add_model_args(p)
     _add_backend_arg(p)
-    p.add_argument("--stage", default="final",
-                   help=f"{', '.join(STAGES)} (the graph the engine runs on this machine), a lowering pass's "
-                        "own stage (e.g. linears), or all")
+    p.add_argument("--stage", default="final", choices=[*STAGES, *LOWERING_STAGES, "all"],
+                   help="lowered: the graph the engine runs on this machine; linears, attention, norms, rope: "
+                        "the cpu lowering's own stages; all: every stage the backend has")
     p.add_argument("--format", default="text", choices=FORMATS)
     p.add_argument("-o", "--output", default=None, help="write the graph here (with --stage all: one file per stage)")
     p.add_argument("--summary-only", action="store_true", help="print the per-stage op counts only")

@@ -49,9 +49,6 @@ class AttentionSpec:
         return self.num_kv_heads * (self.head_dim + self.v_head_dim) * self.dtype.itemsize
 
 
-LayerSpec = AttentionSpec  # the name before the runtime split
-
-
 class CompiledModel:
     """The rewritten (and lowered) graph of one model: what a device runs, and what it needs.
 
@@ -91,8 +88,9 @@ class CompiledModel:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def kv_cache_bytes_per_block(self, block_size: int) -> int:
-        return block_size * sum(spec.cache_bytes_per_token() for spec in self.layers)
+    def kv_cache_bytes_per_token(self) -> int:
+        """Bytes of K and V that one token takes in every layer's cache."""
+        return sum(spec.cache_bytes_per_token() for spec in self.layers)
 
 
 def _attention_specs(gm: torch.fx.GraphModule) -> list[AttentionSpec]:
@@ -186,8 +184,10 @@ def lower(compiled: CompiledModel, backend: str, keep_stages: bool | None = None
     if keep_stages is None:
         keep_stages = "captured" in compiled.stages
     manager = PassManager([], keep_stages=keep_stages)
-    manager.stages = {k: v for k, v in compiled.stages.items() if k != "lowered"}
-    manager.records = list(compiled.records)
+    # the portable stages and their passes' records; none of another lowering's
+    portable = ("captured", *(stage for stage, _ in DEFAULT_PIPELINE))
+    manager.stages = {k: v for k, v in compiled.stages.items() if k in portable}
+    manager.records = [r for r in compiled.records if r.stage in portable]
     lowered = _lower(final, resolved, manager)
     return CompiledModel(lowered, manager.stages, manager.records, compiled.capture_seconds, compiled.config,
                          compiled.model_class, backend=resolved, eos_token_ids=compiled.eos_token_ids)

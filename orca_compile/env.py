@@ -61,7 +61,7 @@ class Environment:
             huge_pages=e.get("ORCA_HUGE_PAGES", "1").strip() != "0",
             tune_malloc=e.get("ORCA_TUNE_MALLOC", "1").strip() != "0",
             verify_passes=e.get("ORCA_VERIFY_PASSES", "0").strip() == "1",
-            triton_interpret=_flag(e.get("TRITON_INTERPRET"), False),
+            triton_interpret=e.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"),
             log_level=e.get("ORCA_LOG_LEVEL", "").strip().upper(),
         )
 

@@ -1,6 +1,6 @@
 """What the machine is doing while a benchmark runs: its matmul rate and DRAM read rate, the CPU
 time the hypervisor takes from it, and a wait until it leaves the CPUs alone. The serving
-harness (``bench.py``) measures these beside the systems it times; on a shared VM they move by
+harness (``bench/``) measures these beside the systems it times; on a shared VM they move by
 more than most changes do (docs/benchmarks.md)."""
 from __future__ import annotations
 

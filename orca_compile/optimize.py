@@ -38,12 +38,13 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     that applies here). ``policy`` and ``executor``: registered names
     (``runtime/policy.py``, ``runtime/executor.py``). ``dtype``/``device`` apply when loading by name.
     """
+    find_tokenizer = None  # the checkpoint's own, looked for once the model has loaded
     if isinstance(model_or_path, (str, os.PathLike)):
         from orca_compile.presets import preset_names
 
         name = os.fspath(model_or_path)
         if tokenizer is None and name not in preset_names():
-            tokenizer = _try_tokenizer(name)
+            find_tokenizer = name
     elif dtype is not None or device is not None:
         raise ValueError("dtype= and device= apply when optimize() loads a model by name; move a model object "
                          "with .to() before passing it")
@@ -57,14 +58,15 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
                                       or max_model_len < 1):
         raise ValueError(f"max_model_len must be an integer >= 1 (or None: the model's), got {max_model_len!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
     config = EngineConfig(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, policy=policy,
                           kv_mode=kv_mode, chunked_prefill=chunked_prefill, max_model_len=max_model_len,
                           executor=executor)
     source = ModelSpec(model_or_path, backend=backend, dtype=_dtype_name(dtype), device=device)
-    return Engine(source, config, tokenizer=tokenizer, seed=seed)
+    engine = Engine(source, config, tokenizer=tokenizer, seed=seed)
+    if find_tokenizer is not None:
+        engine.tokenizer = _try_tokenizer(find_tokenizer)
+    return engine
 
 
 def _dtype_name(dtype) -> str | None:

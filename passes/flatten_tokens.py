@@ -27,12 +27,12 @@ the pass never guesses; the structural tests check that no dense op was wrapped.
 from __future__ import annotations
 
 import operator
-from orca_compile import env  # noqa: E402 (placed with the stdlib imports below)
 
 import sympy
 import torch
 import torch.fx
 
+from orca_compile import env
 from orca_compile.passes.graph_utils import val as _val
 
 aten = torch.ops.aten

@@ -258,7 +258,8 @@ def pipeline(kernel: str, *, fuse_activations: bool = True, attention: bool = Tr
 
 
 def _counts(gm) -> dict:
-    """What the lowering did, pass by pass, in ``gm.meta["orca_lowering"]`` (the dumps show it)."""
+    """What the lowering did, pass by pass, in ``gm.meta["orca_lowering"]`` (one dict for the
+    whole lowering: a kept intermediate stage shares it, so read it off the ``lowered`` graph)."""
     return gm.meta.setdefault("orca_lowering", {})
 
 

@@ -41,7 +41,7 @@ class ModelInfo:
     @classmethod
     def of(cls, model) -> "ModelInfo":
         return cls(model.vocab_size, tuple(model.eos_token_ids), model.max_model_len,
-                   sum(spec.cache_bytes_per_token() for spec in model.layers), model.device, model.backend)
+                   model.kv_cache_bytes_per_token(), model.device, model.backend)
 
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
         return block_size * self.kv_cache_bytes_per_token

@@ -16,8 +16,7 @@ victim, how it is preempted); this module carries them out. Order within an iter
 
 KV modes. ``reserve`` is Orca's: a request is admitted only with blocks for
 ``prompt + max_tokens - 1`` slots, so nothing is ever preempted. ``paged`` allocates blocks as
-tokens arrive; when they run out, the latest-arrived running request is preempted by recompute:
-the policy's victim (``fcfs``: the latest-arrived running request) is preempted by recompute:
+tokens arrive; when they run out, the policy's victim (``fcfs``: the latest-arrived running request) is preempted by recompute:
 its blocks are freed, its prompt and generated tokens go back to the queue in its order and are
 fed again later (chunked like any prompt). Generated tokens are kept, so the output is the same.
 No deadlock under ``fcfs``: ``add_request`` rejects a request that could not finish alone in the

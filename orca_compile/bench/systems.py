@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from orca_compile.config import DEFAULT_BACKEND, DEFAULTS
 from orca_compile.host_probes import cpu_steal_seconds, since
 
 SYSTEMS = ("engine", "engine-onednn", "engine-eager", "engine-inductor", "hf-static", "hf-continuous")
@@ -28,15 +29,15 @@ class Result:
         return self.useful_tokens / self.seconds
 
 
-def run_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, block_size=16, backend="auto",
-               compiled=None) -> tuple[Result, list[list[int]]]:
+def run_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAULTS.max_num_batched_tokens,
+               block_size=DEFAULTS.block_size, backend=DEFAULT_BACKEND, compiled=None) -> tuple[Result, list[list[int]]]:
     """Set the engine up (compile, lower, one untimed pass) and time one pass over ``reqs``."""
     return prepare_engine(model, reqs, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           block_size=block_size, backend=backend, compiled=compiled)()
 
 
-def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, block_size=16, backend="auto",
-                   compiled=None):
+def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAULTS.max_num_batched_tokens,
+                   block_size=DEFAULTS.block_size, backend=DEFAULT_BACKEND, compiled=None):
     """The engine, set up once: compiled, lowered, and run over the whole workload untimed.
     Returns a function that times one more pass (a ``Result`` and the tokens); every call of it
     carries the same set-up seconds."""
@@ -86,6 +87,7 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=512, 
         tokens = [o.token_ids for o in outs]
         return Result(f"orca-compile engine ({engine.backend})", seconds, sum(map(len, tokens)), setup, extra), tokens
 
+    timed.shutdown = engine.shutdown  # the harness releases the engine when the run ends
     return timed
 
 
