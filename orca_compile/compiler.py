@@ -10,6 +10,7 @@ module imports nothing of the runtime.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from orca_compile.capture import capture
 from orca_compile.ops import ATTENTION
 from orca_compile.passes import lower_cpu
 from orca_compile.passes.manager import DEFAULT_PIPELINE, PassManager
+from orca_compile.passes.partition.tensor_parallel import tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +144,15 @@ def lowering_pipeline(backend: str) -> list:
 
 
 def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool = True,
-            max_tokens: int | None = None) -> CompiledModel:
+            max_tokens: int | None = None, tensor_parallel_size: int = 1, rank: int = 0) -> CompiledModel:
     """Capture ``model`` (an HF causal LM), rewrite it into selective-batching form and lower it
     for ``backend``. The default, ``eager``, leaves the portable graph (what a person inspects,
     and any device runs); ``optimize()`` asks for ``auto``, the fastest backend that applies here.
     ``keep_stages=False`` keeps only the ``final`` and ``lowered`` graphs when they are one, else
-    only ``lowered``: the unlowered originals of packed weights are then freed with the model."""
+    only ``lowered``: the unlowered originals of packed weights are then freed with the model.
+    ``tensor_parallel_size`` > 1: rank ``rank``'s shard (``passes/partition/tensor_parallel.py``,
+    the ``partitioned`` stage, between ``final`` and the lowering), whose graph sums its partial
+    results with the other ranks' through ``orca::all_reduce``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     start = time.perf_counter()
@@ -157,10 +162,15 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
     final = manager.run(gm)
     info = final.meta["orca"]
     info.module_paths = {}  # only the passes read HF's modules; keep none reachable from the result
+    if tensor_parallel_size != 1 or rank != 0:
+        manager.pipeline = [("partitioned", functools.update_wrapper(
+            functools.partial(tensor_parallel, rank=rank, world_size=tensor_parallel_size), tensor_parallel))]
+        final = manager.run(final)
     resolved = resolve_backend(backend, final)
     lowered = _lower(final, resolved, manager)
     if not keep_stages and lowered is not final:
         manager.stages.pop("final", None)
+        manager.stages.pop("partitioned", None)
     return CompiledModel(lowered, manager.stages, manager.records, capture_seconds, info.config, info.model_class,
                          backend=resolved, eos_token_ids=eos_token_ids(model))
 
@@ -223,10 +233,24 @@ class ModelSpec:
     backend: str = "auto"
     dtype: str | None = None
     device: str | None = None
+    tensor_parallel_size: int = 1
+    rank: int = 0  # which shard this worker builds
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; one of {', '.join(BACKENDS)}")
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
+        if not 0 <= self.rank < tp:
+            raise ValueError(f"rank {self.rank} is outside [0, {tp})")
+        if tp > 1 and isinstance(self.source, CompiledModel):
+            raise ValueError("a CompiledModel is one rank's graph already; give a checkpoint path or a model object "
+                             "to shard it")
+
+    def for_rank(self, rank: int) -> "ModelSpec":
+        """The description a worker of rank ``rank`` builds from."""
+        return dataclasses.replace(self, rank=rank)
 
     @property
     def device_type(self) -> str:
@@ -250,4 +274,5 @@ class ModelSpec:
             raise ValueError(f"a model is an HF model, a CompiledModel or a checkpoint path, got {type(src).__name__}")
         # keep_stages=False: the lowered graph holds the only copy of each packed weight once the
         # model object is gone (a caller's model object keeps its own)
-        return compile(src, backend=self.backend, keep_stages=False)
+        return compile(src, backend=self.backend, keep_stages=False, tensor_parallel_size=self.tensor_parallel_size,
+                       rank=self.rank)

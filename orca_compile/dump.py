@@ -177,7 +177,8 @@ def render(gm: torch.fx.GraphModule, fmt: str, title: str = "graph") -> str:
     raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
 
 
-_SUMMARY_KEYS = ("ops", "inputs", "embedding", "linear", "sdpa", "softmax", "matmul", "orca.attention", "index_select")
+_SUMMARY_KEYS = ("ops", "inputs", "embedding", "linear", "sdpa", "softmax", "matmul", "orca.attention", "index_select",
+                 "all_reduce")
 
 
 def summary(compiled) -> str:

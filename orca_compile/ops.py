@@ -62,3 +62,24 @@ def _attention_fake(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, se
 
 
 ATTENTION = torch.ops.orca.attention.default
+
+
+@torch.library.custom_op(f"{_LIB}::all_reduce", mutates_args=())
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over the ranks of the default process group (a new tensor); ``x`` itself
+    where no group is initialised or it has one rank. Inserted by the tensor-parallel pass after
+    every row-parallel linear (``passes/partition/tensor_parallel.py``)."""
+    import torch.distributed as dist
+
+    out = x.clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out)
+    return out
+
+
+@all_reduce.register_fake
+def _all_reduce_fake(x):
+    return torch.empty_like(x)
+
+
+ALL_REDUCE = torch.ops.orca.all_reduce.default

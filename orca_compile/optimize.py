@@ -24,8 +24,8 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
              num_kv_blocks: int | None = _D.num_kv_blocks, policy: str = _D.policy, tokenizer=None,
              kv_mode: str = _D.kv_mode, chunked_prefill: bool = _D.chunked_prefill,
              max_model_len: int | None = _D.max_model_len, backend: str = DEFAULT_BACKEND,
-             executor: str = _D.executor, dtype: torch.dtype | str | None = None, device: str | None = None,
-             seed: int = 0) -> Engine:
+             executor: str = _D.executor, tensor_parallel_size: int = 1, dtype: torch.dtype | str | None = None,
+             device: str | None = None, seed: int = 0) -> Engine:
     """Turn an HF causal LM into an iteration-level serving engine (use it in a ``with`` block, or
     call ``shutdown()``, to release it).
 
@@ -36,7 +36,9 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     the full context, capped at 90% of free GPU memory or 25% of available host memory.
     ``backend``: the compiler's lowering (``orca_compile.config.BACKENDS``; ``auto``: the fastest
     that applies here). ``policy`` and ``executor``: registered names
-    (``runtime/policy.py``, ``runtime/executor.py``). ``dtype``/``device`` apply when loading by name.
+    (``runtime/policy.py``, ``runtime/executor.py``). ``tensor_parallel_size`` > 1: that many
+    worker processes, each with its shard of every layer (``executor="multiproc"``, chosen for you
+    when ``executor`` is left at ``local``). ``dtype``/``device`` apply when loading by name.
     """
     find_tokenizer = None  # the checkpoint's own, looked for once the model has loaded
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -58,11 +60,14 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
                                       or max_model_len < 1):
         raise ValueError(f"max_model_len must be an integer >= 1 (or None: the model's), got {max_model_len!r}")
+    if tensor_parallel_size != 1 and executor == "local":
+        executor = "multiproc"
     config = EngineConfig(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, policy=policy,
                           kv_mode=kv_mode, chunked_prefill=chunked_prefill, max_model_len=max_model_len,
                           executor=executor)
-    source = ModelSpec(model_or_path, backend=backend, dtype=_dtype_name(dtype), device=device)
+    source = ModelSpec(model_or_path, backend=backend, dtype=_dtype_name(dtype), device=device,
+                       tensor_parallel_size=tensor_parallel_size)
     engine = Engine(source, config, tokenizer=tokenizer, seed=seed)
     if find_tokenizer is not None:
         engine.tokenizer = _try_tokenizer(find_tokenizer)

@@ -85,6 +85,7 @@ class PassManager:
 _SHORT = {
     "aten.scaled_dot_product_attention.default": "sdpa",
     "orca.attention.default": "orca.attention",
+    "orca.all_reduce.default": "all_reduce",
     "aten.linear.default": "linear",
     "aten.addmm.default": "linear",  # GPT-2's Conv1D
     "aten.softmax.int": "softmax",

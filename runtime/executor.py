@@ -127,3 +127,5 @@ def make_executor(name: str, source, seed: int = 0) -> Executor:
 
 
 register_executor("local", LocalExecutor)
+
+from orca_compile.runtime import multiproc_executor  # noqa: E402,F401  (registers "multiproc")

@@ -1,0 +1,185 @@
+"""``executor="multiproc"``: one worker process per tensor-parallel rank, on this machine.
+
+Each worker receives the model *source* for its rank (``source.for_rank(rank)``: where to load
+the model from, the backend, the tensor-parallel size and its rank), joins a ``torch.distributed``
+process group (gloo on the CPU, NCCL on CUDA; rendezvous on 127.0.0.1), builds its own shard and
+its own KV cache, and then runs each iteration the engine sends it. Control and tensors travel
+apart, as in Orca: the scheduler's decision (a ``SchedulerOutput``, a few hundred bytes) goes to
+every worker over a pipe; activations meet only inside the graphs, in ``orca::all_reduce``. Every
+rank computes the full logits (the LM head is replicated) and samples the same tokens from the
+same seeds; rank 0's result goes back to the engine.
+
+Failure is bounded: waiting on a worker, the executor checks every ``POLL_SECONDS`` that every
+worker is alive, so a dead worker is an error within a fraction of a second; a collective that
+hangs (a peer that stopped answering) fails in the workers after ``collective_timeout`` seconds
+(gloo's own timeout), and the executor gives up after that plus ``GRACE_SECONDS``. Either way the
+engine raises ``RuntimeError`` naming the rank; ``shutdown()`` then stops every worker (asks,
+waits ``JOIN_SECONDS``, kills), and leaves no process behind.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import socket
+import time
+
+import torch
+
+from orca_compile.runtime.executor import Executor, ModelInfo, register_executor
+from orca_compile.runtime.model_runner import RunnerOutput
+from orca_compile.runtime.scheduler import SchedulerOutput
+
+POLL_SECONDS = 0.05
+GRACE_SECONDS = 10.0
+JOIN_SECONDS = 10.0
+DEFAULT_COLLECTIVE_TIMEOUT = 30.0  # seconds a collective may wait for a peer before it fails
+START_TIMEOUT = 300.0  # building a shard compiles a model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(source, rank, world_size, port, seed, threads, collective_timeout, conn):
+    import torch.distributed as dist
+
+    from orca_compile.runtime.host import tune_malloc
+    from orca_compile.runtime.model_runner import ModelRunner
+
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        backend = "nccl" if source.device_type == "cuda" else "gloo"
+        if source.device_type == "cpu":
+            tune_malloc()
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=collective_timeout))
+        model = source.build()
+        runner = ModelRunner(model, seed=seed)
+        conn.send(("ready", ModelInfo.of(model)))
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                break
+            kind = msg[0]
+            if kind == "execute":
+                result = runner.execute(msg[1])
+                conn.send(("ok", result if rank == 0 else None))
+            elif kind == "release":
+                runner.sampler.forget(msg[1])
+            elif kind == "init_kv_cache":
+                runner.init_kv_cache(*msg[1:])
+                conn.send(("ok", None))
+            else:
+                raise RuntimeError(f"unknown message {kind!r}")
+    except (EOFError, KeyboardInterrupt):
+        pass  # the engine went away
+    except BaseException as exc:  # noqa: BLE001  (reported to the engine, which raises)
+        try:
+            conn.send(("error", (type(exc).__name__, str(exc))))
+        except (BrokenPipeError, OSError):
+            pass
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class MultiprocExecutor(Executor):
+    """``source.tensor_parallel_size`` workers, one per rank; see the module docstring."""
+
+    def __init__(self, source, seed: int = 0, collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT):
+        world_size = int(getattr(source, "tensor_parallel_size", 1))
+        if not callable(getattr(source, "for_rank", None)):
+            raise ValueError(f"the multiproc executor needs a source with for_rank() (orca_compile.ModelSpec), "
+                             f"got {type(source).__name__}")
+        self.world_size = world_size
+        self.collective_timeout = collective_timeout
+        threads = max(1, (os.cpu_count() or 1) // world_size) if source.device_type == "cpu" else 0
+        ctx = multiprocessing.get_context("spawn")
+        port = _free_port()
+        self.processes, self.conns = [], []
+        try:
+            for rank in range(world_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker, args=(source.for_rank(rank), rank, world_size, port, seed, threads,
+                                                         collective_timeout, child), daemon=True,
+                                   name=f"orca-rank-{rank}")
+                proc.start()
+                child.close()
+                self.processes.append(proc)
+                self.conns.append(parent)
+            infos = [self._recv(rank, START_TIMEOUT) for rank in range(world_size)]
+        except BaseException:
+            self.shutdown()
+            raise
+        self.info: ModelInfo = infos[0]
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        self._send_all(("init_kv_cache", num_blocks, block_size))
+        for rank in range(self.world_size):
+            self._recv(rank, self.collective_timeout + GRACE_SECONDS)
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self._send_all(("execute", out))
+        results = [self._recv(rank, self.collective_timeout + GRACE_SECONDS) for rank in range(self.world_size)]
+        return results[0]
+
+    def release(self, request_ids: list[str]) -> None:
+        self._send_all(("release", list(request_ids)))
+
+    def shutdown(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + JOIN_SECONDS
+        for proc in self.processes:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=JOIN_SECONDS)
+        for conn in self.conns:
+            conn.close()
+        self.processes, self.conns = [], []
+
+    # ---- messages -------------------------------------------------------------------------------
+
+    def _send_all(self, msg) -> None:
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send(msg)
+            except (BrokenPipeError, OSError):
+                raise RuntimeError(self._dead(rank)) from None
+
+    def _recv(self, rank: int, timeout: float):
+        """Rank ``rank``'s answer; a ``RuntimeError`` as soon as any worker is found dead, when the
+        rank reports an error, or after ``timeout`` seconds without an answer."""
+        conn = self.conns[rank]
+        deadline = time.monotonic() + timeout
+        while not conn.poll(POLL_SECONDS):
+            for r, proc in enumerate(self.processes):
+                if not proc.is_alive() and not self.conns[r].poll():
+                    raise RuntimeError(self._dead(r))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel rank {rank} gave no answer within {timeout:.0f} s")
+        try:
+            msg = conn.recv()
+        except EOFError:
+            raise RuntimeError(self._dead(rank)) from None
+        if msg[0] == "error":
+            kind, text = msg[1]
+            if kind == "ValueError":  # bad input (a size the ranks do not divide): the user's to fix
+                raise ValueError(f"tensor-parallel rank {rank}: {text}")
+            raise RuntimeError(f"tensor-parallel rank {rank} failed: {kind}: {text}")
+        return msg[1]
+
+    def _dead(self, rank: int) -> str:
+        proc = self.processes[rank]
+        return f"tensor-parallel rank {rank} (pid {proc.pid}) died (exit code {proc.exitcode})"
+
+
+register_executor("multiproc", MultiprocExecutor)

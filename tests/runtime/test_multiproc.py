@@ -1,0 +1,88 @@
+"""executor="multiproc": tensor-parallel ranks as real processes over gloo, started by the engine.
+
+The oracle: HF's greedy decoding of each prompt alone (tokens) and the one-process engine on the same
+requests (log-probs within 1e-9: the all-reduce sums two partial products, which reorders a
+float64 sum), with staggered arrivals and a cache small enough to preempt. A killed worker is an
+error from the engine within a second; no process outlives its engine."""
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import pytest
+import torch
+
+import orca_compile
+from orca_compile import SamplingParams
+from orca_compile.presets import load_model
+
+FAMILIES = ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-llama-mqa", "tiny-gemma2"]
+# (arrival iteration, prompt, max_tokens): the last two arrive while the first ones decode
+PLAN = [(0, [5, 17, 3, 99, 4, 8, 1, 2, 3], 6), (0, [42, 7], 8), (2, [8, 9, 10, 11, 12], 5), (3, [3, 1], 7)]
+OPTIONS = dict(dtype="float64", num_kv_blocks=7, block_size=4, max_num_seqs=4, max_num_batched_tokens=8)
+
+
+def _serve(engine):
+    out, step = {}, 0
+    pending = list(enumerate(PLAN))
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][1][0] <= step:
+            i, (_, prompt, n) = pending.pop(0)
+            engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=n, ignore_eos=True, logprobs=True))
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = (o.token_ids, o.logprobs)
+        step += 1
+    return out, engine.stats()["num_preemptions"]
+
+
+def _hf(model, prompt, n):
+    """HF's greedy tokens with nothing suppressed (generate's min_new_tokens would mask EOS, and the
+    engine's ignore_eos does not: it only keeps going after one)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_two_ranks_give_hf_tokens_and_the_one_process_log_probs(name):
+    with orca_compile.optimize(name, **OPTIONS) as local:
+        want, _ = _serve(local)
+    with orca_compile.optimize(name, tensor_parallel_size=2, **OPTIONS) as engine:
+        assert type(engine.executor).__name__ == "MultiprocExecutor"
+        procs = list(engine.executor.processes)
+        got, preemptions = _serve(engine)
+    assert preemptions > 0  # the cache was short: requests were preempted and recomputed
+    model = load_model(name, dtype=torch.float64)
+    for i, (_, prompt, n) in enumerate(PLAN):
+        tokens, logprobs = got[f"r{i}"]
+        assert tokens == want[f"r{i}"][0] == _hf(model, prompt, n)
+        assert max(abs(a - b) for a, b in zip(logprobs, want[f"r{i}"][1])) < 1e-9
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_a_killed_worker_is_an_error_within_a_second_and_nothing_is_left():
+    engine = orca_compile.optimize("tiny-llama", tensor_parallel_size=2, **OPTIONS)
+    procs = list(engine.executor.processes)
+    try:
+        engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True))
+        engine.step()
+        procs[1].kill()
+        procs[1].join(timeout=10)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 \(pid \d+\) died"):
+            while True:  # the dead rank is found at the next step
+                engine.step()
+        assert time.monotonic() - start < 1.0
+    finally:
+        engine.shutdown()
+    assert not any(p.is_alive() for p in procs)
+    assert not multiprocessing.active_children()
+
+
+def test_a_size_the_ranks_do_not_divide_is_a_value_error_from_the_worker():
+    with pytest.raises(ValueError, match=r"rank 0: tensor_parallel_size=3 does not divide the 4 query heads"):
+        orca_compile.optimize("tiny-llama", tensor_parallel_size=3, **OPTIONS)
+    assert not multiprocessing.active_children()
