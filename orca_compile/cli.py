@@ -23,7 +23,7 @@ def cmd_dump(args) -> int:
     from orca_compile.presets import DEFAULT_PRESET, load_model
 
     model = load_model(args.model or DEFAULT_PRESET, dtype=args.dtype, device=args.device)
-    compiled = orca_compile.compile(model, backend=args.backend)
+    compiled = orca_compile.compile(model, backend=args.backend, tensor_parallel_size=args.tp, rank=args.rank)
     if args.stage not in ("all", *compiled.stages):
         raise ValueError(f"no stage {args.stage!r} with backend {compiled.backend}; stages: "
                          f"{', '.join(compiled.stages)}, all")
@@ -70,13 +70,16 @@ def _add_engine_args(p):
     g.add_argument("--kv-mode", default=DEFAULTS.kv_mode, choices=["paged", "reserve"])
     g.add_argument("--policy", default=DEFAULTS.policy, choices=list(POLICIES), help="scheduling policy")
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
+                   help="tensor-parallel ranks, one process each over torch.distributed (gloo on the CPU)")
     _add_backend_arg(g)
 
 
 def _engine_kwargs(args) -> dict:
     return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_mode=args.kv_mode,
-                policy=args.policy, chunked_prefill=not args.no_chunked_prefill, backend=args.backend)
+                policy=args.policy, chunked_prefill=not args.no_chunked_prefill, backend=args.backend,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _token_ids(text: str) -> list[int]:
@@ -190,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dump", help="compile a model and print its graph after each rewrite stage")
     _add_model_args(p)
     _add_backend_arg(p)
-    p.add_argument("--stage", default="final", choices=[*STAGES, *LOWERING_STAGES, "all"],
+    p.add_argument("--tp", type=int, default=1, help="show rank --rank's shard of a tensor-parallel split")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--stage", default="final", choices=[*STAGES, "partitioned", *LOWERING_STAGES, "all"],
                    help="lowered: the graph the engine runs on this machine; linears, attention, norms, rope: "
                         "the cpu lowering's own stages; all: every stage the backend has")
     p.add_argument("--format", default="text", choices=FORMATS)

@@ -27,6 +27,8 @@ Each request's queries sit at the last ``q_len`` positions of its context and at
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 _LIB = "orca"
@@ -73,8 +75,20 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
     out = x.clone()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        start = time.perf_counter()
         dist.all_reduce(out)
+        _COLLECTIVES[0] += time.perf_counter() - start
+        _COLLECTIVES[1] += 1
     return out
+
+
+_COLLECTIVES = [0.0, 0]  # seconds spent in all-reduces by this process, and their count
+
+
+def collective_time() -> tuple[float, int]:
+    """Seconds this process has spent in ``orca::all_reduce``'s collectives, and how many there were
+    (the runner reports each iteration's share)."""
+    return _COLLECTIVES[0], _COLLECTIVES[1]
 
 
 @all_reduce.register_fake

@@ -47,6 +47,7 @@ class IterationStats:
     forward_seconds: float
     sample_seconds: float
     update_seconds: float
+    collective_seconds: float = 0.0  # of forward_seconds, in a tensor-parallel graph's all-reduces (rank 0)
 
     @property
     def seconds(self) -> float:
@@ -140,7 +141,7 @@ class Engine:
             self.scheduler.num_running, self.scheduler.num_waiting, len(decision.preempted_request_ids),
             self.scheduler.num_kv_blocks_used, t1 - t0, result.prepare_seconds, result.forward_seconds,
             result.sample_seconds, (t2 - t1 - result.prepare_seconds - result.forward_seconds - result.sample_seconds)
-            + (t3 - t2)))
+            + (t3 - t2), result.collective_seconds))
         return outputs
 
     @property

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from orca_compile.ops import collective_time
 from orca_compile.runtime.batch import RaggedBatch
 from orca_compile.runtime.kv_cache import new_kv_cache
 from orca_compile.runtime.sampler import Sampler
@@ -21,6 +22,7 @@ class RunnerOutput:
     prepare_seconds: float = 0.0  # building the ragged batch tensors
     forward_seconds: float = 0.0  # the graph itself
     sample_seconds: float = 0.0
+    collective_seconds: float = 0.0  # of forward_seconds, in the all-reduces of a tensor-parallel graph
 
 
 def graph_inputs(model, batch: RaggedBatch, kv_cache) -> list[torch.Tensor]:
@@ -69,9 +71,11 @@ class ModelRunner:
         t0 = time.perf_counter()
         batch = RaggedBatch.build(out.new_token_ids, out.num_computed_tokens, out.block_tables, self.block_size,
                                   sample=out.sample, device=self.device)
+        c0, _ = collective_time()
         t1 = time.perf_counter()
         logits = run_graph(self.model, batch, self.kv_cache)
         t2 = time.perf_counter()
+        c1, _ = collective_time()
         rows = [i for i, s in enumerate(out.sample) if s]
         if rows:
             tokens, logprobs = self.sampler.sample(logits, [out.request_ids[i] for i in rows],
@@ -79,4 +83,4 @@ class ModelRunner:
         else:
             tokens, logprobs = [], None
         t3 = time.perf_counter()
-        return RunnerOutput(tokens, logprobs, t1 - t0, t2 - t1, t3 - t2)
+        return RunnerOutput(tokens, logprobs, t1 - t0, t2 - t1, t3 - t2, c1 - c0)

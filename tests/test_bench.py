@@ -107,3 +107,15 @@ def test_a_run_that_fails_still_stops_its_worker_processes(monkeypatch):
     with pytest.raises(RuntimeError, match="the timed pass broke"):
         bench.run("w1-tiny", systems=("hf-static",), isolate=True, log=lambda line: None)
     assert len(started) == 1 and not started[0].process.is_alive()
+
+
+def test_the_tensor_parallel_engine_is_a_system_of_its_own():
+    import multiprocessing
+
+    lines = []
+    report = bench.run("w1-tiny", systems=("engine", "engine-tp2"), log=lines.append)
+    one, two = report["results"]
+    assert "tp=2" in two["system"] and two["useful_tokens"] == one["useful_tokens"]
+    assert two["extra"]["collective_seconds"] > 0 == one["extra"]["collective_seconds"]
+    assert any("same tokens for 100% of requests" in line for line in lines)
+    assert not multiprocessing.active_children()  # the ranks went with the run

@@ -175,3 +175,18 @@ def test_dump_lowered_is_the_graph_the_engine_runs_here(tmp_path, capsys):
 def test_dump_refuses_a_stage_the_backend_has_not(capsys):
     assert main(["dump", "tiny-llama", "--backend", "eager", "--stage", "norms"]) == 2
     assert "no stage 'norms' with backend eager" in capsys.readouterr().err
+
+
+def test_dump_shows_a_ranks_shard_and_generate_runs_tensor_parallel(tmp_path, capsys):
+    out = tmp_path / "p.txt"
+    assert main(["dump", "tiny-llama", "--tp", "2", "--rank", "1", "--stage", "partitioned", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("= orca.all_reduce(") == 4  # two a layer
+    assert "k_cache_0: f32[NB, BS, 1, 16]" in text  # 2 KV heads over 2 ranks
+    assert "partitioned" in capsys.readouterr().out  # the summary's row
+    args = ["generate", "tiny-llama", "--prompt-ids", "5 17 3 99", "--prompt-ids", "42 7", "--max-tokens", "6",
+            "--num-kv-blocks", "16"]
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert main(args + ["--tp", "2"]) == 0
+    assert capsys.readouterr().out == one

@@ -56,12 +56,11 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     prepared = {}
 
     def prepare(system):
-        kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                      backend=systems_mod.ENGINE_VARIANTS.get(system, backend))
+        kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, backend=backend)
         if isolate:
             prepared[system] = Isolated(workload, system, reqs, kwargs, threads)
         else:
-            prepared[system] = systems_mod.prepare(system, model, reqs, kwargs, compiled=compiled)
+            prepared[system] = systems_mod.prepare(system, model, reqs, kwargs, compiled=compiled, workload=w)
 
     bandwidth = [read_bandwidth()]
     rounds = {system: [] for system in systems}

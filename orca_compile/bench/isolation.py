@@ -21,13 +21,21 @@ def _system_worker(conn, workload, system, reqs, engine_kwargs, threads):
     if threads:
         torch.set_num_threads(threads)
     w = WORKLOADS[workload]
-    model = load_model(w.model, dtype=w.dtype)
-    timed = systems.prepare(system, model, reqs, engine_kwargs)
+    # a tensor-parallel engine's workers load the model themselves
+    tp = systems.ENGINE_VARIANTS.get(system, {}).get("tensor_parallel_size", 1) > 1
+    model = None if tp else load_model(w.model, dtype=w.dtype)
+    timed = systems.prepare(system, model, reqs, engine_kwargs, workload=w)
     conn.send("ready")
-    while conn.recv() is not None:
-        res, tokens = timed()
-        res.extra["pid"] = os.getpid()
-        conn.send((dataclasses.asdict(res), tokens))
+    try:
+        while conn.recv() is not None:
+            res, tokens = timed()
+            res.extra["pid"] = os.getpid()
+            conn.send((dataclasses.asdict(res), tokens))
+    except EOFError:  # the parent went away
+        pass
+    finally:
+        if hasattr(timed, "shutdown"):
+            timed.shutdown()
 
 
 class Isolated:
@@ -38,8 +46,9 @@ class Isolated:
 
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the parent's state
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_system_worker, args=(child, workload, system, reqs, engine_kwargs, threads),
-                                   daemon=True)
+        # not a daemon: a tensor-parallel engine starts worker processes of its own, which a
+        # daemon may not; close() stops it, and it exits by itself when the parent's pipe closes
+        self.process = ctx.Process(target=_system_worker, args=(child, workload, system, reqs, engine_kwargs, threads))
         self.process.start()
         child.close()
         if self._recv() != "ready":

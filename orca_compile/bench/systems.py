@@ -12,8 +12,11 @@ import torch
 from orca_compile.config import DEFAULT_BACKEND, DEFAULTS
 from orca_compile.host_probes import cpu_steal_seconds, since
 
-SYSTEMS = ("engine", "engine-onednn", "engine-eager", "engine-inductor", "hf-static", "hf-continuous")
-ENGINE_VARIANTS = {"engine-onednn": "onednn", "engine-eager": "eager", "engine-inductor": "inductor"}  # the engine on another backend
+SYSTEMS = ("engine", "engine-onednn", "engine-eager", "engine-inductor", "engine-tp2", "hf-static", "hf-continuous")
+# the engine with other options: another backend, or two tensor-parallel ranks (a process each,
+# one thread each on a 2-core machine, against the one-process engine's two threads)
+ENGINE_VARIANTS = {"engine-onednn": {"backend": "onednn"}, "engine-eager": {"backend": "eager"},
+                   "engine-inductor": {"backend": "inductor"}, "engine-tp2": {"tensor_parallel_size": 2}}
 
 
 @dataclasses.dataclass
@@ -37,18 +40,24 @@ def run_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAULTS.
 
 
 def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAULTS.max_num_batched_tokens,
-                   block_size=DEFAULTS.block_size, backend=DEFAULT_BACKEND, compiled=None):
+                   block_size=DEFAULTS.block_size, backend=DEFAULT_BACKEND, compiled=None, tensor_parallel_size=1,
+                   dtype=None):
     """The engine, set up once: compiled, lowered, and run over the whole workload untimed.
     Returns a function that times one more pass (a ``Result`` and the tokens); every call of it
-    carries the same set-up seconds."""
+    carries the same set-up seconds. With ``tensor_parallel_size`` > 1, ``model`` is a name the
+    workers load (with ``dtype``) themselves."""
     import orca_compile
     from orca_compile import SamplingParams
 
     t0 = time.perf_counter()
-    compiled = compiled or orca_compile.compile(model, keep_stages=False)
     blocks = sum(-(-(len(p) + n) // block_size) for p, n in reqs) + 1
-    engine = orca_compile.optimize(compiled, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                   block_size=block_size, num_kv_blocks=blocks, backend=backend)
+    sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                 num_kv_blocks=blocks, backend=backend)
+    if tensor_parallel_size > 1:
+        engine = orca_compile.optimize(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, **sizes)
+    else:
+        compiled = compiled or orca_compile.compile(model, keep_stages=False)
+        engine = orca_compile.optimize(compiled, **sizes)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in reqs]
     prompts = [p for p, _ in reqs]
     # Warm-up: the whole workload once, untimed. Inductor compiles a new graph whenever a shape
@@ -72,6 +81,7 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
             "forward_share": sum(it.forward_seconds for it in its) / sum(it.seconds for it in its),
             "full_batch_iterations": len(full),
             "cpu_steal_seconds": steal,
+            "collective_seconds": sum(it.collective_seconds for it in its),  # all-reduces (rank 0's wait)
         }
         if full:
             extra |= {
@@ -85,7 +95,9 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
                                        decode_tokens=it.num_decode_tokens, forward_ms=round(1e3 * it.forward_seconds, 2),
                                        total_ms=round(1e3 * it.seconds, 2)) for it in its]
         tokens = [o.token_ids for o in outs]
-        return Result(f"orca-compile engine ({engine.backend})", seconds, sum(map(len, tokens)), setup, extra), tokens
+        tp = f", tp={tensor_parallel_size}" if tensor_parallel_size > 1 else ""
+        return Result(f"orca-compile engine ({engine.backend}{tp})", seconds, sum(map(len, tokens)), setup,
+                      extra), tokens
 
     timed.shutdown = engine.shutdown  # the harness releases the engine when the run ends
     return timed
@@ -146,10 +158,13 @@ def run_hf_continuous(model, reqs) -> tuple[Result, list[list[int]]]:
                   {"cpu_steal_seconds": steal}), tokens
 
 
-def prepare(system: str, model, reqs, engine_kwargs: dict, compiled=None):
+def prepare(system: str, model, reqs, engine_kwargs: dict, compiled=None, workload=None):
     """``system`` set up on ``model``: a function that times one pass (a ``Result`` and the tokens)."""
     if system == "engine" or system in ENGINE_VARIANTS:
-        return prepare_engine(model, reqs, compiled=compiled, **engine_kwargs)
+        kwargs = dict(engine_kwargs) | ENGINE_VARIANTS.get(system, {})
+        if kwargs.get("tensor_parallel_size", 1) > 1:  # the workers load the workload's model themselves
+            return prepare_engine(workload.model, reqs, dtype=workload.dtype, **kwargs)
+        return prepare_engine(model, reqs, compiled=compiled, **kwargs)
     if system == "hf-static":
         return lambda: run_hf_static(model, reqs)
     return lambda: run_hf_continuous(model, reqs)
