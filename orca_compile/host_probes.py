@@ -79,3 +79,113 @@ def read_bandwidth(nbytes: int = 512 << 20) -> float:
         x.sum()
         best = max(best, nbytes / (time.perf_counter() - start))
     return best
+
+
+def _all_reduce_probe(rank, world_size, port, sizes, reps, out):
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    times = []
+    for n in sizes:
+        x = torch.ones(n // 4)
+        dist.all_reduce(x)  # warm the connection
+        start = time.perf_counter()
+        for _ in range(reps):
+            dist.all_reduce(x)
+        times.append((time.perf_counter() - start) / reps)
+    if rank == 0:
+        out.put(times)
+    dist.destroy_process_group()
+
+
+def all_reduce_link(world_size: int = 2, small: int = 4 << 10, large: int = 4 << 20, reps: int = 20,
+                    timeout: float = 120.0) -> tuple[float, float]:
+    """(bus bytes/s, seconds per step) of a gloo all-reduce among ``world_size`` processes on this
+    machine, fitted to the ring model the cost model uses (``2 (p - 1)`` steps of ``bytes / p``):
+    from the time of a small all-reduce (latency-bound) and a large one (bandwidth-bound)."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_all_reduce_probe, args=(r, world_size, port, (small, large), reps, out), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        t_small, t_large = out.get(timeout=timeout)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    steps = 2 * (world_size - 1)
+    latency = t_small / steps
+    bandwidth = (2 * (world_size - 1) / world_size) * large / max(t_large - steps * latency, 1e-9)
+    return bandwidth, latency
+
+
+def op_overhead(reps: int = 2000) -> float:
+    """Seconds one small ATen op costs from Python here (dispatch, allocation): the launch price
+    the cost model charges each op of a graph."""
+    x = torch.ones(8)
+    start = time.perf_counter()
+    for _ in range(reps):
+        x = x + 1.0
+    return (time.perf_counter() - start) / reps
+
+
+def gemm_rates(dtype: torch.dtype = torch.float32, nbytes: int = 512 << 20) -> tuple[float, float]:
+    """(FLOP/s, weight bytes/s) of the ``cpu`` backend's own C GEMM here: the rate of a 512-row
+    product (prefill-shaped, compute-bound) and of one row against ``nbytes`` of packed weights,
+    more than any cache holds (decode-shaped: the weight stream). These, not ``torch.mm``'s, are
+    the rates the lowered graph runs at."""
+    from orca_compile.kernels import gemm_cpu
+
+    w = gemm_cpu.pack(torch.randn(3072, 768, dtype=dtype))
+    x = torch.randn(512, 768, dtype=dtype)
+    gemm_cpu.linear(x, w, None, 3072, 0)
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < 0.5:
+        gemm_cpu.linear(x, w, None, 3072, 0)
+        reps += 1
+    flops = 2 * 512 * 768 * 3072 * reps / (time.perf_counter() - start)
+    each = 3072 * 768 * torch.empty((), dtype=dtype).element_size()
+    weights = [gemm_cpu.pack(torch.randn(3072, 768, dtype=dtype)) for _ in range(max(1, nbytes // each))]
+    row = torch.randn(1, 768, dtype=dtype)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for wi in weights:
+            gemm_cpu.linear(row, wi, None, 3072, 0)
+        best = max(best, len(weights) * each / (time.perf_counter() - start))
+    return flops, best
+
+
+def measure_machine(dtype: torch.dtype = torch.float32, world_size: int = 1, backend: str = "cpu"):
+    """This machine as the cost model sees it (``passes/partition/cost_model.Machine``), each rank
+    with ``cpu_count / world_size`` threads (as the multiproc executor runs them). ``backend="cpu"``
+    (where the C GEMM builds): the rates of the kernels the lowered graph runs (``gemm_rates``);
+    otherwise ``torch.mm``'s rate and a ``sum``'s read rate."""
+    from orca_compile.kernels import gemm_cpu
+    from orca_compile.passes.partition.cost_model import Machine
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        if backend == "cpu" and gemm_cpu.available():
+            rate, bandwidth = gemm_rates(dtype)
+        else:
+            rate, bandwidth = matmul_rate(dtype), read_bandwidth()
+        overhead = op_overhead()
+    finally:
+        torch.set_num_threads(threads)
+    link, latency = all_reduce_link(world_size) if world_size > 1 else (0.0, 0.0)
+    return Machine(rate, bandwidth, link, latency, overhead)

@@ -39,3 +39,38 @@ def test_a_lowered_graph_costs_what_the_portable_one_does(name):
         got = graph_cost(lowered.graph_module)
         assert got.flops(7, 3, 11) == want.flops(7, 3, 11) > 0
         assert got.attention_flops_per_key == want.attention_flops_per_key > 0
+
+
+def test_bytes_communication_and_the_prediction_add_up():
+    import sympy
+
+    from orca_compile.passes.partition.cost_model import Machine
+    from orca_compile.passes.partition.tensor_parallel import tensor_parallel
+
+    model, cm = compiled_preset("tiny-llama")  # float64
+    cost = graph_cost(cm.graph_module)
+    linear_weights = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
+    assert cost.weight_bytes == sum(p.numel() * 8 for p in linear_weights)
+    cfg = model.config
+    kv_heads, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    assert cost.attention_bytes_per_key == cfg.num_hidden_layers * kv_heads * 2 * hd * 8
+    assert cost.num_collectives == 0 and cost.comm_bytes == 0 and cost.world_size == 1
+    assert cost.activation_bytes.free_symbols <= {cost.tokens, cost.logits_rows}
+    machine = Machine(flops_per_second=1e9, memory_bytes_per_second=1e8, op_overhead_seconds=1e-6)
+    got = cost.predict_seconds(machine, 7, 3, 20, 9)
+    assert got["compute"] == pytest.approx(cost.flops(7, 3, 20) / 1e9)
+    want_memory = (cost.weight_bytes + 9 * cost.attention_bytes_per_key
+                   + 2 * float(cost.activation_bytes.subs({cost.tokens: 7, cost.logits_rows: 3}))) / 1e8
+    assert got["memory"] == pytest.approx(want_memory)
+    assert got["total"] == pytest.approx(max(got["compute"], got["memory"]) + cost.num_ops * 1e-6)
+
+    shard = graph_cost(tensor_parallel(cm.graph_module, 0, 2))
+    assert shard.world_size == 2 and shard.num_collectives == 2 * cfg.num_hidden_layers
+    assert sympy.simplify(shard.comm_bytes - 2 * cfg.num_hidden_layers * shard.tokens * cfg.hidden_size * 8) == 0
+    assert shard.weight_bytes < cost.weight_bytes
+    with pytest.raises(ValueError, match="link_bytes_per_second > 0"):
+        shard.predict_seconds(machine, 7, 3, 20, 9)
+    linked = Machine(1e9, 1e8, link_bytes_per_second=1e7, link_latency_seconds=1e-5)
+    comm = shard.predict_seconds(linked, 7, 3, 20, 9)["communication"]
+    assert comm == pytest.approx(2 * 1 / 2 * 2 * cfg.num_hidden_layers * 7 * cfg.hidden_size * 8 / 1e7
+                                 + 2 * cfg.num_hidden_layers * 2 * 1e-5)
