@@ -150,3 +150,24 @@ def test_random_workloads_always_finish_with_exact_block_accounting(kv_mode, see
     assert len(done) == 20
     assert all(r.num_output_tokens == r.params.max_tokens for r in done.values())
     assert s.block_manager.num_used_blocks == 0
+
+
+def test_strict_admission_waits_behind_a_misfit_and_a_lenient_policy_goes_past_it():
+    """The policy's choice, the scheduler's mechanism: with 4 free blocks of 4 tokens, a waiting
+    30-token prompt does not fit (chunked prefill off) and a 4-token one behind it does."""
+    from orca_compile.runtime.policy import FCFS
+
+    class Lenient(FCFS):
+        strict_admission = False
+
+    def schedule_with(policy):
+        cfg = EngineConfig(num_kv_blocks=6, block_size=4, chunked_prefill=False, max_num_batched_tokens=64)
+        s = Scheduler(cfg, KVBlockManager(6, 4), policy=policy)
+        add(s, "a", 8)
+        run(s, s.schedule())  # a holds 2 blocks (8 tokens + room for its next)
+        add(s, "long", 30)
+        add(s, "short", 4)
+        return s.schedule().request_ids
+
+    assert schedule_with(FCFS()) == ["a"]  # strict: "short" waits behind "long"
+    assert schedule_with(Lenient()) == ["a", "short"]
