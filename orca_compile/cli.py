@@ -91,6 +91,7 @@ def _token_ids(text: str) -> list[int]:
 
 def cmd_generate(args) -> int:
     import orca_compile
+    from orca_compile import env
     from orca_compile import SamplingParams
     from orca_compile.presets import DEFAULT_PRESET
 
@@ -101,8 +102,21 @@ def cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     if args.stream and len(prompts) != 1:
         raise ValueError(f"--stream prints one prompt's text as it is generated; got {len(prompts)} prompts")
+    kwargs = _engine_kwargs(args)
+    launch = env.get()
+    if launch.launch_world_size > 1:  # one rank of a torchrun launch
+        if kwargs["tensor_parallel_size"] == 1:
+            kwargs["tensor_parallel_size"] = launch.launch_world_size
+        if launch.launch_rank != 0:  # builds its shard and follows rank 0's engine
+            from orca_compile.optimize import model_spec
+            from orca_compile.runtime.torchrun_executor import follow
+
+            follow(model_spec(args.model or DEFAULT_PRESET, backend=args.backend, dtype=args.dtype, device=args.device,
+                              tensor_parallel_size=kwargs["tensor_parallel_size"]), seed=0)
+            return 0
+        kwargs["executor"] = "torchrun"
     with orca_compile.optimize(args.model or DEFAULT_PRESET, tokenizer=args.tokenizer, dtype=args.dtype,
-                               device=args.device, **_engine_kwargs(args)) as engine:
+                               device=args.device, **kwargs) as engine:
         if args.stream:
             return _stream(engine, prompts[0], params)
         return _generate(engine, prompts, params)

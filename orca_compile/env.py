@@ -17,6 +17,8 @@ call it; so does nothing else). The README lists the same table.
 ``TRITON_INTERPRET``       ``1``: Triton's interpreter (CPU; Triton reads it too)
 ``ORCA_LOG_LEVEL``         e.g. ``INFO``: print this package's log records of that level and
                            above to stderr (default: quiet; the CLI's ``-v`` is ``INFO``)
+``RANK``, ``WORLD_SIZE``   set by ``torchrun``: this process is one rank of a launch across
+                           machines (the CLI then serves on rank 0 and follows it elsewhere)
 =========================  ===============================================================
 """
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Environment:
     verify_passes: bool
     triton_interpret: bool
     log_level: str  # "" for quiet
+    launch_rank: int  # torchrun's RANK (0 when not launched by torchrun)
+    launch_world_size: int  # torchrun's WORLD_SIZE (1 when not launched by torchrun)
 
     @classmethod
     def read(cls, environ=None) -> "Environment":
@@ -63,6 +67,8 @@ class Environment:
             verify_passes=e.get("ORCA_VERIFY_PASSES", "0").strip() == "1",
             triton_interpret=e.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"),
             log_level=e.get("ORCA_LOG_LEVEL", "").strip().upper(),
+            launch_rank=int(e.get("RANK", "0") or 0),
+            launch_world_size=int(e.get("WORLD_SIZE", "1") or 1),
         )
 
 

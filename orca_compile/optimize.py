@@ -66,12 +66,20 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, policy=policy,
                           kv_mode=kv_mode, chunked_prefill=chunked_prefill, max_model_len=max_model_len,
                           executor=executor)
-    source = ModelSpec(model_or_path, backend=backend, dtype=_dtype_name(dtype), device=device,
-                       tensor_parallel_size=tensor_parallel_size)
+    source = model_spec(model_or_path, backend=backend, dtype=dtype, device=device,
+                        tensor_parallel_size=tensor_parallel_size)
     engine = Engine(source, config, tokenizer=tokenizer, seed=seed)
     if find_tokenizer is not None:
         engine.tokenizer = _try_tokenizer(find_tokenizer)
     return engine
+
+
+def model_spec(model_or_path, *, backend: str = DEFAULT_BACKEND, dtype=None, device: str | None = None,
+               tensor_parallel_size: int = 1) -> ModelSpec:
+    """The model source ``optimize()`` hands its executor (a rank of a torchrun launch that is not
+    rank 0 builds the same one, and follows rank 0's engine)."""
+    return ModelSpec(model_or_path, backend=backend, dtype=_dtype_name(dtype), device=device,
+                     tensor_parallel_size=tensor_parallel_size)
 
 
 def _dtype_name(dtype) -> str | None:

@@ -128,4 +128,4 @@ def make_executor(name: str, source, seed: int = 0) -> Executor:
 
 register_executor("local", LocalExecutor)
 
-from orca_compile.runtime import multiproc_executor  # noqa: E402,F401  (registers "multiproc")
+from orca_compile.runtime import multiproc_executor, torchrun_executor  # noqa: E402,F401  (register theirs)
