@@ -23,7 +23,9 @@ def cmd_dump(args) -> int:
     from orca_compile.presets import DEFAULT_PRESET, load_model
 
     model = load_model(args.model or DEFAULT_PRESET, dtype=args.dtype, device=args.device)
-    compiled = orca_compile.compile(model, backend=args.backend, tensor_parallel_size=args.tp, rank=args.rank)
+    compiled = orca_compile.compile(model, backend=args.backend, tensor_parallel_size=args.tp,
+                                    rank=args.rank if args.pp == 1 else 0, pipeline_parallel_size=args.pp,
+                                    stage=args.rank if args.pp > 1 else 0)
     if args.stage not in ("all", *compiled.stages):
         raise ValueError(f"no stage {args.stage!r} with backend {compiled.backend}; stages: "
                          f"{', '.join(compiled.stages)}, all")
@@ -72,6 +74,8 @@ def _add_engine_args(p):
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
                    help="tensor-parallel ranks, one process each over torch.distributed (gloo on the CPU)")
+    g.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=1,
+                   help="pipeline stages, one process each (not combined with --tp yet)")
     _add_backend_arg(g)
 
 
@@ -79,7 +83,7 @@ def _engine_kwargs(args) -> dict:
     return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_mode=args.kv_mode,
                 policy=args.policy, chunked_prefill=not args.no_chunked_prefill, backend=args.backend,
-                tensor_parallel_size=args.tensor_parallel_size)
+                tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size)
 
 
 def _token_ids(text: str) -> list[int]:
@@ -105,6 +109,9 @@ def cmd_generate(args) -> int:
     kwargs = _engine_kwargs(args)
     launch = env.get()
     if launch.launch_world_size > 1:  # one rank of a torchrun launch
+        if kwargs["pipeline_parallel_size"] != 1:
+            raise ValueError("under torchrun, generate runs tensor parallel (--tp); pipeline stages run with --pp on "
+                             "one machine")
         if kwargs["tensor_parallel_size"] == 1:
             kwargs["tensor_parallel_size"] = launch.launch_world_size
         if launch.launch_rank != 0:  # builds its shard and follows rank 0's engine
@@ -115,6 +122,7 @@ def cmd_generate(args) -> int:
                               tensor_parallel_size=kwargs["tensor_parallel_size"]), seed=0)
             return 0
         kwargs["executor"] = "torchrun"
+        kwargs.pop("pipeline_parallel_size")
     with orca_compile.optimize(args.model or DEFAULT_PRESET, tokenizer=args.tokenizer, dtype=args.dtype,
                                device=args.device, **kwargs) as engine:
         if args.stream:
@@ -208,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_backend_arg(p)
     p.add_argument("--tp", type=int, default=1, help="show rank --rank's shard of a tensor-parallel split")
+    p.add_argument("--pp", type=int, default=1, help="show stage --rank of a pipeline split")
     p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--stage", default="final", choices=[*STAGES, "partitioned", *LOWERING_STAGES, "all"],
+    p.add_argument("--stage", default="final",
+                   choices=[*STAGES, "pipelined", "partitioned", *LOWERING_STAGES, "all"],
                    help="lowered: the graph the engine runs on this machine; linears, attention, norms, rope: "
                         "the cpu lowering's own stages; all: every stage the backend has")
     p.add_argument("--format", default="text", choices=FORMATS)

@@ -22,6 +22,7 @@ from orca_compile.capture import capture
 from orca_compile.ops import ATTENTION
 from orca_compile.passes import lower_cpu
 from orca_compile.passes.manager import DEFAULT_PIPELINE, PassManager
+from orca_compile.passes.partition.pipeline_split import pipeline_stage
 from orca_compile.passes.partition.tensor_parallel import tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,14 @@ class CompiledModel:
         self.backend = backend
         self.input_names = [n.target for n in graph_module.graph.find_nodes(op="placeholder")]
         self.layers = _attention_specs(graph_module)
-        logits = graph_module.graph.output_node().args[0].meta["val"]
-        self.vocab_size = int(logits.shape[-1])
-        self.device = logits.device
+        out = graph_module.graph.output_node().args[0].meta["val"]
+        pipeline = graph_module.meta.get("orca_pipeline") or {}
+        self.stage = int(pipeline.get("stage", 0))  # of a pipeline: this graph's stage, of num_stages
+        self.num_stages = int(pipeline.get("num_stages", 1))
+        # a stage before the last returns the residual stream [T, hidden], not logits
+        self.vocab_size = int(out.shape[-1]) if self.stage == self.num_stages - 1 else 0
+        self.hidden_size = 0 if self.stage == self.num_stages - 1 else int(out.shape[-1])
+        self.device = out.device
         self.eos_token_ids = tuple(eos_token_ids)  # what generate() stops at, read off the HF model
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 0)  # 0: no limit
         # dynamic=True: T, R and the block-table width change every iteration; one graph for all
@@ -144,7 +150,8 @@ def lowering_pipeline(backend: str) -> list:
 
 
 def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool = True,
-            max_tokens: int | None = None, tensor_parallel_size: int = 1, rank: int = 0) -> CompiledModel:
+            max_tokens: int | None = None, tensor_parallel_size: int = 1, rank: int = 0,
+            pipeline_parallel_size: int = 1, stage: int = 0) -> CompiledModel:
     """Capture ``model`` (an HF causal LM), rewrite it into selective-batching form and lower it
     for ``backend``. The default, ``eager``, leaves the portable graph (what a person inspects,
     and any device runs); ``optimize()`` asks for ``auto``, the fastest backend that applies here.
@@ -152,7 +159,9 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
     only ``lowered``: the unlowered originals of packed weights are then freed with the model.
     ``tensor_parallel_size`` > 1: rank ``rank``'s shard (``passes/partition/tensor_parallel.py``,
     the ``partitioned`` stage, between ``final`` and the lowering), whose graph sums its partial
-    results with the other ranks' through ``orca::all_reduce``."""
+    results with the other ranks' through ``orca::all_reduce``. ``pipeline_parallel_size`` > 1:
+    stage ``stage``'s layers only (``passes/partition/pipeline_split.py``), whose graph takes the
+    previous stage's residual stream as ``hidden`` and returns its own (the last: the logits)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     start = time.perf_counter()
@@ -162,15 +171,22 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
     final = manager.run(gm)
     info = final.meta["orca"]
     info.module_paths = {}  # only the passes read HF's modules; keep none reachable from the result
-    if tensor_parallel_size != 1 or rank != 0:
-        manager.pipeline = [("partitioned", functools.update_wrapper(
-            functools.partial(tensor_parallel, rank=rank, world_size=tensor_parallel_size), tensor_parallel))]
+    if tensor_parallel_size != 1 or rank != 0 or pipeline_parallel_size != 1:
+        steps = []
+        if pipeline_parallel_size != 1 or stage != 0:
+            steps.append(("pipelined", functools.update_wrapper(
+                functools.partial(pipeline_stage, stage=stage, num_stages=pipeline_parallel_size), pipeline_stage)))
+        if tensor_parallel_size != 1 or rank != 0:
+            steps.append(("partitioned", functools.update_wrapper(
+                functools.partial(tensor_parallel, rank=rank, world_size=tensor_parallel_size), tensor_parallel)))
+        manager.pipeline = steps
         final = manager.run(final)
     resolved = resolve_backend(backend, final)
     lowered = _lower(final, resolved, manager)
     if not keep_stages and lowered is not final:
         manager.stages.pop("final", None)
         manager.stages.pop("partitioned", None)
+        manager.stages.pop("pipelined", None)
     return CompiledModel(lowered, manager.stages, manager.records, capture_seconds, info.config, info.model_class,
                          backend=resolved, eos_token_ids=eos_token_ids(model))
 
@@ -235,6 +251,7 @@ class ModelSpec:
     device: str | None = None
     tensor_parallel_size: int = 1
     rank: int = 0  # which shard this worker builds
+    pipeline_parallel_size: int = 1  # (tensor parallelism and pipelining are not combined yet)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -242,9 +259,17 @@ class ModelSpec:
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
-        if not 0 <= self.rank < tp:
+        if self.pipeline_parallel_size == 1 and not 0 <= self.rank < tp:
             raise ValueError(f"rank {self.rank} is outside [0, {tp})")
-        if tp > 1 and isinstance(self.source, CompiledModel):
+        pp = self.pipeline_parallel_size
+        if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+            raise ValueError(f"pipeline_parallel_size must be an integer >= 1, got {pp!r}")
+        if tp > 1 and pp > 1:
+            raise ValueError(f"tensor_parallel_size={tp} with pipeline_parallel_size={pp}: combining them is not "
+                             "supported yet; use one of the two")
+        if pp > 1 and not 0 <= self.rank < pp:
+            raise ValueError(f"rank {self.rank} is outside [0, {pp})")
+        if (tp > 1 or pp > 1) and isinstance(self.source, CompiledModel):
             raise ValueError("a CompiledModel is one rank's graph already; give a checkpoint path or a model object "
                              "to shard it")
 
@@ -274,5 +299,11 @@ class ModelSpec:
             raise ValueError(f"a model is an HF model, a CompiledModel or a checkpoint path, got {type(src).__name__}")
         # keep_stages=False: the lowered graph holds the only copy of each packed weight once the
         # model object is gone (a caller's model object keeps its own)
+        pp = self.pipeline_parallel_size
         return compile(src, backend=self.backend, keep_stages=False, tensor_parallel_size=self.tensor_parallel_size,
-                       rank=self.rank)
+                       rank=self.rank if pp == 1 else 0, pipeline_parallel_size=pp, stage=self.rank if pp > 1 else 0)
+
+    @property
+    def world_size(self) -> int:
+        """Processes the model runs on: one per tensor-parallel rank or pipeline stage."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size

@@ -24,8 +24,8 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
              num_kv_blocks: int | None = _D.num_kv_blocks, policy: str = _D.policy, tokenizer=None,
              kv_mode: str = _D.kv_mode, chunked_prefill: bool = _D.chunked_prefill,
              max_model_len: int | None = _D.max_model_len, backend: str = DEFAULT_BACKEND,
-             executor: str = _D.executor, tensor_parallel_size: int = 1, dtype: torch.dtype | str | None = None,
-             device: str | None = None, seed: int = 0) -> Engine:
+             executor: str = _D.executor, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+             dtype: torch.dtype | str | None = None, device: str | None = None, seed: int = 0) -> Engine:
     """Turn an HF causal LM into an iteration-level serving engine (use it in a ``with`` block, or
     call ``shutdown()``, to release it).
 
@@ -60,14 +60,14 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
                                       or max_model_len < 1):
         raise ValueError(f"max_model_len must be an integer >= 1 (or None: the model's), got {max_model_len!r}")
-    if tensor_parallel_size != 1 and executor == "local":
+    if (tensor_parallel_size != 1 or pipeline_parallel_size != 1) and executor == "local":
         executor = "multiproc"
     config = EngineConfig(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, policy=policy,
                           kv_mode=kv_mode, chunked_prefill=chunked_prefill, max_model_len=max_model_len,
                           executor=executor)
     source = model_spec(model_or_path, backend=backend, dtype=dtype, device=device,
-                        tensor_parallel_size=tensor_parallel_size)
+                        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
     engine = Engine(source, config, tokenizer=tokenizer, seed=seed)
     if find_tokenizer is not None:
         engine.tokenizer = _try_tokenizer(find_tokenizer)
@@ -75,11 +75,11 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
 
 
 def model_spec(model_or_path, *, backend: str = DEFAULT_BACKEND, dtype=None, device: str | None = None,
-               tensor_parallel_size: int = 1) -> ModelSpec:
+               tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> ModelSpec:
     """The model source ``optimize()`` hands its executor (a rank of a torchrun launch that is not
     rank 0 builds the same one, and follows rank 0's engine)."""
     return ModelSpec(model_or_path, backend=backend, dtype=_dtype_name(dtype), device=device,
-                     tensor_parallel_size=tensor_parallel_size)
+                     tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
 
 
 def _dtype_name(dtype) -> str | None:

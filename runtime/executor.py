@@ -43,6 +43,12 @@ class ModelInfo:
         return cls(model.vocab_size, tuple(model.eos_token_ids), model.max_model_len,
                    model.kv_cache_bytes_per_token(), model.device, model.backend)
 
+    @classmethod
+    def of_pipeline(cls, infos: list["ModelInfo"]) -> "ModelInfo":
+        """The stages' infos as one: the last stage's vocabulary, the largest cache per device."""
+        last = infos[-1]
+        return dataclasses.replace(last, kv_cache_bytes_per_token=max(i.kv_cache_bytes_per_token for i in infos))
+
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
         return block_size * self.kv_cache_bytes_per_token
 

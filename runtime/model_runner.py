@@ -25,26 +25,27 @@ class RunnerOutput:
     collective_seconds: float = 0.0  # of forward_seconds, in the all-reduces of a tensor-parallel graph
 
 
-def graph_inputs(model, batch: RaggedBatch, kv_cache) -> list[torch.Tensor]:
+def graph_inputs(model, batch: RaggedBatch, kv_cache, hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The positional inputs of ``model``'s graph (placeholder order, ``model.input_names``) for one
-    iteration."""
+    iteration; ``hidden``: the residual stream a pipeline stage after the first takes."""
     if len(kv_cache) != len(model.layers):
         raise ValueError(f"kv_cache has {len(kv_cache)} layers; the model has {len(model.layers)}")
     feed = {
         "input_ids": batch.input_ids, "position_ids": batch.positions,
         "slot_mapping": batch.slot_mapping, "query_start_loc": batch.query_start_loc,
         "seq_lens": batch.seq_lens, "block_tables": batch.block_tables,
-        "logits_indices": batch.logits_indices,
+        "logits_indices": batch.logits_indices, "hidden": hidden,
     }
     for i, (k, v) in enumerate(kv_cache):
         feed[f"k_cache_{i}"], feed[f"v_cache_{i}"] = k, v
     return [feed[name] for name in model.input_names]
 
 
-def run_graph(model, batch: RaggedBatch, kv_cache) -> torch.Tensor:
-    """One ragged iteration of a ``CompiledModel``: logits ``[len(batch.logits_indices), vocab]``."""
+def run_graph(model, batch: RaggedBatch, kv_cache, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """One ragged iteration of a ``CompiledModel``: logits ``[len(batch.logits_indices), vocab]``
+    (a pipeline stage before the last: its residual stream ``[T, hidden]``)."""
     with torch.no_grad():
-        return model.forward(*graph_inputs(model, batch, kv_cache))
+        return model.forward(*graph_inputs(model, batch, kv_cache, hidden))
 
 
 class ModelRunner:
@@ -55,6 +56,9 @@ class ModelRunner:
         self.sampler = Sampler(self.device, seed=seed)
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        if model.stage > 0:  # the residual stream this stage receives
+            hidden = next(n for n in model.graph_module.graph.find_nodes(op="placeholder") if n.target == "hidden")
+            self._hidden_in, self._hidden_dtype = int(hidden.meta["val"].shape[-1]), hidden.meta["val"].dtype
 
     @property
     def backend(self) -> str:
@@ -73,7 +77,22 @@ class ModelRunner:
                                   sample=out.sample, device=self.device)
         c0, _ = collective_time()
         t1 = time.perf_counter()
-        logits = run_graph(self.model, batch, self.kv_cache)
+        model = self.model
+        if model.num_stages > 1:  # a pipeline stage: the residual stream from the one before, to the next
+            import torch.distributed as dist
+
+            hidden = None
+            if model.stage > 0:
+                hidden = torch.empty(batch.num_tokens, self._hidden_in, dtype=self._hidden_dtype, device=self.device)
+                dist.recv(hidden, src=model.stage - 1)
+            out_tensor = run_graph(model, batch, self.kv_cache, hidden)
+            if model.stage < model.num_stages - 1:
+                dist.send(out_tensor.contiguous(), dst=model.stage + 1)
+                t2 = time.perf_counter()
+                return RunnerOutput([], None, t1 - t0, t2 - t1, 0.0)
+            logits = out_tensor
+        else:
+            logits = run_graph(model, batch, self.kv_cache)
         t2 = time.perf_counter()
         c1, _ = collective_time()
         rows = [i for i, s in enumerate(out.sample) if s]

@@ -67,7 +67,8 @@ def _worker(source, rank, world_size, port, seed, threads, collective_timeout, c
             kind = msg[0]
             if kind == "execute":
                 result = runner.execute(msg[1])
-                conn.send(("ok", result if rank == 0 else None))
+                answers = rank == world_size - 1 if runner.model.num_stages > 1 else rank == 0
+                conn.send(("ok", result if answers else None))
             elif kind == "release":
                 runner.sampler.forget(msg[1])
             elif kind == "init_kv_cache":
@@ -91,7 +92,8 @@ class MultiprocExecutor(Executor):
     """``source.tensor_parallel_size`` workers, one per rank; see the module docstring."""
 
     def __init__(self, source, seed: int = 0, collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT):
-        world_size = int(getattr(source, "tensor_parallel_size", 1))
+        world_size = int(getattr(source, "world_size", getattr(source, "tensor_parallel_size", 1)))
+        self.pipelined = int(getattr(source, "pipeline_parallel_size", 1)) > 1
         if not callable(getattr(source, "for_rank", None)):
             raise ValueError(f"the multiproc executor needs a source with for_rank() (orca_compile.ModelSpec), "
                              f"got {type(source).__name__}")
@@ -115,7 +117,8 @@ class MultiprocExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-        self.info: ModelInfo = infos[0]
+        self.info: ModelInfo = ModelInfo.of_pipeline(infos) if self.pipelined else infos[0]
+        self._answer = world_size - 1 if self.pipelined else 0  # the rank whose sampled tokens count
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self._send_all(("init_kv_cache", num_blocks, block_size))
@@ -125,7 +128,7 @@ class MultiprocExecutor(Executor):
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self._send_all(("execute", out))
         results = [self._recv(rank, self.collective_timeout + GRACE_SECONDS) for rank in range(self.world_size)]
-        return results[0]
+        return results[self._answer]
 
     def release(self, request_ids: list[str]) -> None:
         self._send_all(("release", list(request_ids)))

@@ -190,3 +190,18 @@ def test_dump_shows_a_ranks_shard_and_generate_runs_tensor_parallel(tmp_path, ca
     one = capsys.readouterr().out
     assert main(args + ["--tp", "2"]) == 0
     assert capsys.readouterr().out == one
+
+
+def test_generate_runs_pipeline_stages_and_dump_shows_one(tmp_path, capsys):
+    out = tmp_path / "s.txt"
+    assert main(["dump", "tiny-llama", "--pp", "2", "--rank", "1", "--stage", "pipelined", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "input  hidden: f32[T, 64]" in text and text.count("= orca.attention(") == 1
+    assert "k_cache_1" not in text  # stage 1 holds layer 1's cache only, as its k_cache_0
+    capsys.readouterr()
+    args = ["generate", "tiny-gpt2", "--prompt-ids", "5 17 3 99", "--prompt-ids", "42 7", "--max-tokens", "6",
+            "--num-kv-blocks", "16"]
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert main(args + ["--pp", "2"]) == 0
+    assert capsys.readouterr().out == one

@@ -1,4 +1,5 @@
-"""executor="multiproc": tensor-parallel ranks as real processes over gloo, started by the engine.
+"""executor="multiproc": tensor-parallel ranks, or pipeline stages, as real processes over gloo,
+started by the engine.
 
 The oracle: HF's greedy decoding of each prompt alone (tokens) and the one-process engine on the same
 requests (log-probs within 1e-9: the all-reduce sums two partial products, which reorders a
@@ -46,11 +47,12 @@ def _hf(model, prompt, n):
     return ids[len(prompt):]
 
 
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_two_ranks_give_hf_tokens_and_the_one_process_log_probs(name):
+def test_two_ranks_give_hf_tokens_and_the_one_process_log_probs(name, tp, pp):
     with orca_compile.optimize(name, **OPTIONS) as local:
         want, _ = _serve(local)
-    with orca_compile.optimize(name, tensor_parallel_size=2, **OPTIONS) as engine:
+    with orca_compile.optimize(name, tensor_parallel_size=tp, pipeline_parallel_size=pp, **OPTIONS) as engine:
         assert type(engine.executor).__name__ == "MultiprocExecutor"
         procs = list(engine.executor.processes)
         got, preemptions = _serve(engine)
