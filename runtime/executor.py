@@ -24,6 +24,7 @@ import torch
 
 from orca_compile.runtime.host import tune_malloc
 from orca_compile.runtime.model_runner import ModelRunner, RunnerOutput
+from orca_compile.runtime.registry import Registry
 from orca_compile.runtime.scheduler import SchedulerOutput
 
 
@@ -106,30 +107,13 @@ class LocalExecutor(Executor):
         self.runner = None  # the model, its weights and the cache go with it
 
 
-EXECUTORS: dict[str, type[Executor]] = {}
-
-
-def register_executor(name: str, cls: type[Executor] | None = None):
-    """Register an ``Executor`` class under ``name`` (usable as a decorator); ``EngineConfig``
-    then accepts ``executor=name``. A name taken already is a ``ValueError``."""
-    def add(c):
-        if not (isinstance(c, type) and issubclass(c, Executor)):
-            raise ValueError(f"an executor must subclass Executor, got {c!r}")
-        if name in EXECUTORS and EXECUTORS[name] is not c:
-            raise ValueError(f"executor name {name!r} is taken by {EXECUTORS[name].__name__}")
-        EXECUTORS[name] = c
-        return c
-    return add if cls is None else add(cls)
-
-
-def unregister_executor(name: str) -> None:
-    EXECUTORS.pop(name, None)
+EXECUTORS = Registry("executor", Executor)
+register_executor = EXECUTORS.register  # register_executor(name, cls), or @register_executor(name)
+unregister_executor = EXECUTORS.unregister
 
 
 def make_executor(name: str, source, seed: int = 0) -> Executor:
-    if name not in EXECUTORS:
-        raise ValueError(f"unknown executor {name!r}; one of {', '.join(EXECUTORS)}")
-    return EXECUTORS[name](source, seed=seed)
+    return EXECUTORS.make(name, source, seed=seed)
 
 
 register_executor("local", LocalExecutor)

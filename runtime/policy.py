@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+from orca_compile.runtime.registry import Registry
 from orca_compile.runtime.request import Request
 
 PREEMPTION_MODES = ("recompute",)
@@ -48,32 +49,18 @@ class FCFS(SchedulingPolicy):
         return req.arrival
 
 
-POLICIES: dict[str, type[SchedulingPolicy]] = {}
+def _check_preemption(name: str, cls: type) -> None:
+    if cls.preemption not in PREEMPTION_MODES:
+        raise ValueError(f"policy {name!r} preempts by {cls.preemption!r}; one of {', '.join(PREEMPTION_MODES)}")
 
 
-def register_policy(name: str, cls: type[SchedulingPolicy] | None = None):
-    """Register a ``SchedulingPolicy`` class under ``name`` (usable as a decorator); ``EngineConfig``
-    then accepts ``policy=name``. A name taken already is a ``ValueError``."""
-    def add(c):
-        if not (isinstance(c, type) and issubclass(c, SchedulingPolicy)):
-            raise ValueError(f"a policy must subclass SchedulingPolicy, got {c!r}")
-        if name in POLICIES and POLICIES[name] is not c:
-            raise ValueError(f"policy name {name!r} is taken by {POLICIES[name].__name__}")
-        if c.preemption not in PREEMPTION_MODES:
-            raise ValueError(f"policy {name!r} preempts by {c.preemption!r}; one of {', '.join(PREEMPTION_MODES)}")
-        POLICIES[name] = c
-        return c
-    return add if cls is None else add(cls)
-
-
-def unregister_policy(name: str) -> None:
-    POLICIES.pop(name, None)
+POLICIES = Registry("policy", SchedulingPolicy, _check_preemption)
+register_policy = POLICIES.register  # register_policy(name, cls), or @register_policy(name)
+unregister_policy = POLICIES.unregister
 
 
 def make_policy(name: str) -> SchedulingPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; one of {', '.join(POLICIES)}")
-    return POLICIES[name]()
+    return POLICIES.make(name)
 
 
 register_policy("fcfs", FCFS)
