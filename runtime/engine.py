@@ -276,7 +276,7 @@ class Engine:
             out.append(t)
         return out
 
-    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:  # noqa: C901
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
         cfg = self.config
         total = len(ids) + params.max_tokens
         if cfg.max_model_len and total > cfg.max_model_len:
