@@ -124,7 +124,7 @@ def _heads_kept(num_heads: int, num_q_heads: int, rank: int, world_size: int, wh
         return head, head + 1
     raise ValueError(f"tensor_parallel_size={world_size} does not divide the {num_heads} {what} heads of "
                      f"{node.name}" + ("" if what == "query" else
-                                       f" (nor is it a multiple of them, which would replicate KV heads)"))
+                                       " (nor is it a multiple of them, which would replicate KV heads)"))
 
 
 def _attention_site(att, rank, world_size, columns, rows, caches):

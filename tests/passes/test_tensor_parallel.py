@@ -1,27 +1,17 @@
 """tensor_parallel: each rank's shard of the final graph, found from the dataflow.
 
 Structure in one process (heads, caches, all-reduces, weight bytes, the refusals, HF's own
-``base_model_tp_plan``); numerics on two real processes over gloo: the ranks' logits equal the
-unsharded graph's to float64 rounding (1e-9: the all-reduce sums two partial products, which
-reorders a float64 sum), over a prefill of two ragged requests and two decode steps."""
+``base_model_tp_plan``). The numerics, two ranks as real processes over gloo against HF and the
+one-process engine, are in tests/runtime/test_multiproc.py."""
 from __future__ import annotations
 
-import datetime
-import multiprocessing
 import re
-import socket
 
 import pytest
 import torch
 
-import orca_compile
-from orca_compile.compiler import CompiledModel
 from orca_compile.ops import ALL_REDUCE, ATTENTION
 from orca_compile.passes.partition.tensor_parallel import tensor_parallel
-from orca_compile.presets import load_model
-from orca_compile.runtime.batch import RaggedBatch
-from orca_compile.runtime.kv_cache import new_kv_cache
-from orca_compile.runtime.model_runner import run_graph
 from tests.conftest import compiled_preset
 
 FAMILIES = ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-llama-mqa", "tiny-gemma2"]
@@ -119,67 +109,3 @@ def _module_path(node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     path, _ = list(stack.values())[-1]
     return clean_module_path(path)
-
-
-# ---- numerics on two processes over gloo ----------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _steps(compiled, cache):
-    """Prefill two ragged prompts, then two greedy decode steps; every step's logits."""
-    prompts = [[5, 17, 3, 99, 4, 8, 1], [42, 7, 11]]
-    tables = [[0, 1], [2]]
-    logits = run_graph(compiled, RaggedBatch.build(prompts, [0, 0], tables, 8), cache)
-    out = [logits]
-    done = [len(p) for p in prompts]
-    for _ in range(2):
-        new = [[int(t)] for t in logits.argmax(-1)]
-        logits = run_graph(compiled, RaggedBatch.build(new, done, tables, 8), cache)
-        done = [d + 1 for d in done]
-        out.append(logits)
-    return out
-
-
-def _rank_worker(rank, world_size, port, name, results):
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=60))
-        model = load_model(name, dtype=torch.float64)
-        cm = orca_compile.compile(model, keep_stages=False)
-        shard = tensor_parallel(cm.graph_module, rank, world_size)
-        part = CompiledModel(shard, {}, [], 0.0, cm.config, cm.model_class)
-        got = _steps(part, new_kv_cache(part, 8, 8))
-        want = _steps(cm, new_kv_cache(cm, 8, 8))
-        results.put((rank, max(float((g - w).abs().max()) for g, w in zip(got, want)),
-                     [t.argmax(-1).tolist() for t in got] == [t.argmax(-1).tolist() for t in want]))
-        dist.destroy_process_group()
-    except BaseException as exc:  # the parent reports it
-        results.put((rank, repr(exc), False))
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_two_ranks_over_gloo_give_the_unsharded_logits(name):
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_worker, args=(r, TP, port, name, results), daemon=True) for r in range(TP)]
-    for p in procs:
-        p.start()
-    try:
-        got = sorted(results.get(timeout=240) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
-    assert all(not p.is_alive() for p in procs)
-    for rank, diff, same_tokens in got:
-        assert isinstance(diff, float), f"rank {rank} failed: {diff}"
-        assert diff < 1e-9 and same_tokens, (rank, diff)
