@@ -47,6 +47,7 @@ class Environment:
     log_level: str  # "" for quiet
     launch_rank: int  # torchrun's RANK (0 when not launched by torchrun)
     launch_world_size: int  # torchrun's WORLD_SIZE (1 when not launched by torchrun)
+    launch_local_rank: int  # torchrun's LOCAL_RANK: which of this machine's devices the rank takes
 
     @classmethod
     def read(cls, environ=None) -> "Environment":
@@ -69,6 +70,7 @@ class Environment:
             log_level=e.get("ORCA_LOG_LEVEL", "").strip().upper(),
             launch_rank=int(e.get("RANK", "0") or 0),
             launch_world_size=int(e.get("WORLD_SIZE", "1") or 1),
+            launch_local_rank=int(e.get("LOCAL_RANK", "0") or 0),
         )
 
 

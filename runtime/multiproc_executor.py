@@ -10,11 +10,13 @@ rank computes the full logits (the LM head is replicated) and samples the same t
 same seeds; rank 0's result goes back to the engine.
 
 Failure is bounded: waiting on a worker, the executor checks every ``POLL_SECONDS`` that every
-worker is alive, so a dead worker is an error within a fraction of a second; a collective that
-hangs (a peer that stopped answering) fails in the workers after ``collective_timeout`` seconds
-(gloo's own timeout), and the executor gives up after that plus ``GRACE_SECONDS``. Either way the
-engine raises ``RuntimeError`` naming the rank; ``shutdown()`` then stops every worker (asks,
-waits ``JOIN_SECONDS``, kills), and leaves no process behind.
+worker is alive and whether any has reported an error, so a dead or failed worker is an error
+within a fraction of a second (the failed rank's own message, not a peer's "connection
+closed"); a collective that hangs (a peer that stopped answering) fails in the workers after
+``collective_timeout`` seconds (gloo's own timeout), and they report it. An iteration itself has
+no deadline: a long prefill is not a hang. Either way the engine raises naming the rank, and the
+executor refuses further work; ``shutdown()`` then stops every worker (asks, waits
+``JOIN_SECONDS``, kills), and leaves no process behind.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def _worker(source, rank, world_size, port, seed, threads, collective_timeout, c
         backend = "nccl" if source.device_type == "cuda" else "gloo"
         if source.device_type == "cpu":
             tune_malloc()
+        else:  # one GPU per rank
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout))
         model = source.build()
@@ -99,10 +103,13 @@ class MultiprocExecutor(Executor):
                              f"got {type(source).__name__}")
         self.world_size = world_size
         self.collective_timeout = collective_timeout
+        self._broken = ""
+        self._early = []
         threads = max(1, (os.cpu_count() or 1) // world_size) if source.device_type == "cpu" else 0
         ctx = multiprocessing.get_context("spawn")
         port = _free_port()
         self.processes, self.conns = [], []
+        self._early: list[list] = [[] for _ in range(world_size)]  # answers read ahead, per rank
         try:
             for rank in range(world_size):
                 parent, child = ctx.Pipe()
@@ -121,17 +128,28 @@ class MultiprocExecutor(Executor):
         self._answer = world_size - 1 if self.pipelined else 0  # the rank whose sampled tokens count
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        self._send_all(("init_kv_cache", num_blocks, block_size))
-        for rank in range(self.world_size):
-            self._recv(rank, self.collective_timeout + GRACE_SECONDS)
+        self._round(("init_kv_cache", num_blocks, block_size))
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        self._send_all(("execute", out))
-        results = [self._recv(rank, self.collective_timeout + GRACE_SECONDS) for rank in range(self.world_size)]
-        return results[self._answer]
+        return self._round(("execute", out))[self._answer]
+
+    def _round(self, msg) -> list:
+        """Send ``msg`` to every rank and collect every answer. No deadline while every worker is
+        alive: an iteration may take long, and a collective that hangs fails inside the workers
+        (gloo's timeout), which answer with the error. After a failure the executor refuses work:
+        the ranks' pipes may hold answers of the failed round."""
+        if self._broken:
+            raise RuntimeError(f"the workers failed earlier ({self._broken}); shut the engine down")
+        try:
+            self._send_all(msg)
+            return [self._recv(rank, None) for rank in range(self.world_size)]
+        except (RuntimeError, ValueError) as exc:
+            self._broken = str(exc)
+            raise
 
     def release(self, request_ids: list[str]) -> None:
-        self._send_all(("release", list(request_ids)))
+        if not self._broken:
+            self._send_all(("release", list(request_ids)))
 
     def shutdown(self) -> None:
         for conn in self.conns:
@@ -158,31 +176,57 @@ class MultiprocExecutor(Executor):
             except (BrokenPipeError, OSError):
                 raise RuntimeError(self._dead(rank)) from None
 
-    def _recv(self, rank: int, timeout: float):
-        """Rank ``rank``'s answer; a ``RuntimeError`` as soon as any worker is found dead, when the
-        rank reports an error, or after ``timeout`` seconds without an answer."""
+    def _recv(self, rank: int, timeout: float | None):
+        """Rank ``rank``'s answer; an error as soon as any rank reports one or is found dead (the
+        first rank's own error first: a peer's "connection closed" is its consequence), or after
+        ``timeout`` seconds (None: none) without an answer."""
+        if self._early[rank]:  # read while looking for another rank's error
+            return self._answer_of(rank, self._early[rank].pop(0))
         conn = self.conns[rank]
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not conn.poll(POLL_SECONDS):
-            for r, proc in enumerate(self.processes):
-                if not proc.is_alive() and not self.conns[r].poll():
+            for r, proc in enumerate(self.processes):  # a rank killed outright: the root cause
+                if not proc.is_alive() and not self.conns[r].poll() and not self._early[r]:
                     raise RuntimeError(self._dead(r))
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tensor-parallel rank {rank} gave no answer within {timeout:.0f} s")
+            self._raise_pending_error()
+            if deadline is not None and time.monotonic() > deadline:
+                raise RuntimeError(f"rank {rank} gave no answer within {timeout:.0f} s")
         try:
             msg = conn.recv()
         except EOFError:
             raise RuntimeError(self._dead(rank)) from None
+        return self._answer_of(rank, msg)
+
+    def _answer_of(self, rank, msg):
         if msg[0] == "error":
-            kind, text = msg[1]
-            if kind == "ValueError":  # bad input (a size the ranks do not divide): the user's to fix
-                raise ValueError(f"tensor-parallel rank {rank}: {text}")
-            raise RuntimeError(f"tensor-parallel rank {rank} failed: {kind}: {text}")
+            self._raise(rank, msg[1])
         return msg[1]
+
+    def _raise_pending_error(self) -> None:
+        """Raise the errors the ranks have reported, a rank's own failure before a peer's lost
+        connection (which is its consequence)."""
+        errors = []
+        for r, conn in enumerate(self.conns):
+            try:
+                while conn.poll():
+                    self._early[r].append(conn.recv())  # kept: a good answer is read again by _recv
+            except (EOFError, OSError):
+                pass
+            errors += [(r, msg[1]) for msg in self._early[r] if msg[0] == "error"]
+        if errors:
+            errors.sort(key=lambda e: "onnection" in e[1][1])
+            self._raise(*errors[0])
+
+    @staticmethod
+    def _raise(rank, error):
+        kind, text = error
+        if kind == "ValueError":  # bad input (a size the ranks do not divide): the user's to fix
+            raise ValueError(f"rank {rank}: {text}")
+        raise RuntimeError(f"rank {rank} failed: {kind}: {text}")
 
     def _dead(self, rank: int) -> str:
         proc = self.processes[rank]
-        return f"tensor-parallel rank {rank} (pid {proc.pid}) died (exit code {proc.exitcode})"
+        return f"rank {rank} (pid {proc.pid}) died (exit code {proc.exitcode})"
 
 
 register_executor("multiproc", MultiprocExecutor)

@@ -30,8 +30,17 @@ log = logging.getLogger(__name__)
 
 def _join(source, collective_timeout: float) -> int:
     """Join the launch's process group (from torchrun's environment); returns this rank."""
+    if getattr(source, "pipeline_parallel_size", 1) > 1:
+        raise ValueError("under torchrun the ranks run tensor parallel only for now; run pipeline stages with the "
+                         "multiproc executor (--pp on one machine)")
     if not dist.is_initialized():
         backend = "nccl" if source.device_type == "cuda" else "gloo"
+        if source.device_type == "cuda":  # one GPU per local rank
+            import torch
+
+            from orca_compile import env  # noqa: F401  (the launch's ranks were read there)
+
+            torch.cuda.set_device(env.get().launch_local_rank)
         dist.init_process_group(backend, init_method="env://",
                                 timeout=datetime.timedelta(seconds=collective_timeout))
     world = dist.get_world_size()

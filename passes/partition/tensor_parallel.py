@@ -132,10 +132,15 @@ def _attention_site(att, rank, world_size, columns, rows, caches):
     nh = int(q.meta["val"].shape[1])
     if nh % world_size:
         raise ValueError(f"tensor_parallel_size={world_size} does not divide the {nh} query heads of {att.name}")
+    seen = set()
     for arg, what in ((q, "query"), (k, "key"), (v, "value")):
         heads = int(arg.meta["val"].shape[1])
         kept = _heads_kept(heads, nh, rank, world_size, what, att)
         linear, part = _producer(arg, att)
+        if (linear, part) in seen:  # q, k, v cut out of one projection other than by split (slices, a view)
+            raise ValueError(f"tensor parallel: the query, key and value of {att.name} come from one part of "
+                             f"{linear.name}'s output; only a split of a fused projection is sharded so far")
+        seen.add((linear, part))
         col = columns.setdefault(linear, _Column(linear, _parts(linear)))
         size, _, _ = col.parts[part]
         col.parts[part] = (size, heads, kept)

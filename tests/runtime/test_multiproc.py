@@ -81,10 +81,12 @@ def test_a_killed_worker_is_an_error_within_a_second_and_nothing_is_left():
         procs[1].kill()
         procs[1].join(timeout=10)
         start = time.monotonic()
-        with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 \(pid \d+\) died"):
+        with pytest.raises(RuntimeError, match=r"rank 1 \(pid \d+\) died"):
             while True:  # the dead rank is found at the next step
                 engine.step()
         assert time.monotonic() - start < 1.0
+        with pytest.raises(RuntimeError, match="the workers failed earlier"):  # and nothing stale after
+            engine.step()
     finally:
         engine.shutdown()
     assert not any(p.is_alive() for p in procs)
