@@ -180,17 +180,17 @@ class MultiprocExecutor(Executor):
         """Rank ``rank``'s answer; an error as soon as any rank reports one or is found dead (the
         first rank's own error first: a peer's "connection closed" is its consequence), or after
         ``timeout`` seconds (None: none) without an answer."""
-        if self._early[rank]:  # read while looking for another rank's error
-            return self._answer_of(rank, self._early[rank].pop(0))
         conn = self.conns[rank]
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not conn.poll(POLL_SECONDS):
+        while not self._early[rank] and not conn.poll(POLL_SECONDS):
             for r, proc in enumerate(self.processes):  # a rank killed outright: the root cause
                 if not proc.is_alive() and not self.conns[r].poll() and not self._early[r]:
                     raise RuntimeError(self._dead(r))
-            self._raise_pending_error()
+            self._raise_pending_error()  # may read this rank's own answer ahead: the loop checks
             if deadline is not None and time.monotonic() > deadline:
                 raise RuntimeError(f"rank {rank} gave no answer within {timeout:.0f} s")
+        if self._early[rank]:  # read while looking for another rank's error
+            return self._answer_of(rank, self._early[rank].pop(0))
         try:
             msg = conn.recv()
         except EOFError:
