@@ -151,7 +151,8 @@ def lowering_pipeline(backend: str) -> list:
 
 def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool = True,
             max_tokens: int | None = None, tensor_parallel_size: int = 1, rank: int = 0,
-            pipeline_parallel_size: int = 1, stage: int = 0) -> CompiledModel:
+            pipeline_parallel_size: int = 1, stage: int = 0, cuts=None, replicated=(),
+            vocab_parallel_head: bool = False) -> CompiledModel:
     """Capture ``model`` (an HF causal LM), rewrite it into selective-batching form and lower it
     for ``backend``. The default, ``eager``, leaves the portable graph (what a person inspects,
     and any device runs); ``optimize()`` asks for ``auto``, the fastest backend that applies here.
@@ -161,7 +162,10 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
     the ``partitioned`` stage, between ``final`` and the lowering), whose graph sums its partial
     results with the other ranks' through ``orca::all_reduce``. ``pipeline_parallel_size`` > 1:
     stage ``stage``'s layers only (``passes/partition/pipeline_split.py``), whose graph takes the
-    previous stage's residual stream as ``hidden`` and returns its own (the last: the logits)."""
+    previous stage's residual stream as ``hidden`` and returns its own (the last: the logits).
+    ``cuts``, ``replicated`` and ``vocab_parallel_head``: a plan's choices (the planner's, or
+    yours): the first layer of each stage then the layer count, the blocks ``(kind, layer)`` kept
+    whole on every rank, and the LM head sharded by vocabulary."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     start = time.perf_counter()
@@ -175,10 +179,12 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
         steps = []
         if pipeline_parallel_size != 1 or stage != 0:
             steps.append(("pipelined", functools.update_wrapper(
-                functools.partial(pipeline_stage, stage=stage, num_stages=pipeline_parallel_size), pipeline_stage)))
+                functools.partial(pipeline_stage, stage=stage, num_stages=pipeline_parallel_size,
+                                  cuts=list(cuts) if cuts else None), pipeline_stage)))
         if tensor_parallel_size != 1 or rank != 0:
             steps.append(("partitioned", functools.update_wrapper(
-                functools.partial(tensor_parallel, rank=rank, world_size=tensor_parallel_size), tensor_parallel)))
+                functools.partial(tensor_parallel, rank=rank, world_size=tensor_parallel_size, replicated=replicated,
+                                  vocab_parallel_head=vocab_parallel_head), tensor_parallel)))
         manager.pipeline = steps
         final = manager.run(final)
     resolved = resolve_backend(backend, final)
@@ -252,6 +258,9 @@ class ModelSpec:
     tensor_parallel_size: int = 1
     rank: int = 0  # which shard this worker builds
     pipeline_parallel_size: int = 1  # (tensor parallelism and pipelining are not combined yet)
+    cuts: tuple | None = None  # a plan's stage cuts (None: as even as the layers allow)
+    replicated: tuple = ()  # a plan's blocks (kind, layer) that every tensor-parallel rank runs whole
+    vocab_parallel_head: bool = False
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -301,7 +310,8 @@ class ModelSpec:
         # model object is gone (a caller's model object keeps its own)
         pp = self.pipeline_parallel_size
         return compile(src, backend=self.backend, keep_stages=False, tensor_parallel_size=self.tensor_parallel_size,
-                       rank=self.rank if pp == 1 else 0, pipeline_parallel_size=pp, stage=self.rank if pp > 1 else 0)
+                       rank=self.rank if pp == 1 else 0, pipeline_parallel_size=pp, stage=self.rank if pp > 1 else 0,
+                       cuts=self.cuts, replicated=self.replicated, vocab_parallel_head=self.vocab_parallel_head)
 
     @property
     def world_size(self) -> int:

@@ -178,7 +178,7 @@ def render(gm: torch.fx.GraphModule, fmt: str, title: str = "graph") -> str:
 
 
 _SUMMARY_KEYS = ("ops", "inputs", "embedding", "linear", "sdpa", "softmax", "matmul", "orca.attention", "index_select",
-                 "all_reduce")
+                 "all_reduce", "all_gather")
 
 
 def summary(compiled) -> str:

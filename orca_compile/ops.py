@@ -86,7 +86,7 @@ _COLLECTIVES = [0.0, 0]  # seconds spent in all-reduces by this process, and the
 
 
 def collective_time() -> tuple[float, int]:
-    """Seconds this process has spent in ``orca::all_reduce``'s collectives, and how many there were
+    """Seconds this process has spent in ``orca::all_reduce``'s and ``orca::all_gather``'s collectives, and how many there were
     (the runner reports each iteration's share)."""
     return _COLLECTIVES[0], _COLLECTIVES[1]
 
@@ -97,3 +97,33 @@ def _all_reduce_fake(x):
 
 
 ALL_REDUCE = torch.ops.orca.all_reduce.default
+
+
+@torch.library.custom_op(f"{_LIB}::all_gather", mutates_args=())
+def all_gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The ranks' ``x`` side by side along the last dimension, in rank order: ``[..., world_size *
+    x.shape[-1]]``. Inserted by the tensor-parallel pass after a vocab-parallel LM head, whose
+    rank holds one block of the vocabulary's logits. ``world_size`` must be the default process
+    group's size (the fake implementation needs it to give the shape); without a group, or with
+    one rank, ``world_size`` must be 1."""
+    import torch.distributed as dist
+
+    group = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if group != world_size:
+        raise ValueError(f"orca::all_gather was compiled for {world_size} ranks, the process group has {group}")
+    if world_size == 1:
+        return x.clone()
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    start = time.perf_counter()
+    dist.all_gather(parts, x.contiguous())
+    _COLLECTIVES[0] += time.perf_counter() - start
+    _COLLECTIVES[1] += 1
+    return torch.cat(parts, dim=-1)
+
+
+@all_gather.register_fake
+def _all_gather_fake(x, world_size):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] * world_size)
+
+
+ALL_GATHER = torch.ops.orca.all_gather.default

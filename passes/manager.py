@@ -86,6 +86,7 @@ _SHORT = {
     "aten.scaled_dot_product_attention.default": "sdpa",
     "orca.attention.default": "orca.attention",
     "orca.all_reduce.default": "all_reduce",
+    "orca.all_gather.default": "all_gather",
     "aten.linear.default": "linear",
     "aten.addmm.default": "linear",  # GPT-2's Conv1D
     "aten.softmax.int": "softmax",

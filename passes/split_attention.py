@@ -32,7 +32,7 @@ import torch.fx
 
 from orca_compile.ops import ATTENTION
 from orca_compile.passes.graph_utils import CASTS as _CASTS
-from orca_compile.passes.graph_utils import clean_module_path, new_symint
+from orca_compile.passes.graph_utils import clean_module_path, fetch_attr, new_symint
 from orca_compile.passes.graph_utils import val as _val
 
 aten = torch.ops.aten
@@ -300,7 +300,20 @@ def _evaluate_mask(gm, mask, n):
     inputs = {"input_ids": torch.zeros(n, dtype=torch.long), "position_ids": torch.arange(n)}
     args = [inputs[p.target] for p in graph.find_nodes(op="placeholder")]
     device = next(iter(gm.parameters()), torch.empty(0)).device
-    value = torch.fx.GraphModule(gm, graph)(*[a.to(device) for a in args]).cpu()
+    root = gm
+    if device.type == "meta":  # a model built from its config alone (the planner): no weights to read,
+        # and the mask reads none of their values, only shapes and dtypes: zero-stride CPU stand-ins
+        root, device = torch.nn.Module(), torch.device("cpu")
+        for node in graph.find_nodes(op="get_attr"):
+            t = fetch_attr(gm, node.target)
+            stand_in = torch.zeros((), dtype=t.dtype).expand(t.shape) if isinstance(t, torch.Tensor) else t
+            name = "_meta_" + node.target.replace(".", "_")
+            setattr(root, name, stand_in)
+            node.target = name
+        for node in graph.nodes:  # factories (arange, full) that were told the model's device
+            if node.kwargs.get("device") is not None and torch.device(node.kwargs["device"]).type == "meta":
+                node.kwargs = {**node.kwargs, "device": device}
+    value = torch.fx.GraphModule(root, graph)(*[a.to(device) for a in args]).cpu()
     while value.dim() > 2:  # [heads or 1, n, n]: one mask for all heads, or we cannot express it
         if not all(torch.equal(value[0], value[h]) for h in range(1, value.shape[0])):
             raise UnsupportedAttention("the attention mask differs between heads")

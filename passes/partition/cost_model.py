@@ -97,7 +97,73 @@ class GraphCost:
                 "overhead": overhead, "total": roof + comm + overhead}
 
 
+@dataclasses.dataclass
+class PartCost:
+    """The cost of one part of a graph (a layer's attention or MLP block, the rest of a layer,
+    the prelude, the LM head): the planner prices each part for itself, sharded or whole."""
 
+    matmul_flops: sympy.Expr = sympy.Integer(0)  # in T and N
+    weights: dict = dataclasses.field(default_factory=dict)  # id(tensor) -> bytes held (a tied weight: one id)
+    streamed: dict = dataclasses.field(default_factory=dict)  # the matmuls' weights: read in full each iteration
+    activation_bytes: sympy.Expr = sympy.Integer(0)
+    comm_bytes: sympy.Expr = sympy.Integer(0)  # all-reduced, per rank
+    gather_bytes: sympy.Expr = sympy.Integer(0)  # all-gathered: one rank's part
+    num_collectives: int = 0
+    num_ops: int = 0
+    attention_flops_per_key: int = 0
+    kv_bytes_per_token: int = 0
+    sliding_window: int = 0
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+
+def part_costs(gm: torch.fx.GraphModule, part_of) -> tuple[dict, sympy.Symbol, sympy.Symbol | None]:
+    """``{part: PartCost}`` of ``gm``'s calls grouped by ``part_of(node)`` (any hashable; None:
+    left out), with the graph's ``T`` and ``N`` symbols. The parts' sums are ``graph_cost``'s."""
+    from orca_compile.ops import ALL_GATHER
+
+    parts: dict = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        key = part_of(node)
+        if key is None:
+            continue
+        part = parts.setdefault(key, PartCost())
+        part.num_ops += 1
+        val = node.meta.get("val")
+        if node.target is ALL_REDUCE:
+            part.comm_bytes += _bytes(val)
+            part.num_collectives += 1
+        if node.target is ALL_GATHER:
+            part.gather_bytes += _bytes(node.args[0].meta["val"])
+            part.num_collectives += 1
+        if node.target in _ATTENTION:
+            q, k, v = (a.meta["val"] for a in node.args[:3])
+            hd, vd = int(q.shape[2]), int(v.shape[2])
+            part.attention_flops_per_key += 2 * int(q.shape[1]) * (hd + vd)
+            part.kv_bytes_per_token += int(k.shape[1]) * (hd + vd) * k.element_size()
+            part.sliding_window = int(node.args[10]) if len(node.args) > 10 else 0
+        else:
+            part.activation_bytes += _bytes(val)
+        for arg in node.all_input_nodes:  # every tensor the part holds (an embedding's table too)
+            if arg.op == "get_attr":
+                t = fetch_attr(gm, arg.target)
+                if isinstance(t, torch.Tensor):
+                    part.weights[id(t)] = t.numel() * t.element_size()
+                    if node.target in _MATMULS:
+                        part.streamed[id(t)] = t.numel() * t.element_size()
+        if node.target in _MATMULS:
+            k = _expr(node.args[_MATMULS[node.target]].meta["val"].shape[-1])
+            part.matmul_flops += 2 * _numel(val) * k
+    placeholders = {n.target: n for n in gm.graph.find_nodes(op="placeholder")}
+    tokens = _expr(placeholders["input_ids"].meta["val"].shape[0]) if "input_ids" in placeholders else \
+        _expr(placeholders["hidden"].meta["val"].shape[0])
+    rows = placeholders.get("logits_indices")
+    rows = _expr(rows.meta["val"].shape[0]) if rows is not None else None
+    return parts, tokens, rows if isinstance(rows, sympy.Symbol) else None
 
 
 def _numel(val) -> sympy.Expr:

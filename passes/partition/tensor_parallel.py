@@ -54,7 +54,7 @@ import operator
 import torch
 import torch.fx
 
-from orca_compile.ops import ALL_REDUCE, ATTENTION
+from orca_compile.ops import ALL_GATHER, ALL_REDUCE, ATTENTION
 from orca_compile.passes.graph_utils import fetch_attr
 
 aten = torch.ops.aten
@@ -78,36 +78,136 @@ class _Column:
     parts: list  # [(size, heads, kept head range (start, stop))], in output-feature order
 
 
-def tensor_parallel(gm: torch.fx.GraphModule, rank: int, world_size: int) -> torch.fx.GraphModule:
+def tensor_parallel(gm: torch.fx.GraphModule, rank: int, world_size: int, replicated=(),
+                    vocab_parallel_head: bool = False) -> torch.fx.GraphModule:
     """Rank ``rank``'s shard of ``gm`` for ``world_size``-way tensor parallelism: a new module
-    holding only its shard of each split weight (``gm`` is untouched)."""
+    holding only its shard of each split weight (``gm`` is untouched).
+
+    The planner's intra-operator choices: ``replicated`` names blocks ``(kind, layer)`` (``kind``:
+    ``"attention"`` or ``"mlp"``) that every rank runs whole, with no all-reduce (more weights
+    and work per rank, one collective fewer); ``vocab_parallel_head`` shards the LM head by
+    vocabulary rows and gathers the logits (``orca::all_gather``) instead of running it whole on
+    every rank."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {world_size!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    replicated = {(str(kind), int(layer)) for kind, layer in replicated}
+    unknown = {kind for kind, _ in replicated} - set(BLOCK_KINDS)
+    if unknown:
+        raise ValueError(f"replicated blocks are of kinds {BLOCK_KINDS}, got {sorted(unknown)}")
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out.meta.update(gm.meta)
     if world_size == 1:
-        out.meta["orca_partition"] = {"tensor_parallel_size": 1, "rank": 0, "row_parallel": 0, "column_parallel": 0}
+        out.meta["orca_partition"] = {"tensor_parallel_size": 1, "rank": 0, "row_parallel": 0, "column_parallel": 0,
+                                      "replicated": [], "vocab_parallel_head": False}
         return out
     graph = out.graph
-    columns: dict[torch.fx.Node, _Column] = {}
-    rows: list[torch.fx.Node] = []
-    caches: dict[torch.fx.Node, tuple[int, int]] = {}  # cache placeholder -> kept KV head range
-    for att in graph.find_nodes(op="call_function", target=ATTENTION):
-        _attention_site(att, rank, world_size, columns, rows, caches)
-    _mlp_sites(graph, rank, world_size, columns, rows)
+    for node, block in blocks(graph).items():  # the planner prices each block from these tags
+        node.meta["orca_block"] = block
+    columns, rows, caches = _sites(graph, rank, world_size, replicated)
+    head = None
+    if vocab_parallel_head:
+        head = lm_head(graph)
+        vocab = int(head.meta["val"].shape[-1])
+        if vocab % world_size:
+            raise ValueError(f"tensor_parallel_size={world_size} does not divide the vocabulary ({vocab} logits of "
+                             f"{head.name}); a vocab-parallel head needs it to")
+        per = vocab // world_size
+        columns[head] = _Column(head, [(vocab, None, (rank * per, (rank + 1) * per))])
     for col in columns.values():
         _shard_column(out, col)
     for row in rows:
         _shard_row(out, row, rank, world_size)
+    if head is not None:
+        with graph.inserting_after(head):
+            gathered = graph.call_function(ALL_GATHER, (head, world_size))
+        gathered.meta = dict(head.meta)
+        head.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
     _refresh_values(out, caches)
     out.meta["orca_partition"] = {"tensor_parallel_size": world_size, "rank": rank,
-                                  "row_parallel": len(rows), "column_parallel": len(columns)}
+                                  "row_parallel": len(rows), "column_parallel": len(columns),
+                                  "replicated": sorted(replicated), "vocab_parallel_head": head is not None}
     _postcondition(out, rows)
     graph.lint()
     out.recompile()
     return out
+
+
+BLOCK_KINDS = ("attention", "mlp")
+
+
+def _sites(graph, rank, world_size, replicated=frozenset()):
+    """The linears to shard: ``{node: _Column}``, the row-parallel ones in order, and the KV cache
+    placeholders with the head range the rank keeps; blocks in ``replicated`` are left out."""
+    columns: dict[torch.fx.Node, _Column] = {}
+    rows: list[torch.fx.Node] = []
+    caches: dict[torch.fx.Node, tuple[int, int]] = {}  # cache placeholder -> kept KV head range
+    for att in graph.find_nodes(op="call_function", target=ATTENTION):
+        if ("attention", int(att.meta.get("orca_layer", -1))) not in replicated:
+            _attention_site(att, rank, world_size, columns, rows, caches)
+    _mlp_sites(graph, rank, world_size, columns, rows, replicated)
+    return columns, rows, caches
+
+
+def blocks(graph: torch.fx.Graph) -> dict:
+    """``{node: (kind, layer)}`` for the nodes of each shardable block (the planner prices a block
+    sharded and whole): an attention block is its q/k/v projections, what lies between them and
+    ``orca::attention``, the attention and its output projection; an MLP block its column linears,
+    the pointwise ops between them and its row linear. ``kind`` ``"head"`` marks the LM head."""
+    columns, rows, _ = _sites(graph, 0, 1)
+    out = {}
+    for row in rows:
+        kind = "attention" if _reads_attention(row) else "mlp"
+        layer = _layer(row)
+        stack, seen = [row], set()
+        while stack:  # back from the row linear to the column linears, through the layer's ops
+            n = stack.pop()
+            if n in seen or n.op != "call_function" or _layer(n) != layer:
+                continue
+            seen.add(n)
+            out[n] = (kind, layer)
+            if n not in columns:
+                stack.extend(n.all_input_nodes)
+    try:
+        out[lm_head(graph)] = ("head", -1)
+    except ValueError:
+        pass
+    return out
+
+
+def _reads_attention(row) -> bool:
+    n = row.args[_LINEARS[row.target][0]]
+    while isinstance(n, torch.fx.Node) and n.op == "call_function":
+        if n.target is ATTENTION:
+            return True
+        n = n.args[0] if n.args else None
+    return False
+
+
+def _layer(node) -> int | None:
+    from orca_compile.passes.partition.pipeline_split import layer_of
+
+    return layer_of(node) if isinstance(node, torch.fx.Node) else None
+
+
+def lm_head(graph: torch.fx.Graph) -> torch.fx.Node:
+    """The linear whose output reaches the graph's output through pointwise ops only (the
+    logits: a soft-cap's ``div``, ``tanh``, ``mul`` may follow)."""
+    stack, seen, found = list(graph.output_node().all_input_nodes), set(), []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if _is_linear(n):
+            found.append(n)
+        elif n.op == "call_function" and n.target in _POINTWISE:
+            stack.extend(n.all_input_nodes)
+    if len(found) != 1:
+        raise ValueError(f"tensor parallel: the graph's output is not one linear's (found "
+                         f"{sorted(f.name for f in found) or 'none'}); no LM head to shard")
+    return found[0]
 
 
 # ---- finding the sites ------------------------------------------------------------------------
@@ -213,9 +313,9 @@ def _consumer(att):
                              "not the output projection")
 
 
-def _mlp_sites(graph, rank, world_size, columns, rows):
+def _mlp_sites(graph, rank, world_size, columns, rows, replicated=frozenset()):
     for node in list(graph.nodes):
-        if not _is_linear(node) or node in columns or node in rows:
+        if not _is_linear(node) or node in columns or node in rows or ("mlp", _layer(node)) in replicated:
             continue
         x = node.args[_LINEARS[node.target][0]]
         leaves = _pointwise_leaves(x)
