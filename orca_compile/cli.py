@@ -202,6 +202,41 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import json
+
+    from orca_compile.passes.partition.planner import Cluster, Workload
+    from orca_compile.planning import plan
+
+    cluster = Cluster.load(args.cluster) if args.cluster else None
+    workload = Workload(batch_size=args.batch_size, context_len=args.context_len, prefill_tokens=args.prefill_tokens,
+                        prompt_len=min(args.prompt_len, args.prefill_tokens))
+    bound = args.latency_bound_ms / 1e3 if args.latency_bound_ms else None
+    plans = plan(args.model, args.devices, cluster=cluster, objective=args.objective, workload=workload,
+                 iteration=args.iteration, latency_bound=bound, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({"model": args.model, "cluster": cluster.name if cluster else "this machine",
+                          "devices": args.devices, "objective": args.objective, "iteration": args.iteration,
+                          "latency_bound_seconds": bound, "plans": [p.to_dict() for p in plans]}, indent=2))
+        return 0
+    where = f"{cluster.name or args.cluster} ({cluster.nodes} x {cluster.devices_per_node})" if cluster else \
+        "this machine (measured)"
+    print(f"{args.model} on {args.devices} devices of {where}; objective: {args.objective} on the {args.iteration} "
+          f"iteration of {workload.batch_size} requests x {workload.context_len} tokens"
+          + (f", per-token latency <= {args.latency_bound_ms:g} ms" if bound else ""))
+    best = plans[0]
+    print(f"chosen:  {best.describe()}")
+    for s, mem in enumerate(best.memory_bytes):
+        print(f"  stage {s}: layers {best.cuts[s]}-{best.cuts[s + 1] - 1}, "
+              f"{best.stage_seconds[args.iteration][s] * 1e3:.3g} ms, {mem['weights'] / 2**30:.3g} GiB weights + "
+              f"{mem['kv_cache'] / 2**30:.3g} GiB KV per rank (limit {best.memory_limit_bytes / 2**30:.3g} GiB)")
+    if best.replicated:
+        print(f"  kept whole on every rank: {len(best.replicated)} blocks, e.g. {best.replicated[:4]}")
+    for p in plans[1:args.top]:
+        print(f"runner-up: {p.describe()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from orca_compile.passes.lower_cpu import pipeline
     from orca_compile.passes.manager import STAGES
@@ -265,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "process-wide settings such as the engine's malloc tuning")
     p.add_argument("--json", default=None, help="also write the report here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="choose tp x pp, the stage cuts and what to shard, for a device count "
+                                    "(from the config alone: no weights are loaded)")
+    p.add_argument("model", help="preset, config.json, a directory holding one, or hub id")
+    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--cluster", default=None, help="a cluster JSON file (examples/clusters/); default: this machine, "
+                                                   "measured, one process per device")
+    p.add_argument("--objective", default="latency", choices=["latency", "throughput"],
+                   help="latency: the fastest iteration; throughput: the most tokens/s with pp iterations in flight")
+    p.add_argument("--iteration", default="decode", choices=["decode", "prefill"],
+                   help="the iteration the objective is measured on")
+    p.add_argument("--latency-bound-ms", type=float, default=None, help="throughput: the per-token latency limit")
+    p.add_argument("--batch-size", type=int, default=32, help="requests decoding together (their KV must fit)")
+    p.add_argument("--context-len", type=int, default=1024, help="tokens each request holds")
+    p.add_argument("--prefill-tokens", type=int, default=2048, help="new tokens of a prefill iteration")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--dtype", default=None, help="default: the config's, else float32")
+    p.add_argument("--top", type=int, default=6, help="plans to print")
+    p.add_argument("--json", action="store_true", help="every plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("presets", help="list the built-in tiny models")
     p.set_defaults(func=cmd_presets)

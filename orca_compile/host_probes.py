@@ -152,11 +152,13 @@ def gemm_rates(dtype: torch.dtype = torch.float32, nbytes: int = 512 << 20) -> t
     w = gemm_cpu.pack(torch.randn(3072, 768, dtype=dtype))
     x = torch.randn(512, 768, dtype=dtype)
     gemm_cpu.linear(x, w, None, 3072, 0)
-    reps, start = 0, time.perf_counter()
-    while reps < 3 or time.perf_counter() - start < 0.5:
-        gemm_cpu.linear(x, w, None, 3072, 0)
-        reps += 1
-    flops = 2 * 512 * 768 * 3072 * reps / (time.perf_counter() - start)
+    flops = 0.0
+    for _ in range(3):  # the best of three windows: a neighbour's burst on a shared host halves one
+        reps, start = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - start < 0.3:
+            gemm_cpu.linear(x, w, None, 3072, 0)
+            reps += 1
+        flops = max(flops, 2 * 512 * 768 * 3072 * reps / (time.perf_counter() - start))
     each = 3072 * 768 * torch.empty((), dtype=dtype).element_size()
     weights = [gemm_cpu.pack(torch.randn(3072, 768, dtype=dtype)) for _ in range(max(1, nbytes // each))]
     row = torch.randn(1, 768, dtype=dtype)

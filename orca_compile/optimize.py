@@ -6,6 +6,7 @@ wherever it runs it. Every default is ``orca_compile.config``'s.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -25,6 +26,7 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
              kv_mode: str = _D.kv_mode, chunked_prefill: bool = _D.chunked_prefill,
              max_model_len: int | None = _D.max_model_len, backend: str = DEFAULT_BACKEND,
              executor: str = _D.executor, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+             plan=None, num_devices: int | None = None, cluster=None, objective: str = "latency",
              dtype: torch.dtype | str | None = None, device: str | None = None, seed: int = 0) -> Engine:
     """Turn an HF causal LM into an iteration-level serving engine (use it in a ``with`` block, or
     call ``shutdown()``, to release it).
@@ -38,7 +40,12 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     that applies here). ``policy`` and ``executor``: registered names
     (``runtime/policy.py``, ``runtime/executor.py``). ``tensor_parallel_size`` > 1: that many
     worker processes, each with its shard of every layer (``executor="multiproc"``, chosen for you
-    when ``executor`` is left at ``local``). ``dtype``/``device`` apply when loading by name.
+    when ``executor`` is left at ``local``). ``pipeline_parallel_size`` > 1: that many stages.
+    ``plan="auto"``: the planner chooses tp, pp, the cuts and what to shard for ``num_devices``
+    (on ``cluster``, a ``Cluster`` or a JSON path; default: this machine, measured) and
+    ``objective`` (``latency`` or ``throughput``); a ``Plan`` object runs as it says. The engine's
+    ``plan`` is then the plan run, with its predicted cost. ``dtype``/``device`` apply when
+    loading by name.
     """
     find_tokenizer = None  # the checkpoint's own, looked for once the model has loaded
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -60,6 +67,14 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
                                       or max_model_len < 1):
         raise ValueError(f"max_model_len must be an integer >= 1 (or None: the model's), got {max_model_len!r}")
+    chosen = None
+    if plan is not None:
+        chosen = _resolve_plan(plan, model_or_path, tensor_parallel_size, pipeline_parallel_size, num_devices, cluster,
+                               objective, dtype, max_num_seqs, max_model_len)
+        tensor_parallel_size, pipeline_parallel_size = chosen.tensor_parallel_size, chosen.pipeline_parallel_size
+    elif num_devices is not None:
+        raise ValueError("num_devices= goes with plan='auto'; for a fixed split give tensor_parallel_size= or "
+                         "pipeline_parallel_size=")
     if (tensor_parallel_size != 1 or pipeline_parallel_size != 1) and executor == "local":
         executor = "multiproc"
     config = EngineConfig(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
@@ -68,10 +83,46 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
                           executor=executor)
     source = model_spec(model_or_path, backend=backend, dtype=dtype, device=device,
                         tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+    if chosen is not None:
+        source = dataclasses.replace(source, cuts=tuple(chosen.cuts) if chosen.pipeline_parallel_size > 1 else None,
+                                     replicated=tuple(map(tuple, chosen.replicated)),
+                                     vocab_parallel_head=chosen.vocab_parallel_head)
     engine = Engine(source, config, tokenizer=tokenizer, seed=seed)
+    engine.plan = chosen
     if find_tokenizer is not None:
         engine.tokenizer = _try_tokenizer(find_tokenizer)
     return engine
+
+
+def _resolve_plan(plan, source, tp, pp, num_devices, cluster, objective, dtype, max_num_seqs, max_model_len):
+    from orca_compile.passes.partition.planner import Cluster, Plan, Workload
+    from orca_compile.planning import load_config, plan as make_plans
+
+    if tp != 1 or pp != 1:
+        raise ValueError("give plan= or tensor_parallel_size=/pipeline_parallel_size=, not both")
+    if isinstance(plan, Plan):
+        chosen = plan
+    elif plan == "auto":
+        if isinstance(source, CompiledModel):
+            raise ValueError("plan='auto' partitions a model; a CompiledModel is one rank's graph already")
+        if isinstance(cluster, (str, os.PathLike)):
+            cluster = Cluster.load(cluster)
+        devices = 1 if num_devices is None else num_devices
+        config = load_config(source)
+        context = max_model_len or getattr(config, "max_position_embeddings", 0) or 1024
+        workload = Workload(batch_size=max_num_seqs, context_len=context, prefill_tokens=max(context, 1),
+                            prompt_len=max(context // 2, 1))
+        plans = make_plans(source, devices, cluster=cluster, objective=objective, workload=workload, dtype=dtype)
+        # tensor parallelism within pipeline stages does not run yet: the best plan that does
+        runnable = [p for p in plans if p.tensor_parallel_size == 1 or p.pipeline_parallel_size == 1]
+        if not runnable:
+            raise ValueError(f"every plan for {devices} devices combines tensor and pipeline parallelism, which does "
+                             "not run yet; the best was " + plans[0].describe())
+        chosen = runnable[0]
+        log.info("plan auto -> %s", chosen.describe())
+    else:
+        raise ValueError(f"plan must be 'auto' or a Plan, got {plan!r}")
+    return chosen
 
 
 def model_spec(model_or_path, *, backend: str = DEFAULT_BACKEND, dtype=None, device: str | None = None,

@@ -66,6 +66,7 @@ class Engine:
         ``optimize()`` makes one). ``config.max_model_len`` None takes the model's limit and
         ``config.num_kv_blocks`` None sizes the cache from memory (``kv_cache.default_num_kv_blocks``)."""
         self.tokenizer = tokenizer
+        self.plan = None  # the partition plan optimize(plan=...) chose, with its predicted cost
         self.executor: Executor = make_executor(config.executor, model, seed=seed)
         try:
             self.config = config = _fit(config, self.executor.info)

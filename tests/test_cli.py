@@ -205,3 +205,38 @@ def test_generate_runs_pipeline_stages_and_dump_shows_one(tmp_path, capsys):
     one = capsys.readouterr().out
     assert main(args + ["--pp", "2"]) == 0
     assert capsys.readouterr().out == one
+
+
+def test_plan_prints_the_chosen_plan_and_runners_up_for_a_cluster_from_a_config_file(tmp_path, capsys):
+    """A config.json alone (no weights) on an example cluster: the JSON lists every plan, best first,
+    each within the devices and their memory; the text names the chosen plan and its stages."""
+    import json
+    import pathlib
+
+    import transformers as tf
+
+    tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=4, vocab_size=1024).save_pretrained(tmp_path)
+    cluster = str(pathlib.Path(__file__).resolve().parent.parent / "examples" / "clusters" / "dgx-h100.json")
+    assert main(["plan", str(tmp_path / "config.json"), "--devices", "4", "--cluster", cluster, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    plans = report["plans"]
+    assert len(plans) >= 3 and report["devices"] == 4
+    seconds = [p["predicted_iteration_seconds"]["decode"] for p in plans]
+    assert seconds == sorted(seconds)  # latency objective: best first
+    for p in plans:
+        assert p["devices"] == p["tensor_parallel_size"] * p["pipeline_parallel_size"] <= 4
+        assert p["cuts"][0] == 0 and p["cuts"][-1] == 4
+        assert max(m["total"] for m in p["memory_bytes_per_rank"]) <= p["memory_limit_bytes"]
+    assert main(["plan", str(tmp_path), "--devices", "4", "--cluster", cluster, "--objective", "throughput"]) == 0
+    out = capsys.readouterr().out
+    assert "objective: throughput" in out and "chosen:  tp=" in out and "stage 0: layers 0-" in out
+
+
+def test_plan_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "cluster.json"
+    bad.write_text('{"nodes": 1}')
+    assert main(["plan", "tiny-llama", "--devices", "2", "--cluster", str(bad)]) == 2
+    assert "missing ['devices_per_node'" in capsys.readouterr().err
+    assert main(["plan", str(tmp_path / "nowhere"), "--devices", "2", "--cluster", str(bad)]) == 2
+    assert "cluster" in capsys.readouterr().err

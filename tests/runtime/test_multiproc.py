@@ -97,3 +97,37 @@ def test_a_size_the_ranks_do_not_divide_is_a_value_error_from_the_worker():
     with pytest.raises(ValueError, match=r"rank 0: tensor_parallel_size=3 does not divide the 4 query heads"):
         orca_compile.optimize("tiny-llama", tensor_parallel_size=3, **OPTIONS)
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gpt2"])
+def test_a_plan_with_whole_blocks_and_a_vocab_parallel_head_runs_exactly(name):
+    """The planner's intra-operator choices, run: one attention and one MLP block kept whole on
+    both ranks, the rest sharded, and the LM head split by vocabulary with its logits gathered
+    (Gemma-2's soft-cap follows the gather; GPT-2's projections are addmm). HF's tokens, the
+    one-process log-probs; the ranks' graphs hold what the plan says."""
+    from orca_compile.passes.partition.planner import Cluster, Planner
+    from orca_compile.planning import model_profile
+
+    cluster = Cluster(nodes=1, devices_per_node=2, device_memory_gib=1, device_tflops=1,
+                      device_memory_bandwidth_gbps=10, intra_node_bandwidth_gbps=1, inter_node_bandwidth_gbps=1)
+    plan = Planner(model_profile(name, dtype="float64", max_tensor_parallel=2), cluster).price(
+        2, 1, replicated=[("attention", 1), ("mlp", 0)], vocab_parallel_head=True)
+    want = _one_process(name)
+    with orca_compile.optimize(name, plan=plan, **OPTIONS) as engine:
+        assert engine.plan is plan
+        got, _ = _serve(engine)
+    model = load_model(name, dtype=torch.float64)
+    for i, (_, prompt, n) in enumerate(PLAN):
+        tokens, logprobs = got[f"r{i}"]
+        assert tokens == want[f"r{i}"][0] == _hf(model, prompt, n)
+        assert max(abs(a - b) for a, b in zip(logprobs, want[f"r{i}"][1])) < 1e-9
+    shard = orca_compile.compile(model, tensor_parallel_size=2, rank=1, replicated=plan.replicated,
+                                 vocab_parallel_head=True).graph_module
+    counts = {}
+    for n in shard.graph.nodes:
+        counts[str(n.target)] = counts.get(str(n.target), 0) + 1
+    assert counts.get("orca.all_reduce.default") == 2  # attention 0 and MLP 1; the whole blocks need none
+    assert counts.get("orca.all_gather.default") == 1
+    heads = [int(n.args[0].meta["val"].shape[1]) for n in shard.graph.find_nodes(
+        op="call_function", target=torch.ops.orca.attention.default)]
+    assert heads == [model.config.num_attention_heads // 2, model.config.num_attention_heads]
