@@ -26,6 +26,7 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
              kv_mode: str = _D.kv_mode, chunked_prefill: bool = _D.chunked_prefill,
              max_model_len: int | None = _D.max_model_len, backend: str = DEFAULT_BACKEND,
              executor: str = _D.executor, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+             max_in_flight: int | None = _D.max_in_flight,
              plan=None, num_devices: int | None = None, cluster=None, objective: str = "latency",
              dtype: torch.dtype | str | None = None, device: str | None = None, seed: int = 0) -> Engine:
     """Turn an HF causal LM into an iteration-level serving engine (use it in a ``with`` block, or
@@ -40,7 +41,8 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     that applies here). ``policy`` and ``executor``: registered names
     (``runtime/policy.py``, ``runtime/executor.py``). ``tensor_parallel_size`` > 1: that many
     worker processes, each with its shard of every layer (``executor="multiproc"``, chosen for you
-    when ``executor`` is left at ``local``). ``pipeline_parallel_size`` > 1: that many stages.
+    when ``executor`` is left at ``local``). ``pipeline_parallel_size`` > 1: that many stages,
+    with up to ``max_in_flight`` iterations in flight (default: one per stage; 1: one at a time).
     ``plan="auto"``: the planner chooses tp, pp, the cuts and what to shard for ``num_devices``
     (on ``cluster``, a ``Cluster`` or a JSON path; default: this machine, measured) and
     ``objective`` (``latency`` or ``throughput``); a ``Plan`` object runs as it says. The engine's
@@ -80,7 +82,7 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     config = EngineConfig(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, policy=policy,
                           kv_mode=kv_mode, chunked_prefill=chunked_prefill, max_model_len=max_model_len,
-                          executor=executor)
+                          executor=executor, max_in_flight=max_in_flight)
     source = model_spec(model_or_path, backend=backend, dtype=dtype, device=device,
                         tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
     if chosen is not None:
@@ -112,13 +114,7 @@ def _resolve_plan(plan, source, tp, pp, num_devices, cluster, objective, dtype, 
         context = max_model_len or getattr(config, "max_position_embeddings", 0) or 1024
         workload = Workload(batch_size=max_num_seqs, context_len=context, prefill_tokens=max(context, 1),
                             prompt_len=max(context // 2, 1))
-        plans = make_plans(source, devices, cluster=cluster, objective=objective, workload=workload, dtype=dtype)
-        # tensor parallelism within pipeline stages does not run yet: the best plan that does
-        runnable = [p for p in plans if p.tensor_parallel_size == 1 or p.pipeline_parallel_size == 1]
-        if not runnable:
-            raise ValueError(f"every plan for {devices} devices combines tensor and pipeline parallelism, which does "
-                             "not run yet; the best was " + plans[0].describe())
-        chosen = runnable[0]
+        chosen = make_plans(source, devices, cluster=cluster, objective=objective, workload=workload, dtype=dtype)[0]
         log.info("plan auto -> %s", chosen.describe())
     else:
         raise ValueError(f"plan must be 'auto' or a Plan, got {plan!r}")

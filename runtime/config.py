@@ -25,6 +25,9 @@ class EngineConfig:
     chunked_prefill: bool = True  # split prompts across iterations under the token budget (Sarathi)
     max_model_len: int | None = None  # longest prompt + output; None: the model's own limit; 0: none
     executor: str = "local"  # a registered executor (runtime/executor.py)
+    # iterations in flight at once (Orca's pipelining); None: what the executor holds (a pipeline:
+    # its stage count; else 1); 1: one at a time
+    max_in_flight: int | None = None
 
     def __post_init__(self):
         from orca_compile.runtime.executor import EXECUTORS
@@ -34,6 +37,8 @@ class EngineConfig:
             _positive_int(name, getattr(self, name))
         if self.num_kv_blocks is not None:
             _positive_int("num_kv_blocks", self.num_kv_blocks)
+        if self.max_in_flight is not None:
+            _positive_int("max_in_flight", self.max_in_flight)
         m = self.max_model_len
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
             raise ValueError(f"max_model_len must be an integer >= 0 (0: no limit; None: the model's), got {m!r}")

@@ -76,6 +76,11 @@ class Engine:
             self.executor.shutdown()
             raise
         self._closed = False
+        # iterations started and not yet completed, oldest first (a pipeline holds one per stage)
+        self._in_flight: collections.deque = collections.deque()
+        self._failure: str | None = None  # an iteration failed: the engine refuses further steps
+        self.max_in_flight = config.max_in_flight or self.executor.max_in_flight
+        self.scheduler.pipeline_depth = self.max_in_flight
         self.num_iterations = 0
         self.num_generated_tokens = 0
         self.num_computed_tokens = 0  # every token fed through the graph, recomputes included
@@ -117,16 +122,37 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run exactly one iteration. Returns an output for each request that got a token (a
-        request that only advanced its prompt by a chunk has nothing to report)."""
+        request that only advanced its prompt by a chunk has nothing to report).
+
+        With pipeline stages (``max_in_flight`` > 1), a step first fills the pipeline (schedules
+        and starts iterations, each over requests not already in flight, until ``max_in_flight``
+        are running or nothing more can run) and then completes the oldest: each step still
+        finishes one iteration, and the stages work on different iterations meanwhile (Orca's
+        pipelining, no micro-batches)."""
         self._check_open()
-        t0 = time.perf_counter()
-        decision = self.scheduler.schedule()
-        t1 = time.perf_counter()
-        if decision.is_empty:
-            if decision.finished_request_ids:  # nothing to run, but the runner must drop their state
-                self.executor.release(decision.finished_request_ids)
+        if self._failure is not None:  # iterations were lost with it: their requests would wait forever
+            raise RuntimeError(f"the workers failed earlier ({self._failure}); shut the engine down")
+        try:
+            return self._step()
+        except BaseException as exc:  # an iteration's result is lost: its requests are stuck in flight
+            self._failure = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RuntimeError) else str(exc)
+            raise
+
+    def _step(self) -> list[RequestOutput]:
+        while len(self._in_flight) < self.max_in_flight:
+            t0 = time.perf_counter()
+            decision = self.scheduler.schedule()
+            t1 = time.perf_counter()
+            if decision.is_empty:
+                if decision.finished_request_ids:  # nothing to run, but the runner must drop their state
+                    self.executor.release(decision.finished_request_ids)
+                break
+            self.executor.submit(decision)
+            self._in_flight.append((decision, t0, t1))
+        if not self._in_flight:
             return []
-        result = self.executor.execute(decision)
+        decision, t0, t1 = self._in_flight.popleft()  # t1: when it was submitted
+        result = self.executor.collect()
         t2 = time.perf_counter()
         touched = self.scheduler.update(decision, result.sampled_token_ids, result.logprobs)
         detoks = self._detokenizers

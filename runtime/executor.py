@@ -9,7 +9,9 @@ process receives the source, never a model, and builds its own part. The engine 
    and validate;
 2. calls ``init_kv_cache(num_blocks, block_size)`` once;
 3. calls ``execute(scheduler_output)`` every iteration and ``release(request_ids)`` for requests
-   that left without an iteration to say so;
+   that left without an iteration to say so; or, to keep several iterations in flight (up to
+   ``max_in_flight``: a pipeline's stages), ``submit(scheduler_output)`` for each and
+   ``collect()`` for the oldest one's result (the default pair runs ``execute`` at ``collect``);
 4. calls ``shutdown()`` once at the end (``Engine.shutdown()`` or its context manager).
 
 Implementations are registered by name (``register_executor``) and chosen by
@@ -58,6 +60,7 @@ class Executor(abc.ABC):
     """Runs the scheduler's decisions on the model; see the module docstring for the protocol."""
 
     info: ModelInfo
+    max_in_flight: int = 1  # iterations it can hold at once (a pipeline: one per stage)
 
     @abc.abstractmethod
     def __init__(self, source, seed: int = 0):
@@ -70,6 +73,14 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run one iteration; returns the sampled tokens of the requests whose ``out.sample`` is set."""
+
+    def submit(self, out: SchedulerOutput) -> None:
+        """Start one iteration; its result comes from ``collect()``, in submission order."""
+        self.__dict__.setdefault("_submitted", []).append(out)
+
+    def collect(self) -> RunnerOutput:
+        """The result of the oldest submitted iteration (waits for it)."""
+        return self.execute(self.__dict__["_submitted"].pop(0))
 
     @abc.abstractmethod
     def release(self, request_ids: list[str]) -> None:

@@ -21,6 +21,14 @@ its blocks are freed, its prompt and generated tokens go back to the queue in it
 fed again later (chunked like any prompt). Generated tokens are kept, so the output is the same.
 No deadlock under ``fcfs``: ``add_request`` rejects a request that could not finish alone in the
 whole cache, and the earliest running request is the last to be preempted, so it always progresses.
+
+Iterations in flight (Orca's pipelining: with pipeline stages the engine keeps up to one
+iteration per stage in flight, without micro-batches). A request scheduled in an iteration is
+*in flight* until ``update`` brings that iteration's result back: it is not scheduled again, not
+chosen as a victim (a stage may still be writing its K/V), and an abort meanwhile frees its
+blocks only when the result returns (its id stays taken until then). Each iteration then takes
+at most its share, ``ceil(requests / depth)``, of the unfinished requests, so that the
+iterations in flight split them instead of the first taking all.
 """
 from __future__ import annotations
 
@@ -69,11 +77,14 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        self.in_flight: set[str] = set()  # scheduled in an iteration whose result is not back yet
+        self.pipeline_depth = 1  # iterations the engine keeps in flight (it sets this)
+        self._free_later: set[str] = set()  # aborted while in flight: blocks freed when it returns
 
     # ---- requests in and out ---------------------------------------------------------------
 
     def add(self, req: Request) -> None:
-        assert req.request_id not in self.requests
+        assert req.request_id not in self, f"request id {req.request_id!r} is taken"
         self.requests[req.request_id] = req
         bisect.insort(self.waiting, req, key=self._key)
 
@@ -90,7 +101,7 @@ class Scheduler:
         return bool(self.requests)
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self.requests
+        return request_id in self.requests or request_id in self.in_flight
 
     def abort_all(self) -> None:
         for request_id in list(self.requests):
@@ -123,16 +134,23 @@ class Scheduler:
         chosen: dict[str, tuple[Request, int]] = {}  # insertion order is batch order
         preempted: list[str] = []
 
-        decodes = [r for r in self.running if r.num_pending_tokens == 1]
-        prefills = [r for r in self.running if r.num_pending_tokens > 1]
+        busy = self.in_flight
+        ready = [r for r in self.running if r.request_id not in busy] if busy else self.running
+        # with iterations in flight, each takes its share of the requests (Orca keeps as many
+        # batches in flight as stages; one iteration holding every request would leave the other
+        # stages idle)
+        cap = -(-len(self.requests) // self.pipeline_depth) if self.pipeline_depth > 1 else len(self.requests)
+        decodes = [r for r in ready if r.num_pending_tokens == 1]
+        prefills = [r for r in ready if r.num_pending_tokens > 1]
         for req in decodes + prefills:
-            if budget == 0:
+            if budget == 0 or len(chosen) >= cap:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(req.num_pending_tokens, budget)
             while not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
-                victim = self.policy.victim(self.running)
+                # never a request in flight: a stage may still write its K/V into its blocks
+                victim = self.policy.victim([r for r in self.running if r.request_id not in busy])
                 budget += chosen.pop(victim.request_id, (None, 0))[1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -144,7 +162,8 @@ class Scheduler:
 
         # Admitting while preempting would only thrash: the freed blocks go to the running ones.
         i = 0
-        while not preempted and i < len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0:
+        while not preempted and i < len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0 \
+                and len(chosen) < cap:
             req = self.waiting[i]
             n = min(req.num_pending_tokens, budget)
             need = req.max_kv_tokens if self.config.kv_mode == "reserve" else req.num_computed_tokens + n
@@ -175,6 +194,7 @@ class Scheduler:
                 out.num_decode_tokens += 1
             else:
                 out.num_prefill_tokens += n
+        busy.update(out.request_ids)
         return out
 
     def update(self, out: SchedulerOutput, sampled: list[int], logprobs: list[float] | None) -> list[tuple[Request, list[int]]]:
@@ -185,7 +205,14 @@ class Scheduler:
         touched = []
         j = 0
         for rid, new, do_sample in zip(out.request_ids, out.new_token_ids, out.sample):
-            req = self.requests[rid]
+            self.in_flight.discard(rid)
+            req = self.requests.get(rid)
+            if req is None:  # aborted while in flight: its blocks are free to go now
+                j += do_sample
+                if rid in self._free_later:
+                    self._free_later.discard(rid)
+                    self.block_manager.free(rid)
+                continue
             req.num_computed_tokens += len(new)
             if not do_sample:
                 continue
@@ -211,7 +238,10 @@ class Scheduler:
         bisect.insort(self.waiting, req, key=self._key)
 
     def _retire(self, req: Request) -> None:
-        self.block_manager.free(req.request_id)
+        if req.request_id in self.in_flight:
+            self._free_later.add(req.request_id)
+        else:
+            self.block_manager.free(req.request_id)
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)
 

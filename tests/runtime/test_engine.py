@@ -254,3 +254,33 @@ def test_inductor_backend_gives_the_eager_tokens():
     assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+def test_iterations_in_flight_give_hf_tokens_under_kv_pressure_and_aborts():
+    """Orca's pipelining driven by the engine, in one process (the local executor runs each
+    submitted iteration when it is collected): with 3 iterations in flight, requests joining late
+    and a cache that forces preemption, every request gets HF's tokens; an abort while its
+    iteration is in flight frees its blocks once that iteration is back."""
+    model, eng = engine(num_kv_blocks=9, max_num_seqs=6, max_in_flight=3)
+    assert eng.max_in_flight == 3
+    prompts = {f"r{i}": ([i + 1, 2 * i + 3, 5, 7][: 2 + i % 3], 4 + i % 4) for i in range(6)}
+    final, started, overlapped = {}, 0, False
+    eng.add_request("gone", [9, 9, 9], SamplingParams(max_tokens=20, ignore_eos=True))
+    for step in range(400):
+        if step % 2 == 0 and started < len(prompts):
+            rid = f"r{started}"
+            eng.add_request(rid, prompts[rid][0], SamplingParams(max_tokens=prompts[rid][1], ignore_eos=True))
+            started += 1
+        if step == 3:
+            assert "gone" in eng.scheduler.in_flight or eng.scheduler.requests["gone"]
+            eng.abort_request("gone")
+        overlapped |= len(eng._in_flight) >= 2  # two iterations started, neither back yet
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out.token_ids
+        if started == len(prompts) and not eng.has_unfinished_requests() and not eng.scheduler.in_flight:
+            break
+    assert overlapped and eng.stats()["num_preemptions"] > 0
+    assert eng.block_manager.num_used_blocks == 0 and not eng.scheduler.in_flight
+    for rid, (prompt, n) in prompts.items():
+        assert final[rid] == hf_generate(model, prompt, SamplingParams(max_tokens=n, ignore_eos=True))[0], rid

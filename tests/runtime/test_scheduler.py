@@ -101,6 +101,7 @@ def test_a_request_that_cannot_grow_preempts_itself_when_it_is_the_latest():
     run(s, out)
     out = s.schedule()  # a takes the last block; b cannot grow and is the latest: b goes
     assert out.request_ids == ["a"] and out.preempted_request_ids == ["b"]
+    run(s, out)  # every decision's result comes back (until it does, its requests are in flight)
     while a.request_id in s.requests:
         out = s.schedule()
         assert "b" not in out.request_ids or a.status.finished
@@ -171,3 +172,42 @@ def test_strict_admission_waits_behind_a_misfit_and_a_lenient_policy_goes_past_i
 
     assert schedule_with(FCFS()) == ["a"]  # strict: "short" waits behind "long"
     assert schedule_with(Lenient()) == ["a", "short"]
+
+
+def test_a_request_in_flight_is_neither_scheduled_again_nor_preempted():
+    """Orca's pipelining: two iterations in flight hold disjoint requests; when the blocks run out
+    the victim is a request not in flight (a stage may still write the other's K/V); results
+    coming back in order make the requests schedulable again."""
+    s = make(num_blocks=5, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    add(s, "a", 8)
+    first = s.schedule()
+    assert first.request_ids == ["a"] and s.in_flight == {"a"}
+    add(s, "b", 8)
+    add(s, "c", 4)
+    second = s.schedule()
+    assert second.request_ids == ["b", "c"] and s.in_flight == {"a", "b", "c"}  # 2 + 2 + 1 blocks: none left
+    assert s.schedule().is_empty  # everything is in flight
+    run(s, first)
+    assert s.in_flight == {"b", "c"}
+    # a decodes its 9th token: a 3rd block, none free; b and c (later arrivals) are in flight, so
+    # the only victim there may be is a itself
+    third = s.schedule()
+    assert third.request_ids == [] and third.preempted_request_ids == ["a"]
+    assert s.in_flight == {"b", "c"} and s.block_manager.num_used_blocks == 3
+    run(s, second)
+    fourth = s.schedule()  # b and c decode (3rd block for b: the one a freed); a waits
+    assert fourth.request_ids == ["b", "c"] and fourth.preempted_request_ids == []
+    s.block_manager.check()
+
+
+def test_an_abort_in_flight_frees_the_blocks_when_the_iteration_returns():
+    s = make(num_blocks=8, block_size=4)
+    add(s, "a", 8)
+    out = s.schedule()
+    assert s.block_manager.num_used_blocks == 2
+    s.abort("a")
+    assert "a" in s and s.block_manager.num_used_blocks == 2  # a stage may still write them
+    with pytest.raises(AssertionError):
+        s.add(Request("a", [1], SamplingParams(), next(_ARRIVALS)))  # the id is taken until it returns
+    assert run(s, out) == []
+    assert "a" not in s and s.block_manager.num_used_blocks == 0 and not s.in_flight
