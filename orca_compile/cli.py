@@ -18,26 +18,43 @@ def _add_model_args(p):
 
 
 def cmd_dump(args) -> int:
-    import orca_compile
-    from orca_compile import dump
     from orca_compile.presets import DEFAULT_PRESET, load_model
 
     model = load_model(args.model or DEFAULT_PRESET, dtype=args.dtype, device=args.device)
-    compiled = orca_compile.compile(model, backend=args.backend, tensor_parallel_size=args.tp,
-                                    rank=args.rank if args.pp == 1 else 0, pipeline_parallel_size=args.pp,
-                                    stage=args.rank if args.pp > 1 else 0)
+    world = args.tp * args.pp
+    if args.rank is not None and not 0 <= args.rank < world:
+        raise ValueError(f"--rank {args.rank} is outside [0, {world}) (--tp {args.tp} x --pp {args.pp})")
+    ranks = [args.rank] if args.rank is not None else list(range(world))
+    for rank in ranks:  # rank = stage * tp + the rank within the stage
+        if len(ranks) > 1:
+            print(f"##### rank {rank}: stage {rank // args.tp} of {args.pp}, tensor-parallel rank {rank % args.tp} "
+                  f"of {args.tp} " + "#" * 30)
+        _dump_rank(args, model, rank, suffix=f"rank{rank}" if len(ranks) > 1 else None)
+    return 0
+
+
+def _dump_rank(args, model, rank, suffix):
+    import orca_compile
+    from orca_compile import dump
+
+    compiled = orca_compile.compile(model, backend=args.backend, tensor_parallel_size=args.tp, rank=rank % args.tp,
+                                    pipeline_parallel_size=args.pp, stage=rank // args.tp)
     if args.stage not in ("all", *compiled.stages):
         raise ValueError(f"no stage {args.stage!r} with backend {compiled.backend}; stages: "
                          f"{', '.join(compiled.stages)}, all")
     stages = list(compiled.stages) if args.stage == "all" else [args.stage]
     print(dump.summary(compiled))
     if args.summary_only:
-        return 0
+        return
     for stage in stages:
         gm = compiled.stages[stage]
         text = dump.render(gm, args.format, title=f"{compiled.model_class} — {stage}")
         if args.output:
-            path = _stage_path(args.output, stage) if len(stages) > 1 else args.output
+            path = args.output
+            if suffix:
+                path = _stage_path(path, suffix)
+            if len(stages) > 1:
+                path = _stage_path(path, stage)
             with open(path, "w") as f:
                 f.write(text)
             print(f"wrote {path} ({stage}, {args.format})")
@@ -45,7 +62,6 @@ def cmd_dump(args) -> int:
             if len(stages) > 1 and args.format in ("text", "table"):
                 print(f"=== {stage} " + "=" * 60)
             sys.stdout.write(text)
-    return 0
 
 
 def _stage_path(path, stage):
@@ -75,7 +91,7 @@ def _add_engine_args(p):
     g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
                    help="tensor-parallel ranks, one process each over torch.distributed (gloo on the CPU)")
     g.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=1,
-                   help="pipeline stages, one process each (not combined with --tp yet)")
+                   help="pipeline stages (x --tp processes each), with an iteration in flight per stage")
     _add_backend_arg(g)
 
 
@@ -250,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dump", help="compile a model and print its graph after each rewrite stage")
     _add_model_args(p)
     _add_backend_arg(p)
-    p.add_argument("--tp", type=int, default=1, help="show rank --rank's shard of a tensor-parallel split")
-    p.add_argument("--pp", type=int, default=1, help="show stage --rank of a pipeline split")
-    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of a split (within each stage)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages of a split")
+    p.add_argument("--rank", type=int, default=None,
+                   help="show this rank's graph (rank = stage * tp + its rank in the stage); default: every rank")
     p.add_argument("--stage", default="final",
                    choices=[*STAGES, "pipelined", "partitioned", *LOWERING_STAGES, "all"],
                    help="lowered: the graph the engine runs on this machine; linears, attention, norms, rope: "

@@ -78,6 +78,9 @@ class CompiledModel:
         pipeline = graph_module.meta.get("orca_pipeline") or {}
         self.stage = int(pipeline.get("stage", 0))  # of a pipeline: this graph's stage, of num_stages
         self.num_stages = int(pipeline.get("num_stages", 1))
+        partition = graph_module.meta.get("orca_partition") or {}
+        self.tensor_parallel_size = int(partition.get("tensor_parallel_size", 1))  # within its stage
+        self.tensor_parallel_rank = int(partition.get("rank", 0))
         # a stage before the last returns the residual stream [T, hidden], not logits
         self.vocab_size = int(out.shape[-1]) if self.stage == self.num_stages - 1 else 0
         self.hidden_size = 0 if self.stage == self.num_stages - 1 else int(out.shape[-1])
@@ -257,7 +260,7 @@ class ModelSpec:
     device: str | None = None
     tensor_parallel_size: int = 1
     rank: int = 0  # which shard this worker builds
-    pipeline_parallel_size: int = 1  # (tensor parallelism and pipelining are not combined yet)
+    pipeline_parallel_size: int = 1  # stages; rank = stage * tensor_parallel_size + the rank in the stage
     cuts: tuple | None = None  # a plan's stage cuts (None: as even as the layers allow)
     replicated: tuple = ()  # a plan's blocks (kind, layer) that every tensor-parallel rank runs whole
     vocab_parallel_head: bool = False
@@ -268,16 +271,11 @@ class ModelSpec:
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
-        if self.pipeline_parallel_size == 1 and not 0 <= self.rank < tp:
-            raise ValueError(f"rank {self.rank} is outside [0, {tp})")
         pp = self.pipeline_parallel_size
         if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
             raise ValueError(f"pipeline_parallel_size must be an integer >= 1, got {pp!r}")
-        if tp > 1 and pp > 1:
-            raise ValueError(f"tensor_parallel_size={tp} with pipeline_parallel_size={pp}: combining them is not "
-                             "supported yet; use one of the two")
-        if pp > 1 and not 0 <= self.rank < pp:
-            raise ValueError(f"rank {self.rank} is outside [0, {pp})")
+        if not 0 <= self.rank < tp * pp:
+            raise ValueError(f"rank {self.rank} is outside [0, {tp * pp})")
         if (tp > 1 or pp > 1) and isinstance(self.source, CompiledModel):
             raise ValueError("a CompiledModel is one rank's graph already; give a checkpoint path or a model object "
                              "to shard it")
@@ -308,10 +306,10 @@ class ModelSpec:
             raise ValueError(f"a model is an HF model, a CompiledModel or a checkpoint path, got {type(src).__name__}")
         # keep_stages=False: the lowered graph holds the only copy of each packed weight once the
         # model object is gone (a caller's model object keeps its own)
-        pp = self.pipeline_parallel_size
-        return compile(src, backend=self.backend, keep_stages=False, tensor_parallel_size=self.tensor_parallel_size,
-                       rank=self.rank if pp == 1 else 0, pipeline_parallel_size=pp, stage=self.rank if pp > 1 else 0,
-                       cuts=self.cuts, replicated=self.replicated, vocab_parallel_head=self.vocab_parallel_head)
+        tp = self.tensor_parallel_size
+        return compile(src, backend=self.backend, keep_stages=False, tensor_parallel_size=tp, rank=self.rank % tp,
+                       pipeline_parallel_size=self.pipeline_parallel_size, stage=self.rank // tp, cuts=self.cuts,
+                       replicated=self.replicated, vocab_parallel_head=self.vocab_parallel_head)
 
     @property
     def world_size(self) -> int:

@@ -66,17 +66,35 @@ def _attention_fake(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, se
 ATTENTION = torch.ops.orca.attention.default
 
 
+_GROUP = [None]  # the tensor-parallel process group of this rank (None: the default group)
+
+
+def set_tensor_parallel_group(group) -> None:
+    """The group ``orca::all_reduce`` and ``orca::all_gather`` run over: a worker of a pipeline
+    stage with tensor parallelism sets its stage's ranks; by default the whole process group."""
+    _GROUP[0] = group
+
+
+def _group_size() -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(_GROUP[0])
+
+
 @torch.library.custom_op(f"{_LIB}::all_reduce", mutates_args=())
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """The sum of ``x`` over the ranks of the default process group (a new tensor); ``x`` itself
-    where no group is initialised or it has one rank. Inserted by the tensor-parallel pass after
-    every row-parallel linear (``passes/partition/tensor_parallel.py``)."""
+    """The sum of ``x`` over the ranks of the tensor-parallel group (``set_tensor_parallel_group``;
+    default: the whole process group), a new tensor; ``x`` itself where no group is initialised
+    or it has one rank. Inserted by the tensor-parallel pass after every row-parallel linear
+    (``passes/partition/tensor_parallel.py``)."""
     import torch.distributed as dist
 
     out = x.clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _group_size() > 1:
         start = time.perf_counter()
-        dist.all_reduce(out)
+        dist.all_reduce(out, group=_GROUP[0])
         _COLLECTIVES[0] += time.perf_counter() - start
         _COLLECTIVES[1] += 1
     return out
@@ -103,19 +121,19 @@ ALL_REDUCE = torch.ops.orca.all_reduce.default
 def all_gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """The ranks' ``x`` side by side along the last dimension, in rank order: ``[..., world_size *
     x.shape[-1]]``. Inserted by the tensor-parallel pass after a vocab-parallel LM head, whose
-    rank holds one block of the vocabulary's logits. ``world_size`` must be the default process
+    rank holds one block of the vocabulary's logits. ``world_size`` must be the tensor-parallel
     group's size (the fake implementation needs it to give the shape); without a group, or with
     one rank, ``world_size`` must be 1."""
     import torch.distributed as dist
 
-    group = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    group = _group_size()
     if group != world_size:
         raise ValueError(f"orca::all_gather was compiled for {world_size} ranks, the process group has {group}")
     if world_size == 1:
         return x.clone()
     parts = [torch.empty_like(x) for _ in range(world_size)]
     start = time.perf_counter()
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=_GROUP[0])
     _COLLECTIVES[0] += time.perf_counter() - start
     _COLLECTIVES[1] += 1
     return torch.cat(parts, dim=-1)

@@ -81,13 +81,15 @@ class ModelRunner:
         if model.num_stages > 1:  # a pipeline stage: the residual stream from the one before, to the next
             import torch.distributed as dist
 
+            # a stage's rank r talks to rank r of the stages around it (global rank: stage * tp + r)
+            tp, r = model.tensor_parallel_size, model.tensor_parallel_rank
             hidden = None
             if model.stage > 0:
                 hidden = torch.empty(batch.num_tokens, self._hidden_in, dtype=self._hidden_dtype, device=self.device)
-                dist.recv(hidden, src=model.stage - 1)
+                dist.recv(hidden, src=(model.stage - 1) * tp + r)
             out_tensor = run_graph(model, batch, self.kv_cache, hidden)
             if model.stage < model.num_stages - 1:
-                dist.send(out_tensor.contiguous(), dst=model.stage + 1)
+                dist.send(out_tensor.contiguous(), dst=(model.stage + 1) * tp + r)
                 t2 = time.perf_counter()
                 return RunnerOutput([], None, t1 - t0, t2 - t1, 0.0)
             logits = out_tensor

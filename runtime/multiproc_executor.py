@@ -1,4 +1,7 @@
-"""``executor="multiproc"``: one worker process per tensor-parallel rank, on this machine.
+"""``executor="multiproc"``: one worker process per rank (tensor-parallel rank x pipeline stage), on
+this machine. Rank ``stage * tp + r`` is rank ``r`` of stage ``stage``; the ranks of a stage
+all-reduce within their own group, and rank ``r`` of a stage sends its residual stream to rank
+``r`` of the next.
 
 Each worker receives the model *source* for its rank (``source.for_rank(rank)``: where to load
 the model from, the backend, the tensor-parallel size and its rank), joins a ``torch.distributed``
@@ -61,6 +64,12 @@ def _worker(source, rank, world_size, port, seed, threads, collective_timeout, c
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout))
+        tp = int(getattr(source, "tensor_parallel_size", 1))
+        if 1 < tp < world_size:  # tensor parallelism within pipeline stages: a group per stage
+            from orca_compile.ops import set_tensor_parallel_group
+
+            groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(world_size // tp)]
+            set_tensor_parallel_group(groups[rank // tp])
         model = source.build()
         runner = ModelRunner(model, seed=seed)
         conn.send(("ready", ModelInfo.of(model)))
@@ -71,7 +80,8 @@ def _worker(source, rank, world_size, port, seed, threads, collective_timeout, c
             kind = msg[0]
             if kind == "execute":
                 result = runner.execute(msg[1])
-                answers = rank == world_size - 1 if runner.model.num_stages > 1 else rank == 0
+                m = runner.model  # the last stage's first rank answers (every rank there samples alike)
+                answers = m.stage == m.num_stages - 1 and m.tensor_parallel_rank == 0
                 conn.send(("ok", result if answers else None))
             elif kind == "release":
                 runner.sampler.forget(msg[1])
@@ -125,13 +135,41 @@ class MultiprocExecutor(Executor):
             self.shutdown()
             raise
         self.info: ModelInfo = ModelInfo.of_pipeline(infos) if self.pipelined else infos[0]
-        self._answer = world_size - 1 if self.pipelined else 0  # the rank whose sampled tokens count
+        tp = int(getattr(source, "tensor_parallel_size", 1))
+        self._answer = world_size - tp if self.pipelined else 0  # the rank whose sampled tokens count
+        # a pipeline holds an iteration per stage: stage 0 starts the next while stage 1 runs this one
+        self.max_in_flight = int(getattr(source, "pipeline_parallel_size", 1))
+        self._in_flight = 0
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self._round(("init_kv_cache", num_blocks, block_size))
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        return self._round(("execute", out))[self._answer]
+        self.submit(out)
+        return self.collect()
+
+    def submit(self, out: SchedulerOutput) -> None:
+        """Send one iteration to every rank. Each rank runs the iterations in the order they come
+        (its pipe is a queue), and p2p sends between stages keep that order too."""
+        self._checked(self._send_all, ("execute", out))
+        self._in_flight += 1
+
+    def collect(self) -> RunnerOutput:
+        """Every rank's answer to the oldest iteration in flight (each answers in order)."""
+        if not self._in_flight:
+            raise RuntimeError("collect() with no iteration in flight")
+        answers = self._checked(lambda: [self._recv(rank, None) for rank in range(self.world_size)])
+        self._in_flight -= 1
+        return answers[self._answer]
+
+    def _checked(self, fn, *args):
+        if self._broken:
+            raise RuntimeError(f"the workers failed earlier ({self._broken}); shut the engine down")
+        try:
+            return fn(*args)
+        except (RuntimeError, ValueError) as exc:
+            self._broken = str(exc)
+            raise
 
     def _round(self, msg) -> list:
         """Send ``msg`` to every rank and collect every answer. No deadline while every worker is

@@ -55,12 +55,14 @@ def _hf(model, prompt, n):
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_two_ranks_give_hf_tokens_and_the_one_process_log_probs(name, tp, pp):
+    """With pipeline stages, as many iterations as stages are in flight (Orca's pipelining)."""
     want = _one_process(name)
     with orca_compile.optimize(name, tensor_parallel_size=tp, pipeline_parallel_size=pp, **OPTIONS) as engine:
         assert type(engine.executor).__name__ == "MultiprocExecutor"
+        assert engine.max_in_flight == pp and len(engine.executor.processes) == tp * pp
         procs = list(engine.executor.processes)
         got, preemptions = _serve(engine)
     assert preemptions > 0  # the cache was short: requests were preempted and recomputed
@@ -93,8 +95,43 @@ def test_a_killed_worker_is_an_error_within_a_second_and_nothing_is_left():
     assert not multiprocessing.active_children()
 
 
+def test_a_stuck_collective_is_an_error_within_the_collective_timeout():
+    """A rank that stops answering (SIGSTOP: alive, but never reaching the all-reduce) leaves its
+    peer waiting in the collective; gloo's timeout (here 3 s) fails it there, the peer reports it,
+    and the engine raises within the timeout plus a poll, naming the rank. No process is left."""
+    import os
+    import signal
+
+    from orca_compile.runtime.executor import register_executor, unregister_executor
+    from orca_compile.runtime.multiproc_executor import MultiprocExecutor
+
+    class QuickTimeout(MultiprocExecutor):
+        def __init__(self, source, seed=0):
+            super().__init__(source, seed, collective_timeout=3.0)
+
+    register_executor("multiproc-3s", QuickTimeout)
+    try:
+        engine = orca_compile.optimize("tiny-llama", tensor_parallel_size=2, executor="multiproc-3s", **OPTIONS)
+        procs = list(engine.executor.processes)
+        try:
+            engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True))
+            engine.step()
+            os.kill(procs[1].pid, signal.SIGSTOP)
+            start = time.monotonic()
+            with pytest.raises(RuntimeError, match=r"rank 0 failed"):
+                engine.step()
+            assert time.monotonic() - start < 3.0 + 5.0  # the timeout, and the report's way back
+        finally:
+            engine.shutdown()  # kills the stopped rank
+        assert not any(p.is_alive() for p in procs)
+        assert not multiprocessing.active_children()
+    finally:
+        unregister_executor("multiproc-3s")
+
+
 def test_a_size_the_ranks_do_not_divide_is_a_value_error_from_the_worker():
-    with pytest.raises(ValueError, match=r"rank 0: tensor_parallel_size=3 does not divide the 4 query heads"):
+    # both ranks fail alike; whichever reports first is named
+    with pytest.raises(ValueError, match=r"rank [012]: tensor_parallel_size=3 does not divide the 4 query heads"):
         orca_compile.optimize("tiny-llama", tensor_parallel_size=3, **OPTIONS)
     assert not multiprocessing.active_children()
 
