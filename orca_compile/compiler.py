@@ -21,6 +21,7 @@ import torch.fx
 from orca_compile.capture import capture
 from orca_compile.ops import ATTENTION
 from orca_compile.passes import lower_cpu
+from orca_compile.passes.graph_utils import fetch_attr
 from orca_compile.passes.manager import DEFAULT_PIPELINE, PassManager
 from orca_compile.passes.partition.pipeline_split import pipeline_stage
 from orca_compile.passes.partition.tensor_parallel import tensor_parallel
@@ -64,7 +65,7 @@ class CompiledModel:
     """
 
     def __init__(self, graph_module, stages, records, capture_seconds, config, model_class, backend="eager",
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), device: torch.device | None = None):
         self.graph_module = graph_module
         self.stages = stages
         self.records = records
@@ -84,7 +85,7 @@ class CompiledModel:
         # a stage before the last returns the residual stream [T, hidden], not logits
         self.vocab_size = int(out.shape[-1]) if self.stage == self.num_stages - 1 else 0
         self.hidden_size = 0 if self.stage == self.num_stages - 1 else int(out.shape[-1])
-        self.device = out.device
+        self.device = device or out.device  # a graph captured on meta tensors: where its weights went
         self.eos_token_ids = tuple(eos_token_ids)  # what generate() stops at, read off the HF model
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 0)  # 0: no limit
         # dynamic=True: T, R and the block-table width change every iteration; one graph for all
@@ -155,7 +156,7 @@ def lowering_pipeline(backend: str) -> list:
 def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool = True,
             max_tokens: int | None = None, tensor_parallel_size: int = 1, rank: int = 0,
             pipeline_parallel_size: int = 1, stage: int = 0, cuts=None, replicated=(),
-            vocab_parallel_head: bool = False) -> CompiledModel:
+            vocab_parallel_head: bool = False, materialize=None) -> CompiledModel:
     """Capture ``model`` (an HF causal LM), rewrite it into selective-batching form and lower it
     for ``backend``. The default, ``eager``, leaves the portable graph (what a person inspects,
     and any device runs); ``optimize()`` asks for ``auto``, the fastest backend that applies here.
@@ -168,7 +169,9 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
     previous stage's residual stream as ``hidden`` and returns its own (the last: the logits).
     ``cuts``, ``replicated`` and ``vocab_parallel_head``: a plan's choices (the planner's, or
     yours): the first layer of each stage then the layer count, the blocks ``(kind, layer)`` kept
-    whole on every rank, and the LM head sharded by vocabulary."""
+    whole on every rank, and the LM head sharded by vocabulary. ``materialize``: a function that
+    fills the partitioned graph's meta tensors in place (a model built on meta tensors: the rank
+    reads only its shard, ``orca_compile/materialize.py``), run before the lowering."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     start = time.perf_counter()
@@ -190,6 +193,11 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
                                   vocab_parallel_head=vocab_parallel_head), tensor_parallel)))
         manager.pipeline = steps
         final = manager.run(final)
+    device = None
+    if materialize is not None:
+        final = materialize(final)
+        device = next(t.device for t in (fetch_attr(final, n.target) for n in final.graph.find_nodes(op="get_attr"))
+                      if isinstance(t, torch.Tensor))
     resolved = resolve_backend(backend, final)
     lowered = _lower(final, resolved, manager)
     if not keep_stages and lowered is not final:
@@ -197,7 +205,7 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
         manager.stages.pop("partitioned", None)
         manager.stages.pop("pipelined", None)
     return CompiledModel(lowered, manager.stages, manager.records, capture_seconds, info.config, info.model_class,
-                         backend=resolved, eos_token_ids=eos_token_ids(model))
+                         backend=resolved, eos_token_ids=eos_token_ids(model), device=device)
 
 
 def lower(compiled: CompiledModel, backend: str, keep_stages: bool | None = None) -> CompiledModel:
@@ -225,7 +233,8 @@ def lower(compiled: CompiledModel, backend: str, keep_stages: bool | None = None
     manager.records = [r for r in compiled.records if r.stage in portable]
     lowered = _lower(final, resolved, manager)
     return CompiledModel(lowered, manager.stages, manager.records, compiled.capture_seconds, compiled.config,
-                         compiled.model_class, backend=resolved, eos_token_ids=compiled.eos_token_ids)
+                         compiled.model_class, backend=resolved, eos_token_ids=compiled.eos_token_ids,
+                         device=compiled.device)
 
 
 def _lower(final: torch.fx.GraphModule, backend: str, manager: PassManager) -> torch.fx.GraphModule:
@@ -299,6 +308,10 @@ class ModelSpec:
         if isinstance(src, CompiledModel):
             return lower(src, self.backend)
         if isinstance(src, (str, os.PathLike)):
+            from orca_compile.materialize import has_safetensors
+
+            if self.world_size > 1 and has_safetensors(os.fspath(src)):
+                return self._build_shard(os.fspath(src))
             from orca_compile.presets import load_model
 
             src = load_model(os.fspath(src), dtype=self.dtype, device=self.device)
@@ -310,6 +323,26 @@ class ModelSpec:
         return compile(src, backend=self.backend, keep_stages=False, tensor_parallel_size=tp, rank=self.rank % tp,
                        pipeline_parallel_size=self.pipeline_parallel_size, stage=self.rank // tp, cuts=self.cuts,
                        replicated=self.replicated, vocab_parallel_head=self.vocab_parallel_head)
+
+    def _build_shard(self, directory: str) -> CompiledModel:
+        """This rank's graph from a checkpoint directory, reading only its shard's bytes: the
+        model built, captured and partitioned on meta tensors, then filled from the files."""
+        from orca_compile.materialize import CheckpointReader, empty_model, materialize
+        from orca_compile.planning import config_dtype
+
+        from transformers import AutoConfig
+
+        dtype = config_dtype(AutoConfig.from_pretrained(directory), self.dtype)
+        model, buffers, aliases, prefix = empty_model(directory, dtype)
+        reader = CheckpointReader(directory, aliases, prefix)
+        tp = self.tensor_parallel_size
+        compiled = compile(model, backend=self.backend, keep_stages=False, tensor_parallel_size=tp,
+                           rank=self.rank % tp, pipeline_parallel_size=self.pipeline_parallel_size,
+                           stage=self.rank // tp, cuts=self.cuts, replicated=self.replicated,
+                           vocab_parallel_head=self.vocab_parallel_head,
+                           materialize=lambda gm: materialize(gm, reader, buffers, dtype, self.device or "cpu"))
+        compiled.bytes_read = reader.bytes_read
+        return compiled
 
     @property
     def world_size(self) -> int:

@@ -98,6 +98,7 @@ def tensor_parallel(gm: torch.fx.GraphModule, rank: int, world_size: int, replic
         raise ValueError(f"replicated blocks are of kinds {BLOCK_KINDS}, got {sorted(unknown)}")
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out.meta.update(gm.meta)
+    out.meta["orca_weight_slices"] = dict(gm.meta.get("orca_weight_slices", {}))
     if world_size == 1:
         out.meta["orca_partition"] = {"tensor_parallel_size": 1, "rank": 0, "row_parallel": 0, "column_parallel": 0,
                                       "replicated": [], "vocab_parallel_head": False}
@@ -365,11 +366,11 @@ def _shard_column(gm, col: _Column):
         width = size // heads if heads else 1
         index.extend(range(start + kept[0] * width, start + kept[1] * width))
         start += size
-    idx = torch.tensor(index)
-    _replace_weight(gm, node, wi, lambda w: w.index_select(1 if in_out else 0, idx))
+    ranges = _ranges(index)
+    _replace_weight(gm, node, wi, 1 if in_out else 0, ranges)
     bias = node.args[bi] if len(node.args) > bi else None
     if isinstance(bias, torch.fx.Node) and bias.op == "get_attr":
-        _replace_weight(gm, node, bi, lambda b: b.index_select(0, idx))
+        _replace_weight(gm, node, bi, 0, ranges)
     users = list(node.users)
     if len(col.parts) > 1:  # the split that reads it: each part's new size
         split = users[0]
@@ -387,7 +388,7 @@ def _shard_row(gm, node, rank, world_size):
     if size % world_size:
         raise ValueError(f"tensor_parallel_size={world_size} does not divide the {size} input features of {node.name}")
     per = size // world_size
-    _replace_weight(gm, node, wi, lambda w: w.narrow(0 if in_out else 1, rank * per, per).contiguous())
+    _replace_weight(gm, node, wi, 0 if in_out else 1, [(rank * per, (rank + 1) * per)])
     graph = gm.graph
     bias = node.args[bi] if len(node.args) > bi else None
     with graph.inserting_before(node):
@@ -408,15 +409,30 @@ def _shard_row(gm, node, rank, world_size):
     graph.erase_node(node)
 
 
-def _replace_weight(gm, node, arg_index, fn):
-    """Point ``node``'s ``arg_index``-th argument (a ``get_attr``) at a new attribute holding
-    ``fn(weight)``: the shard, registered on ``gm`` alone."""
+def _ranges(index: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as runs ``[(start, stop), ...]``."""
+    out = []
+    for i in index:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def _replace_weight(gm, node, arg_index, dim, ranges):
+    """Point ``node``'s ``arg_index``-th argument (a ``get_attr``) at a new attribute holding the
+    weight's slices ``ranges`` along ``dim``: the shard, registered on ``gm`` alone. Where it came
+    from goes to ``gm.meta["orca_weight_slices"]``, so that a rank built on meta tensors reads just
+    these slices from the checkpoint (``orca_compile/materialize.py``)."""
     attr = node.args[arg_index]
-    shard = fn(fetch_attr(gm, attr.target).detach()).contiguous()
+    weight = fetch_attr(gm, attr.target).detach()
+    shard = torch.cat([weight.narrow(dim, a, b - a) for a, b in ranges], dim=dim).contiguous()
     name = "_tp_" + attr.target.replace(".", "_")
     while hasattr(gm, name):
         name += "_"
     gm.register_buffer(name, shard, persistent=False)
+    gm.meta.setdefault("orca_weight_slices", {})[name] = (attr.target, dim, list(ranges))
     with gm.graph.inserting_before(node):
         new = gm.graph.get_attr(name)
     new.meta = dict(attr.meta)
