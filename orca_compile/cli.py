@@ -200,7 +200,8 @@ def cmd_bench(args) -> int:
     systems = tuple(s.strip() for s in args.systems.split(","))
     report = bench.run(args.workload, systems=systems, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend, threads=args.threads,
-                       repeat=args.repeat, settle_seconds=args.settle, isolate=args.isolate)
+                       repeat=args.repeat, settle_seconds=args.settle, isolate=args.isolate,
+                       tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -315,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="each system in a process of its own (default), so none runs under another's "
                         "process-wide settings such as the engine's malloc tuning")
+    p.add_argument("--tp", type=int, default=1, help="the engine system's tensor-parallel ranks (a process each)")
+    p.add_argument("--pp", type=int, default=1, help="the engine system's pipeline stages (a process each)")
     p.add_argument("--json", default=None, help="also write the report here")
     p.set_defaults(func=cmd_bench)
 

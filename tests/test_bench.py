@@ -109,13 +109,15 @@ def test_a_run_that_fails_still_stops_its_worker_processes(monkeypatch):
     assert len(started) == 1 and not started[0].process.is_alive()
 
 
-def test_the_tensor_parallel_engine_is_a_system_of_its_own():
+def test_the_tensor_parallel_and_pipelined_engines_are_systems_of_their_own():
+    """Each in a process of its own (which starts the ranks' processes in turn)."""
     import multiprocessing
 
     lines = []
-    report = bench.run("w1-tiny", systems=("engine", "engine-tp2"), log=lines.append)
-    one, two = report["results"]
+    report = bench.run("w1-tiny", systems=("engine", "engine-tp2", "engine-pp2"), isolate=True, log=lines.append)
+    one, two, stages = report["results"]
     assert "tp=2" in two["system"] and two["useful_tokens"] == one["useful_tokens"]
     assert two["extra"]["collective_seconds"] > 0 == one["extra"]["collective_seconds"]
-    assert any("same tokens for 100% of requests" in line for line in lines)
+    assert "pp=2, 2 in flight" in stages["system"] and stages["useful_tokens"] == one["useful_tokens"]
+    assert sum("same tokens for 100% of requests" in line for line in lines) == 2
     assert not multiprocessing.active_children()  # the ranks went with the run

@@ -15,7 +15,8 @@ from orca_compile.presets import load_model, parse_dtype
 
 def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), max_num_seqs=None,
         max_num_batched_tokens=None, backend="auto", threads: int | None = None, repeat: int = 1,
-        settle_seconds: int = 0, isolate: bool = False, log=print) -> dict:
+        settle_seconds: int = 0, isolate: bool = False, tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1, log=print) -> dict:
     """Time each system on the workload and compare.
 
     ``repeat`` > 1 runs the systems in rounds, the order reversed every other round (ABBA), so
@@ -26,7 +27,8 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     many undisturbed seconds of CPU (``settle``; for HF continuous batching its warm-up, part of
     that run's call, comes between the wait and the timed part). ``isolate``: each system in a
     process of its own (``isolation.py``); otherwise all run in this process on one model object.
-    ``max_num_seqs`` / ``max_num_batched_tokens`` None: the workload's."""
+    ``max_num_seqs`` / ``max_num_batched_tokens`` None: the workload's. ``tensor_parallel_size``
+    and ``pipeline_parallel_size`` apply to the ``engine`` system (a process per rank)."""
     w = get_workload(workload)
     unknown = [s for s in systems if s not in systems_mod.SYSTEMS]
     if unknown:
@@ -57,6 +59,8 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
 
     def prepare(system):
         kwargs = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, backend=backend)
+        if system == "engine" and (tensor_parallel_size > 1 or pipeline_parallel_size > 1):
+            kwargs |= dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
         if isolate:
             prepared[system] = Isolated(workload, system, reqs, kwargs, threads)
         else:

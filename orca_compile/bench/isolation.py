@@ -21,9 +21,10 @@ def _system_worker(conn, workload, system, reqs, engine_kwargs, threads):
     if threads:
         torch.set_num_threads(threads)
     w = WORKLOADS[workload]
-    # a tensor-parallel engine's workers load the model themselves
-    tp = systems.ENGINE_VARIANTS.get(system, {}).get("tensor_parallel_size", 1) > 1
-    model = None if tp else load_model(w.model, dtype=w.dtype)
+    # a multi-process engine's workers load the model themselves
+    options = {**engine_kwargs, **systems.ENGINE_VARIANTS.get(system, {})}
+    ranks = options.get("tensor_parallel_size", 1) * options.get("pipeline_parallel_size", 1)
+    model = None if ranks > 1 else load_model(w.model, dtype=w.dtype)
     timed = systems.prepare(system, model, reqs, engine_kwargs, workload=w)
     conn.send("ready")
     try:

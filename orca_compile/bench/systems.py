@@ -12,11 +12,15 @@ import torch
 from orca_compile.config import DEFAULT_BACKEND, DEFAULTS
 from orca_compile.host_probes import cpu_steal_seconds, since
 
-SYSTEMS = ("engine", "engine-onednn", "engine-eager", "engine-inductor", "engine-tp2", "hf-static", "hf-continuous")
-# the engine with other options: another backend, or two tensor-parallel ranks (a process each,
-# one thread each on a 2-core machine, against the one-process engine's two threads)
+SYSTEMS = ("engine", "engine-onednn", "engine-eager", "engine-inductor", "engine-tp2", "engine-pp2",
+           "engine-pp2-serial", "hf-static", "hf-continuous")
+# the engine with other options: another backend, two tensor-parallel ranks or two pipeline stages
+# (a process each, one thread each on a 2-core machine, against the one-process engine's two
+# threads); pp2 keeps an iteration in flight per stage (Orca's pipelining), pp2-serial one at a time
 ENGINE_VARIANTS = {"engine-onednn": {"backend": "onednn"}, "engine-eager": {"backend": "eager"},
-                   "engine-inductor": {"backend": "inductor"}, "engine-tp2": {"tensor_parallel_size": 2}}
+                   "engine-inductor": {"backend": "inductor"}, "engine-tp2": {"tensor_parallel_size": 2},
+                   "engine-pp2": {"pipeline_parallel_size": 2},
+                   "engine-pp2-serial": {"pipeline_parallel_size": 2, "max_in_flight": 1}}
 
 
 @dataclasses.dataclass
@@ -41,11 +45,11 @@ def run_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAULTS.
 
 def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAULTS.max_num_batched_tokens,
                    block_size=DEFAULTS.block_size, backend=DEFAULT_BACKEND, compiled=None, tensor_parallel_size=1,
-                   dtype=None):
+                   pipeline_parallel_size=1, max_in_flight=None, dtype=None):
     """The engine, set up once: compiled, lowered, and run over the whole workload untimed.
     Returns a function that times one more pass (a ``Result`` and the tokens); every call of it
-    carries the same set-up seconds. With ``tensor_parallel_size`` > 1, ``model`` is a name the
-    workers load (with ``dtype``) themselves."""
+    carries the same set-up seconds. With ``tensor_parallel_size`` or ``pipeline_parallel_size``
+    > 1, ``model`` is a name the workers load (with ``dtype``) themselves."""
     import orca_compile
     from orca_compile import SamplingParams
 
@@ -53,8 +57,10 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
     blocks = sum(-(-(len(p) + n) // block_size) for p, n in reqs) + 1
     sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                  num_kv_blocks=blocks, backend=backend)
-    if tensor_parallel_size > 1:
-        engine = orca_compile.optimize(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, **sizes)
+    if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
+        engine = orca_compile.optimize(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                                       pipeline_parallel_size=pipeline_parallel_size, max_in_flight=max_in_flight,
+                                       **sizes)
     else:
         compiled = compiled or orca_compile.compile(model, keep_stages=False)
         engine = orca_compile.optimize(compiled, **sizes)
@@ -96,6 +102,7 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
                                        total_ms=round(1e3 * it.seconds, 2)) for it in its]
         tokens = [o.token_ids for o in outs]
         tp = f", tp={tensor_parallel_size}" if tensor_parallel_size > 1 else ""
+        tp += f", pp={pipeline_parallel_size}, {engine.max_in_flight} in flight" if pipeline_parallel_size > 1 else ""
         return Result(f"orca-compile engine ({engine.backend}{tp})", seconds, sum(map(len, tokens)), setup,
                       extra), tokens
 
@@ -162,7 +169,8 @@ def prepare(system: str, model, reqs, engine_kwargs: dict, compiled=None, worklo
     """``system`` set up on ``model``: a function that times one pass (a ``Result`` and the tokens)."""
     if system == "engine" or system in ENGINE_VARIANTS:
         kwargs = dict(engine_kwargs) | ENGINE_VARIANTS.get(system, {})
-        if kwargs.get("tensor_parallel_size", 1) > 1:  # the workers load the workload's model themselves
+        if kwargs.get("tensor_parallel_size", 1) > 1 or kwargs.get("pipeline_parallel_size", 1) > 1:
+            # the workers load the workload's model themselves
             return prepare_engine(workload.model, reqs, dtype=workload.dtype, **kwargs)
         return prepare_engine(model, reqs, compiled=compiled, **kwargs)
     if system == "hf-static":
