@@ -33,7 +33,9 @@ WORKLOAD = Workload(batch_size=DECODE["requests"], context_len=DECODE["prompt"] 
 
 
 def measure(p) -> dict:
-    options = dict(dtype=DTYPE, max_num_seqs=32, max_num_batched_tokens=512, num_kv_blocks=400, block_size=16)
+    # one iteration at a time: the planner's latency is one iteration's way through every stage
+    options = dict(dtype=DTYPE, max_num_seqs=32, max_num_batched_tokens=512, num_kv_blocks=400, block_size=16,
+                   max_in_flight=1)
     out = {}
     with orca_compile.optimize(MODEL, plan=p, **options) as engine:
         for rounds in range(4):  # prefill-heavy: 4 fresh prompts at once (the first round warms up)
