@@ -18,7 +18,9 @@ Alpa's two levels, for serving:
   Orca's pipelining keeps ``pp`` iterations in flight, so a batch leaves every ``max(stage)``;
   the DP minimises the latency with every stage under a bound ``t_max``, and a binary search over
   the candidate stage times finds the smallest ``t_max`` whose latency meets the user's bound
-  (Alpa enumerates ``t_max`` the same way). Each stage then holds ``pp`` batches' KV cache.
+  (Alpa enumerates ``t_max`` the same way). The iterations in flight split the workload's
+  requests among them, as the engine's scheduler does (each ``ceil(batch / pp)``), and the
+  stages hold the KV cache of all of them.
 
 Costs come from the graph (``cost_model.part_costs``): every node's FLOPs, bytes and collectives
 are grouped into parts (a layer's attention, MLP and the rest; the prelude; the LM head and what
@@ -373,6 +375,7 @@ class Plan:
     memory_bytes: list  # per stage: {"weights", "kv_cache", "total"} of one of its ranks
     memory_limit_bytes: float
     workload: Workload
+    iterations: dict = dataclasses.field(default_factory=dict)  # kind -> the shape each iteration has
 
     @property
     def num_devices(self) -> int:
@@ -390,7 +393,7 @@ class Plan:
         """Tokens of ``kind`` iterations per second. Objective ``throughput``: Orca's pipelining,
         an iteration in flight per stage, one finishing per slowest stage; ``latency``: one
         iteration at a time through every stage."""
-        it = self.workload.iteration(kind)
+        it = self.iterations.get(kind) or self.workload.iteration(kind)
         if self.objective == "throughput":
             return it.tokens / max(self.stage_seconds[kind])
         return it.tokens / self.iteration_seconds(kind)
@@ -443,14 +446,20 @@ class Planner:
         self._price_cache: dict = {}
         self.ilp_solves = 0
 
+    def iteration(self, kind: str, depth: int = 1) -> Iteration:
+        """The ``kind`` iteration with ``depth`` iterations in flight: each takes its share of the
+        requests, as the engine's scheduler splits them (``ceil(requests / depth)``)."""
+        it = self.iterations[kind]
+        return dataclasses.replace(it, requests=-(-it.requests // depth)) if depth > 1 else it
+
     # prices of one probe part, cached
-    def _price(self, t: int, key, kind: str) -> float:
-        ck = (t, key, kind)
+    def _price(self, t: int, key, kind: str, depth: int = 1) -> float:
+        ck = (t, key, kind, depth)
         if ck not in self._price_cache:
             parts = self.profile.parts[t]
             part = parts.layer.get(key) if isinstance(key, tuple) else getattr(parts, key)
             self._price_cache[ck] = 0.0 if part is None else part_seconds(
-                part, parts, self.iterations[kind], self.cluster.machine(t), t)
+                part, parts, self.iteration(kind, depth), self.cluster.machine(t), t)
         return self._price_cache[ck]
 
     def _memory(self, t: int, key) -> tuple[float, float]:
@@ -461,24 +470,24 @@ class Planner:
             return 0.0, 0.0
         return float(part.weight_bytes), float(part.kv_bytes_per_token)
 
-    def stage(self, t: int, lo: int, hi: int, in_flight: int) -> _Stage | None:
+    def stage(self, t: int, lo: int, hi: int, depth: int = 1) -> _Stage | None:
         """The integer program of layers ``[lo, hi)`` on ``t`` devices: the fastest choice that fits."""
         prof = self.profile
         classes = prof.layer_class[lo:hi]
         counts = tuple(classes.count(c) for c in range(max(prof.layer_class) + 1))
         first, last = lo == 0, hi == prof.num_layers
-        key = (t, counts, first, last, in_flight)
+        key = (t, counts, first, last, depth)
         if key in self._stage_cache:
             return self._stage_cache[key]
-        result = self._solve(t, counts, first, last, in_flight)
+        result = self._solve(t, counts, first, last, depth)
         self._stage_cache[key] = result
         return result
 
-    def _solve(self, t, counts, first, last, in_flight):
+    def _solve(self, t, counts, first, last, depth):
         from scipy.optimize import Bounds, LinearConstraint, milp
 
         ok = self.profile.shardable[t]
-        held = self.workload.batch_size * self.workload.context_len * in_flight  # tokens in this stage's cache
+        held = self.workload.batch_size * self.workload.context_len  # tokens in the cache (all iterations')
         kind = self.kind
         # constants: everything whole (t = 1 prices) where a block may be whole, plus the rest
         c_time, c_mem = 0.0, 0.0
@@ -487,16 +496,16 @@ class Planner:
             if not n:
                 continue
             rest_w, _ = self._memory(t, (cls, "rest"))
-            c_time += n * self._price(t, (cls, "rest"), kind)
+            c_time += n * self._price(t, (cls, "rest"), kind, depth)
             c_mem += n * rest_w
             for k in KINDS:
                 whole_w, whole_kv = self._memory(1, (cls, k))
-                whole_s = self._price(1, (cls, k), kind)
+                whole_s = self._price(1, (cls, k), kind, depth)
                 c_time += n * whole_s
                 c_mem += n * (whole_w + whole_kv * held)
                 if ok[k]:
                     w, kv = self._memory(t, (cls, k))
-                    deltas_time.append(self._price(t, (cls, k), kind) - whole_s)
+                    deltas_time.append(self._price(t, (cls, k), kind, depth) - whole_s)
                     deltas_mem.append(w + kv * held - whole_w - whole_kv * held)
                     upper.append(n)
                 else:
@@ -505,17 +514,17 @@ class Planner:
                     upper.append(0)
         prelude_ids = set()
         if first:
-            c_time += self._price(1, "prelude", kind)
+            c_time += self._price(1, "prelude", kind, depth)
             c_mem += self._memory(1, "prelude")[0]
             prelude_ids = set(self.profile.parts[1].prelude.weights)
         if last:
-            c_time += self._price(1, "epilogue", kind) + self._price(1, "head", kind)
+            c_time += self._price(1, "epilogue", kind, depth) + self._price(1, "head", kind, depth)
             head = self.profile.parts[1].head
             whole_w = sum(b for i, b in head.weights.items() if i not in prelude_ids) if head else 0.0
             c_mem += self._memory(1, "epilogue")[0] + whole_w
             if ok["head"]:
                 w, _ = self._memory(t, "head")
-                deltas_time.append(self._price(t, "head", kind) - self._price(1, "head", kind))
+                deltas_time.append(self._price(t, "head", kind, depth) - self._price(1, "head", kind, depth))
                 deltas_mem.append(w - whole_w)
                 upper.append(1)
         limit = self.cluster.memory_bytes
@@ -538,12 +547,12 @@ class Planner:
         L = self.profile.num_layers
         if pp > L:
             return None
-        in_flight = pp if self.objective == "throughput" else 1
+        depth = pp if self.objective == "throughput" else 1  # iterations in flight
         cost = {}
         for lo in range(L):
             for hi in range(lo + 1, L + 1):
-                cost[lo, hi] = self.stage(t, lo, hi, in_flight)
-        boundary = self._boundary(t, pp, self.kind)
+                cost[lo, hi] = self.stage(t, lo, hi, depth)
+        boundary = self._boundary(t, pp, self.kind, depth)
         bound = self.latency_bound
         if self.objective == "latency":  # the least sum; among the splits that reach it, the most even
             fastest = self._dp(L, pp, cost, math.inf)
@@ -590,8 +599,8 @@ class Planner:
             cuts.append(hi)
         return cuts[::-1], best[pp][L]
 
-    def _boundary(self, t, pp, kind) -> float:
-        it = self.iterations[kind]
+    def _boundary(self, t, pp, kind, depth=1) -> float:
+        it = self.iteration(kind, depth)
         total = 0.0
         for s in range(pp - 1):
             bw, lat = self.cluster.stage_link(t, s)
@@ -637,8 +646,8 @@ class Planner:
         whole |= {(k, layer) for k in KINDS if not ok[k] for layer in range(prof.num_layers)} if t > 1 else set()
         stage_seconds = {k: [] for k in self.iterations}
         memory = []
-        in_flight = pp if self.objective == "throughput" else 1
-        held = self.workload.batch_size * self.workload.context_len * in_flight
+        depth = pp if self.objective == "throughput" else 1  # iterations in flight
+        held = self.workload.batch_size * self.workload.context_len
         for s in range(pp):
             lo, hi = cuts[s], cuts[s + 1]
             secs = {k: 0.0 for k in self.iterations}
@@ -647,24 +656,24 @@ class Planner:
             for layer in range(lo, hi):
                 cls = prof.layer_class[layer]
                 for k in self.iterations:
-                    secs[k] += self._price(t, (cls, "rest"), k)
+                    secs[k] += self._price(t, (cls, "rest"), k, depth)
                 weights += self._memory(t, (cls, "rest"))[0]
                 for kind in KINDS:
                     degree = 1 if (kind, layer) in whole else t
                     for k in self.iterations:
-                        secs[k] += self._price(degree, (cls, kind), k)
+                        secs[k] += self._price(degree, (cls, kind), k, depth)
                     w, per_token = self._memory(degree, (cls, kind))
                     weights += w
                     kv += per_token * held
             if lo == 0:
                 for k in self.iterations:
-                    secs[k] += self._price(1, "prelude", k)
+                    secs[k] += self._price(1, "prelude", k, depth)
                 weights += self._memory(1, "prelude")[0]
                 prelude_ids = set(prof.parts[1].prelude.weights)
             if hi == prof.num_layers:
                 degree = t if vocab_parallel_head else 1
                 for k in self.iterations:
-                    secs[k] += self._price(1, "epilogue", k) + self._price(degree, "head", k)
+                    secs[k] += self._price(1, "epilogue", k, depth) + self._price(degree, "head", k, depth)
                 head = prof.parts[degree].head
                 weights += self._memory(1, "epilogue")[0]
                 if head is not None:
@@ -673,8 +682,8 @@ class Planner:
                 stage_seconds[k].append(secs[k])
             memory.append({"weights": weights, "kv_cache": kv, "total": weights + kv})
         return Plan(t, pp, list(cuts), sorted(whole) if t > 1 else [], bool(vocab_parallel_head), self.objective,
-                    stage_seconds, {k: self._boundary(t, pp, k) for k in self.iterations}, memory,
-                    self.cluster.memory_bytes, self.workload)
+                    stage_seconds, {k: self._boundary(t, pp, k, depth) for k in self.iterations}, memory,
+                    self.cluster.memory_bytes, self.workload, {k: self.iteration(k, depth) for k in self.iterations})
 
     def plans(self, devices: int | None = None) -> list[Plan]:
         """The best plan of every (tp, pp) on at most ``devices`` devices (default: the cluster's),
