@@ -190,7 +190,8 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
         if tensor_parallel_size != 1 or rank != 0:
             steps.append(("partitioned", functools.update_wrapper(
                 functools.partial(tensor_parallel, rank=rank, world_size=tensor_parallel_size, replicated=replicated,
-                                  vocab_parallel_head=vocab_parallel_head), tensor_parallel)))
+                                  vocab_parallel_head=vocab_parallel_head and stage == pipeline_parallel_size - 1),
+                tensor_parallel)))
         manager.pipeline = steps
         final = manager.run(final)
     device = None
@@ -311,7 +312,10 @@ class ModelSpec:
             from orca_compile.materialize import has_safetensors
 
             if self.world_size > 1 and has_safetensors(os.fspath(src)):
-                return self._build_shard(os.fspath(src))
+                try:
+                    return self._build_shard(os.fspath(src))
+                except ValueError as exc:  # a tensor the files do not hold under its name: load it whole
+                    log.warning("rank %d reads the whole checkpoint (%s)", self.rank, exc)
             from orca_compile.presets import load_model
 
             src = load_model(os.fspath(src), dtype=self.dtype, device=self.device)
@@ -332,7 +336,11 @@ class ModelSpec:
 
         from transformers import AutoConfig
 
-        dtype = config_dtype(AutoConfig.from_pretrained(directory), self.dtype)
+        config = AutoConfig.from_pretrained(directory)
+        model_dtype = getattr(config, "dtype", None)
+        probe = CheckpointReader(directory)
+        # as from_pretrained(dtype="auto"): the config's dtype, else the checkpoint's
+        dtype = config_dtype(config, self.dtype) if self.dtype or model_dtype else probe.dtype()
         model, buffers, aliases, prefix = empty_model(directory, dtype)
         reader = CheckpointReader(directory, aliases, prefix)
         tp = self.tensor_parallel_size

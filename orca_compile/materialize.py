@@ -6,7 +6,7 @@ split 8 ways reads its eighth and the replicated weights, not the whole checkpoi
 
 What a checkpoint does not hold (buffers computed at construction, such as rotary tables) comes
 from the model built with its buffers real and its parameters on meta. A tensor found nowhere is
-a ``ValueError`` naming it; ``ModelSpec.build`` then falls back to loading the whole checkpoint.
+a ``ValueError`` naming it; ``ModelSpec.build`` then logs it and loads the whole checkpoint.
 """
 from __future__ import annotations
 
@@ -43,6 +43,19 @@ class CheckpointReader:
         self.aliases = aliases or {}
         self.prefix = prefix
         self.bytes_read = 0
+
+    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype the checkpoint's weights are stored in."""
+        from safetensors import safe_open
+
+        for key, path in self.files.items():
+            with safe_open(path, framework="pt") as f:
+                found = self._DTYPES.get(f.get_slice(key).get_dtype())
+            if found is not None:
+                return found
+        return torch.float32
 
     def key(self, name: str) -> str | None:
         """The checkpoint's key for a parameter name: itself, a tied alias, or without the base
@@ -129,7 +142,7 @@ def materialize(gm: torch.fx.GraphModule, reader: CheckpointReader, buffers: dic
             raise ValueError(f"{source!r} (read by {node.name}) is neither in the checkpoint nor a buffer the "
                              "model computes")
         if real.is_floating_point() and t.is_floating_point():
-            real = real.to(dtype)
+            real = real.to(t.dtype)  # the graph's (a float32 rotary table stays float32 in a bf16 model)
         if tuple(real.shape) != tuple(t.shape):
             raise ValueError(f"{source!r}: the checkpoint's slice is {tuple(real.shape)}, the graph needs "
                              f"{tuple(t.shape)}")

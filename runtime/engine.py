@@ -116,7 +116,8 @@ class Engine:
         return None if req is None else RequestOutput.of(req, [], self._detokenizers.pop(request_id, None))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests to serve, or iterations still in flight (an aborted request's may be)."""
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     # ---- one iteration -------------------------------------------------------------------------
 
@@ -144,8 +145,11 @@ class Engine:
             decision = self.scheduler.schedule()
             t1 = time.perf_counter()
             if decision.is_empty:
-                if decision.finished_request_ids:  # nothing to run, but the runner must drop their state
-                    self.executor.release(decision.finished_request_ids)
+                if decision.finished_request_ids:  # nothing to run, but the runner must drop their state,
+                    if self._in_flight:  # after the iterations in flight (which may still sample for them)
+                        self.scheduler.defer_finished(decision.finished_request_ids)
+                    else:
+                        self.executor.release(decision.finished_request_ids)
                 break
             self.executor.submit(decision)
             self._in_flight.append((decision, t0, t1))

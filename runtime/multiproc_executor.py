@@ -68,7 +68,9 @@ def _worker(source, rank, world_size, port, seed, threads, collective_timeout, c
         if 1 < tp < world_size:  # tensor parallelism within pipeline stages: a group per stage
             from orca_compile.ops import set_tensor_parallel_group
 
-            groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(world_size // tp)]
+            groups = [dist.new_group(list(range(s * tp, (s + 1) * tp)),
+                                     timeout=datetime.timedelta(seconds=collective_timeout))
+                      for s in range(world_size // tp)]
             set_tensor_parallel_group(groups[rank // tp])
         model = source.build()
         runner = ModelRunner(model, seed=seed)
@@ -195,7 +197,8 @@ class MultiprocExecutor(Executor):
                 conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
-        deadline = time.monotonic() + JOIN_SECONDS
+        # after a failure a rank may be stuck (in a collective, or stopped): do not wait long for it
+        deadline = time.monotonic() + (1.0 if self._broken else JOIN_SECONDS)
         for proc in self.processes:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():

@@ -27,7 +27,7 @@ iteration per stage in flight, without micro-batches). A request scheduled in an
 *in flight* until ``update`` brings that iteration's result back: it is not scheduled again, not
 chosen as a victim (a stage may still be writing its K/V), and an abort meanwhile frees its
 blocks only when the result returns (its id stays taken until then). Each iteration then takes
-at most its share, ``ceil(requests / depth)``, of the unfinished requests, so that the
+at most its share, ``ceil(min(requests, max_num_seqs) / depth)``, of the requests, so that the
 iterations in flight split them instead of the first taking all.
 """
 from __future__ import annotations
@@ -103,6 +103,11 @@ class Scheduler:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.requests or request_id in self.in_flight
 
+    def defer_finished(self, request_ids: list[str]) -> None:
+        """Hand ``request_ids`` out again with the next decision (their state must not be dropped
+        while an earlier iteration, still in flight, may recreate it)."""
+        self._finished_ids[:0] = request_ids
+
     def abort_all(self) -> None:
         for request_id in list(self.requests):
             self.abort(request_id)
@@ -139,7 +144,8 @@ class Scheduler:
         # with iterations in flight, each takes its share of the requests (Orca keeps as many
         # batches in flight as stages; one iteration holding every request would leave the other
         # stages idle)
-        cap = -(-len(self.requests) // self.pipeline_depth) if self.pipeline_depth > 1 else len(self.requests)
+        runnable = min(len(self.requests), self.config.max_num_seqs)  # the admitted and the admittable
+        cap = -(-runnable // self.pipeline_depth) if self.pipeline_depth > 1 else runnable
         decodes = [r for r in ready if r.num_pending_tokens == 1]
         prefills = [r for r in ready if r.num_pending_tokens > 1]
         for req in decodes + prefills:

@@ -110,11 +110,10 @@ def test_a_run_that_fails_still_stops_its_worker_processes(monkeypatch):
 
 
 def test_the_tensor_parallel_and_pipelined_engines_are_systems_of_their_own():
-    """Each in a process of its own (which starts the ranks' processes in turn)."""
     import multiprocessing
 
     lines = []
-    report = bench.run("w1-tiny", systems=("engine", "engine-tp2", "engine-pp2"), isolate=True, log=lines.append)
+    report = bench.run("w1-tiny", systems=("engine", "engine-tp2", "engine-pp2"), log=lines.append)
     one, two, stages = report["results"]
     assert "tp=2" in two["system"] and two["useful_tokens"] == one["useful_tokens"]
     assert two["extra"]["collective_seconds"] > 0 == one["extra"]["collective_seconds"]

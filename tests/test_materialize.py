@@ -24,7 +24,8 @@ def _held(gm) -> dict:
 @pytest.mark.parametrize("name,tp,pp,rank,vocab_parallel", [
     ("tiny-gpt2", 2, 1, 1, False),  # Conv1D weights are [in, out]: the other dimension is sliced
     ("tiny-llama-mqa", 2, 1, 1, True),  # a tied head (lm_head.weight is not in the file), one KV head
-    ("tiny-gemma2", 2, 2, 3, False),  # the last stage's second rank
+    ("tiny-gemma2", 2, 2, 3, True),  # the last stage's second rank, its head's half of the vocabulary
+    ("tiny-gemma2", 2, 2, 0, True),  # the first stage: no head, a vocab-parallel plan or not
 ])
 def test_a_rank_reads_only_its_shard(tmp_path, name, tp, pp, rank, vocab_parallel):
     model = load_model(name, dtype=torch.float64)

@@ -566,6 +566,8 @@ class Planner:
                 cuts, hi_i = got, mid - 1
             else:
                 lo_i = mid + 1
+        if cuts is None and self.objective == "throughput" and self.latency_bound is not None:
+            cuts = self._dp(L, pp, cost, math.inf)  # nothing meets the bound: the fastest, ranked last
         if cuts is None:
             return None
         plan = self._plan(t, pp, cuts[0], cost)

@@ -265,7 +265,7 @@ def test_iterations_in_flight_give_hf_tokens_under_kv_pressure_and_aborts():
     assert eng.max_in_flight == 3
     prompts = {f"r{i}": ([i + 1, 2 * i + 3, 5, 7][: 2 + i % 3], 4 + i % 4) for i in range(6)}
     final, started, overlapped = {}, 0, False
-    eng.add_request("gone", [9, 9, 9], SamplingParams(max_tokens=20, ignore_eos=True))
+    eng.add_request("gone", [9, 9, 9], SamplingParams(max_tokens=20, ignore_eos=True, temperature=1.0, seed=7))
     for step in range(400):
         if step % 2 == 0 and started < len(prompts):
             rid = f"r{started}"
@@ -282,5 +282,8 @@ def test_iterations_in_flight_give_hf_tokens_under_kv_pressure_and_aborts():
             break
     assert overlapped and eng.stats()["num_preemptions"] > 0
     assert eng.block_manager.num_used_blocks == 0 and not eng.scheduler.in_flight
+    # the aborted seeded request's generator was dropped after its last iteration in flight, not before
+    eng.step()
+    assert "gone" not in eng.executor.runner.sampler._generators
     for rid, (prompt, n) in prompts.items():
         assert final[rid] == hf_generate(model, prompt, SamplingParams(max_tokens=n, ignore_eos=True))[0], rid
