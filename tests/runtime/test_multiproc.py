@@ -1,10 +1,11 @@
-"""executor="multiproc": tensor-parallel ranks, or pipeline stages, as real processes over gloo,
+"""executor="multiproc": tensor-parallel ranks, pipeline stages, or both, as real processes over gloo,
 started by the engine.
 
-The oracle: HF's greedy decoding of each prompt alone (tokens) and the one-process engine on the same
-requests (log-probs within 1e-9: the all-reduce sums two partial products, which reorders a
-float64 sum), with staggered arrivals and a cache small enough to preempt. A killed worker is an
-error from the engine within a second; no process outlives its engine."""
+The oracle: HF's greedy decoding of each prompt alone (tokens), HF's float64 log-probs of those
+tokens (within 1e-6) and the one-process engine on the same requests (log-probs within 1e-9: the
+all-reduce sums two partial products, which reorders a float64 sum), with staggered arrivals and
+a cache small enough to preempt. A killed worker is an error from the engine within a second, a
+stuck collective within its timeout; no process outlives its engine."""
 from __future__ import annotations
 
 import functools
@@ -55,6 +56,13 @@ def _hf(model, prompt, n):
     return ids[len(prompt):]
 
 
+def _hf_logprobs(model, prompt, tokens):
+    """HF's log-prob of each of ``tokens`` after ``prompt``: one float64 forward of the eager model."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(tokens[:-1])])).logits[0, len(prompt) - 1:]
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_two_ranks_give_hf_tokens_and_the_one_process_log_probs(name, tp, pp):
@@ -71,6 +79,7 @@ def test_two_ranks_give_hf_tokens_and_the_one_process_log_probs(name, tp, pp):
         tokens, logprobs = got[f"r{i}"]
         assert tokens == want[f"r{i}"][0] == _hf(model, prompt, n)
         assert max(abs(a - b) for a, b in zip(logprobs, want[f"r{i}"][1])) < 1e-9
+        assert max(abs(a - b) for a, b in zip(logprobs, _hf_logprobs(model, prompt, tokens))) < 1e-6
     assert not any(p.is_alive() for p in procs)
 
 
