@@ -195,16 +195,8 @@ def _layer(node) -> int | None:
 def lm_head(graph: torch.fx.Graph) -> torch.fx.Node:
     """The linear whose output reaches the graph's output through pointwise ops only (the
     logits: a soft-cap's ``div``, ``tanh``, ``mul`` may follow)."""
-    stack, seen, found = list(graph.output_node().all_input_nodes), set(), []
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if _is_linear(n):
-            found.append(n)
-        elif n.op == "call_function" and n.target in _POINTWISE:
-            stack.extend(n.all_input_nodes)
+    outputs = graph.output_node().all_input_nodes
+    found = list(_pointwise_leaves(outputs[0]) or ()) if len(outputs) == 1 else []
     if len(found) != 1:
         raise ValueError(f"tensor parallel: the graph's output is not one linear's (found "
                          f"{sorted(f.name for f in found) or 'none'}); no LM head to shard")
