@@ -21,6 +21,11 @@ compiler is found or the build fails, ``available()`` is False and dispatch keep
 each iteration's K/V rows into their slots, and ``orca_attention`` runs store, decodes and
 prefills in one call: ``attention`` below makes one C call per layer and no torch op besides
 allocating the output.
+
+Attention sinks and ALiBi slopes (``orca_compile/ops.py``) reach the kernels as ``nh`` float64
+values per query head, or NULL: the kernels add the bias after scale and soft-cap and put the sink
+into each row's maximum and sum, and skip both where they are NULL, so the usual call does exactly
+what it did without them.
 """
 from __future__ import annotations
 
@@ -37,15 +42,15 @@ def _declare(lib):
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.orca_decode_attention, lib.orca_prefill_attention):
         fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64,
-                       ctypes.c_double, i64, ctypes.c_double, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+                       ctypes.c_double, i64, ctypes.c_double, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
         fn.restype = i64
     fn = lib.orca_store_kv
     fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i64]
     fn.restype = ctypes.c_int
     fn = lib.orca_attention
     fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64,
-                   ptr, ptr, ptr, i64, i64, ctypes.c_double, i64, ctypes.c_double, ptr, i64, i64, i64, i64, i64,
-                   ctypes.c_int]
+                   ptr, ptr, ptr, i64, i64, ctypes.c_double, i64, ctypes.c_double, ptr, ptr, ptr, i64, i64, i64, i64,
+                   i64, ctypes.c_int]
     fn.restype = i64
 
 
@@ -63,23 +68,38 @@ def _lib():
 
 
 def decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
-                     softcap, out, num_threads: int | None = None) -> int:
+                     softcap, out, num_threads: int | None = None, *, sinks=None, alibi_slopes=None) -> int:
     """Fill ``out``'s rows of every one-token request (see the C source for the semantics); returns
     how many requests it left alone (those with more than one token)."""
     return _run("decode_attention", q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                sliding_window, softcap, out, num_threads)
+                sliding_window, softcap, out, num_threads, sinks, alibi_slopes)
 
 
 def prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
-                      softcap, out, num_threads: int | None = None) -> None:
+                      softcap, out, num_threads: int | None = None, *, sinks=None, alibi_slopes=None) -> None:
     """Fill ``out``'s rows of every multi-token request (prompts, prompt chunks) from the paged cache,
     where this iteration's K/V must already be stored; one-token requests are left alone."""
     _run("prefill_attention", q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-         sliding_window, softcap, out, num_threads)
+         sliding_window, softcap, out, num_threads, sinks, alibi_slopes)
+
+
+def _per_head(t, nh: int, name: str):
+    """Sinks or ALiBi slopes as the kernels read them: ``nh`` float64 values (one per query head,
+    whatever the model's dtype), contiguous on the CPU; None stays None (NULL to the kernels)."""
+    if t is None:
+        return None
+    if t.shape != (nh,) or t.device.type != "cpu":
+        raise ValueError(f"{name} must be one value per query head, a CPU tensor of shape ({nh},); got "
+                         f"{tuple(t.shape)} on {t.device}")
+    return t.to(torch.float64).contiguous()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
 
 
 def _run(name, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap, out,
-         num_threads):
+         num_threads, sinks, alibi_slopes):
     lib = _lib()
     if q.dtype not in DTYPES or not (q.dtype == k_cache.dtype == v_cache.dtype == out.dtype):
         raise ValueError(f"{name} takes float32 or float64 tensors of one dtype, got q {q.dtype}, "
@@ -100,12 +120,13 @@ def _run(name, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sca
                          f"{tuple(v_cache.shape)}, out {tuple(out.shape)} (strides {out.stride()}), "
                          f"query_start_loc {tuple(qsl.shape)}, seq_lens {tuple(lens.shape)}, "
                          f"block_tables {tuple(tables.shape)}")
+    sinks, alibi_slopes = _per_head(sinks, nh, "sinks"), _per_head(alibi_slopes, nh, "alibi_slopes")
     left = getattr(lib, f"orca_{name}")(
         DTYPES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.shape[1], nkv, hd, hdv, nh, qsl.data_ptr(), lens.data_ptr(),
         tables.data_ptr(), tables.stride(0), lens.shape[0], float(scale), int(sliding_window), float(softcap),
-        out.data_ptr(), out.stride(0), out.stride(1), q.shape[0], tables.shape[1], k_cache.shape[0],
-        num_threads or torch.get_num_threads())
+        _ptr(sinks), _ptr(alibi_slopes), out.data_ptr(), out.stride(0), out.stride(1), q.shape[0], tables.shape[1],
+        k_cache.shape[0], num_threads or torch.get_num_threads())
     if left == -2:
         raise IndexError(f"{name}: query_start_loc, seq_lens or block_tables point outside the "
                          f"{q.shape[0]} query rows / {k_cache.shape[0]} cache blocks")
@@ -144,7 +165,7 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
-              scale, sliding_window=0, softcap=0.0):
+              scale, sliding_window=0, softcap=0.0, sinks=None, alibi_slopes=None):
     """``orca::attention`` in C: store this iteration's K/V, attend the one-token requests, then the
     multi-token ones, all in place over the paged cache. The usual case (what the engine feeds: one
     dtype, CPU tensors, contiguous caches and int64 metadata, unit last strides) is one C call
@@ -162,7 +183,7 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
             and all(t.is_cpu and t.dtype == torch.int64 and t.is_contiguous() for t in meta)
             and q.stride(2) == k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()):
         return _attention_checked(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
-                                  scale, sliding_window, softcap)
+                                  scale, sliding_window, softcap, sinks, alibi_slopes)
     rows, nh, hd = q.shape
     num_blocks, bs, nkv = k_cache.shape[:3]
     hdv = v_cache.shape[3]
@@ -178,13 +199,14 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
                          f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, query_start_loc "
                          f"{tuple(query_start_loc.shape)}, seq_lens {tuple(seq_lens.shape)}, block_tables "
                          f"{tuple(block_tables.shape)}")
+    sinks, alibi_slopes = _per_head(sinks, nh, "sinks"), _per_head(alibi_slopes, nh, "alibi_slopes")
     out = q.new_empty(rows, nh, hdv)
     rc = lib.orca_attention(
         DTYPES[dtype], q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
         v.stride(0), v.stride(1), slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bs, nkv, hd, hdv,
         nh, query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
-        num_reqs, float(scale), int(sliding_window), float(softcap), out.data_ptr(), nh * hdv, hdv, rows,
-        block_tables.shape[1], num_blocks, torch.get_num_threads())
+        num_reqs, float(scale), int(sliding_window), float(softcap), _ptr(sinks), _ptr(alibi_slopes), out.data_ptr(),
+        nh * hdv, hdv, rows, block_tables.shape[1], num_blocks, torch.get_num_threads())
     if rc == -2:
         raise IndexError(f"attention: query_start_loc, seq_lens or block_tables point outside the {rows} query rows "
                          f"/ {num_blocks} cache blocks")
@@ -196,11 +218,12 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
 
 
 def _attention_checked(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables, scale,
-                       sliding_window, softcap):
+                       sliding_window, softcap, sinks, alibi_slopes):
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    extra = dict(sinks=sinks, alibi_slopes=alibi_slopes)
     if decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
-                        softcap, out):
+                        softcap, out, **extra):
         prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
-                          softcap, out)
+                          softcap, out, **extra)
     return out

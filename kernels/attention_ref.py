@@ -3,6 +3,13 @@
 It is the CPU path and the oracle for the Triton kernels. No Python loop runs over tokens: all
 single-token (decode) requests of the iteration are attended in one batched computation, and each
 multi-token (prefill or prefill-chunk) request in one dense computation against its own context.
+
+Semantics (``orca_compile/ops.py``): query i at position p_i scores key j at position p_j (causal,
+optionally windowed) as ``softcap(scale * q_i . k_j) + slope_h * (p_j - p_i)``, and its output is
+``sum_j exp(s_j - m) v_j / (sum_j exp(s_j - m) + exp(sink_h - m))`` with ``m`` the maximum of the
+row's scores and its sink. Without sinks and ALiBi slopes (the usual case) the rows go to PyTorch's
+fused SDPA where it applies; with either, to the einsum form, which adds the bias before the mask
+and appends the sink as one more logit of the softmax.
 """
 from __future__ import annotations
 
@@ -33,9 +40,10 @@ def _gather_context(cache, block_tables, max_len):
     return blocks.view(r, nb * cache.shape[1], *cache.shape[2:])[:, :max_len]
 
 
-def _attend(q, k, v, allowed, scale, softcap):
-    """q [N, Lq, nh, hd], k/v [N, Lk, nkv, hd], allowed [N, Lq, Lk] -> [N, Lq, nh, hdv]."""
-    if not softcap and k.shape[-1] == v.shape[-1]:
+def _attend(q, k, v, allowed, scale, softcap, sinks=None, bias=None):
+    """q [N, Lq, nh, hd], k/v [N, Lk, nkv, hd], allowed [N, Lq, Lk] -> [N, Lq, nh, hdv]; sinks [nh]
+    or None, bias [N, nh, Lq, Lk] (ALiBi, ``_alibi_bias``) or None."""
+    if not softcap and sinks is None and bias is None and k.shape[-1] == v.shape[-1]:
         # PyTorch's fused CPU attention reads the gathered K/V through strides (no permuted
         # copy) and groups heads itself: 2.3x faster than the einsum form on W1's decodes.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype).transpose(1, 2),
@@ -48,8 +56,16 @@ def _attend(q, k, v, allowed, scale, softcap):
     scores = torch.einsum("nqkgd,nlkd->nkgql", qg, k.to(q.dtype)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias.view(n, nkv, nh // nkv, lq, -1)
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        # the sink is one more logit of every row that attends to no value: as a last column it
+        # joins the softmax's max and its sum, and its probability is dropped
+        sink = sinks.to(scores.dtype).view(1, nkv, nh // nkv, 1, 1).expand(n, -1, -1, lq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     out = torch.einsum("nkgql,nlkd->nqkgd", probs, v.to(q.dtype))
     return out.reshape(n, lq, nh, v.shape[-1])
 
@@ -60,6 +76,15 @@ def _allowed(q_pos, k_pos, seq_lens, sliding_window):
     if sliding_window:
         allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
     return allowed
+
+
+def _alibi_bias(slopes, q_pos, k_pos, dtype):
+    """ALiBi's ``slope_h * (k_pos - q_pos)`` as [N, nh, Lq, Lk] in ``dtype``; None without slopes.
+    q_pos [N, Lq], k_pos [Lk]; slopes are per query head."""
+    if slopes is None:
+        return None
+    distance = (k_pos[None, None, :] - q_pos[:, :, None]).to(dtype)
+    return slopes.to(dtype)[None, :, None, None] * distance[:, None]
 
 
 def _length_buckets(reqs, lens, keep=0.6):
@@ -77,18 +102,20 @@ def _length_buckets(reqs, lens, keep=0.6):
 
 
 def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
-              scale, sliding_window=0, softcap=0.0):
+              scale, sliding_window=0, softcap=0.0, sinks=None, alibi_slopes=None):
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-    attend_decodes(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap, out)
+    attend_decodes(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap, out,
+                   sinks=sinks, alibi_slopes=alibi_slopes)
     attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap, out,
-                    k=k, v=v)
+                    k=k, v=v, sinks=sinks, alibi_slopes=alibi_slopes)
     return out
 
 
 def attend_decodes(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap,
-                   out):
-    """Fill ``out``'s rows of the one-token requests: length buckets, each one batched SDPA."""
+                   out, *, sinks=None, alibi_slopes=None):
+    """Fill ``out``'s rows of the one-token requests: length buckets, each one batched SDPA (the
+    einsum form with sinks or ALiBi slopes)."""
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     device = q.device
@@ -100,22 +127,24 @@ def attend_decodes(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
         k_ctx = _gather_context(k_cache, block_tables[idx], max_len)
         v_ctx = _gather_context(v_cache, block_tables[idx], max_len)
         rows = query_start_loc[idx]
-        k_pos = torch.arange(max_len, device=device)
-        allowed = _allowed((d_lens - 1)[:, None], k_pos, d_lens, sliding_window)
-        out[rows] = _attend(q[rows][:, None], k_ctx, v_ctx, allowed, scale, softcap)[:, 0]
+        q_pos, k_pos = (d_lens - 1)[:, None], torch.arange(max_len, device=device)
+        allowed = _allowed(q_pos, k_pos, d_lens, sliding_window)
+        bias = _alibi_bias(alibi_slopes, q_pos, k_pos, q.dtype)
+        out[rows] = _attend(q[rows][:, None], k_ctx, v_ctx, allowed, scale, softcap, sinks, bias)[:, 0]
 
 
 def attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap,
-                    out, k=None, v=None):
+                    out, k=None, v=None, *, sinks=None, alibi_slopes=None):
     """Fill ``out``'s rows of the multi-token requests, each against its own context.
 
     A request with no cached context (a whole prompt, or its first chunk) attends over this
     iteration's ``k``/``v`` when they are given: no gather from the cache and no mask tensor, just
-    causal SDPA (where there is no window or soft-cap)."""
+    causal SDPA (where there is no window, soft-cap, sink or ALiBi)."""
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     device = q.device
-    plain = not sliding_window and not softcap and v_cache.shape[-1] == k_cache.shape[-1]
+    plain = (not sliding_window and not softcap and sinks is None and alibi_slopes is None
+             and v_cache.shape[-1] == k_cache.shape[-1])
     for r in range(len(lens)):
         n = starts[r + 1] - starts[r]
         if n <= 1:
@@ -130,6 +159,8 @@ def attend_prefills(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
             continue
         k_ctx = _gather_context(k_cache, block_tables[r : r + 1], ctx)
         v_ctx = _gather_context(v_cache, block_tables[r : r + 1], ctx)
-        q_pos = torch.arange(ctx - n, ctx, device=device)[None]
-        allowed = _allowed(q_pos, torch.arange(ctx, device=device), seq_lens[r : r + 1], sliding_window)
-        out[starts[r] : starts[r] + n] = _attend(q[None, starts[r] : starts[r] + n], k_ctx, v_ctx, allowed, scale, softcap)[0]
+        q_pos, k_pos = torch.arange(ctx - n, ctx, device=device)[None], torch.arange(ctx, device=device)
+        allowed = _allowed(q_pos, k_pos, seq_lens[r : r + 1], sliding_window)
+        bias = _alibi_bias(alibi_slopes, q_pos, k_pos, q.dtype)
+        out[starts[r] : starts[r] + n] = _attend(q[None, starts[r] : starts[r] + n], k_ctx, v_ctx, allowed, scale,
+                                                 softcap, sinks, bias)[0]

@@ -2,8 +2,9 @@
 
 Same signature and semantics as :func:`orca_compile.kernels.attention_ref.attention` (the oracle):
 this iteration's K/V are written into the paged cache, then every request's queries attend causally
-(optionally windowed and soft-capped) to their whole context, read from the cache through the
-request's block table. Two launches per call, independent of the number of requests.
+(optionally windowed, soft-capped, ALiBi-biased and with attention sinks) to their whole context,
+read from the cache through the request's block table. Two launches per call, independent of the
+number of requests.
 
 K/V store (``store_kv``)
     Grid ``(T,)``: one program per new token copies its ``[nkv, hd]`` key and ``[nkv, hdv]`` value
@@ -47,6 +48,14 @@ Ragged paged attention (``attention``)
     rescale factor of 1 rather than ``exp(-inf + inf) = nan``. Head dims are padded to powers of two
     (at least 16, the minimum of ``tl.dot``) and masked, so 80 or 96 work, and k and v head dims may
     differ.
+
+    ALiBi and sinks are constexpr switches (``USE_ALIBI``, ``USE_SINKS``), so the kernel without them
+    is the plain one. ALiBi adds ``slope_h * (k_pos - q_pos)`` to each score after soft-cap, before
+    masking. A sink is a logit that attends to no value: the online softmax starts from it instead
+    of from nothing (``m = sink``, ``l = 1``, ``acc = 0``), so it joins every later maximum and the
+    sum, and the final ``acc / l`` is the sink's normalisation. Sinks and slopes are read per query
+    head (row ``m`` of a tile: head ``kvh * GROUP + m % GROUP_PAD``) in float32, the accumulation
+    precision, whatever the model's dtype.
 
     Soft-cap uses ``tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|})`` built from ``exp``: libdevice's
     ``tanh`` has no implementation in Triton's interpreter, which the CPU tests run on. Its absolute
@@ -115,7 +124,7 @@ def _store_kv_fn(
 
 
 def _paged_attention_fn(
-    Q, K_CACHE, V_CACHE, OUT, QSL, SEQ_LENS, BLOCK_TABLES,
+    Q, K_CACHE, V_CACHE, OUT, QSL, SEQ_LENS, BLOCK_TABLES, SINKS, ALIBI_SLOPES,
     scale, softcap, window, num_reqs,
     stride_qt, stride_qh, stride_qd,
     stride_kcb, stride_kcs, stride_kch, stride_kcd,
@@ -125,7 +134,7 @@ def _paged_attention_fn(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DIM_PAD: tl.constexpr, DIM_V_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -172,6 +181,11 @@ def _paged_attention_fn(
 
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
+        if USE_SINKS:  # the sink as a key already seen: its exp2(sink - m_i) = 1 is the running sum
+            m_i = tl.load(SINKS + head, mask=row_ok, other=0.0) * 1.4426950408889634
+            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+        if USE_ALIBI:
+            slope = tl.load(ALIBI_SLOPES + head, mask=row_ok, other=0.0)
         acc = tl.zeros([BLOCK_M, DIM_V_PAD], tl.float32)
         bt_row = BLOCK_TABLES + r * stride_btr
         for start in range(lo, hi, BLOCK_N):
@@ -191,6 +205,8 @@ def _paged_attention_fn(
                 e = tl.exp(-2.0 * tl.abs(x))
                 th = (1.0 - e) / (1.0 + e)
                 s = softcap * tl.where(x < 0, -th, th)
+            if USE_ALIBI:
+                s += slope[:, None] * (pos[None, :] - q_pos[:, None]).to(tl.float32)
             visible = pos_ok[None, :] & (pos[None, :] <= q_pos[:, None])
             if USE_WINDOW:
                 visible = visible & (pos[None, :] > q_pos[:, None] - window)
@@ -212,7 +228,8 @@ def _paged_attention_fn(
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        # every real row sees at least its own key, so l > 0 there; padding rows are not stored
+        # every real row sees at least its own key (or has its sink), so l > 0 there; padding rows
+        # are not stored
         out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
         tl.store(OUT + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :] * stride_od,
                  out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
@@ -274,6 +291,17 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
         )
 
 
+def _per_head(t, q, name):
+    """Sinks or ALiBi slopes as the kernel reads them: one float32 per query head (the accumulation
+    precision), contiguous, on q's device; None stays None (and its constexpr switch off)."""
+    if t is None:
+        return None
+    if t.shape != (q.shape[1],) or t.device != q.device:
+        raise ValueError(f"{name} must be one value per query head on {q.device}, shape ({q.shape[1]},); got "
+                         f"{tuple(t.shape)} on {t.device}")
+    return t.to(torch.float32).contiguous()
+
+
 def default_config(num_tokens: int, num_reqs: int, group: int, head_dim: int) -> dict:
     """Tile sizes from shapes alone (no device sync). Decode-heavy batches have one query per
     request, so a query tile of more than the KV group's heads would be mostly padding; prefill-heavy
@@ -286,15 +314,16 @@ def default_config(num_tokens: int, num_reqs: int, group: int, head_dim: int) ->
 
 
 def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
-              scale, sliding_window=0, softcap=0.0, *, block_m=None, block_n=None, num_warps=None,
-              num_stages=None):
+              scale, sliding_window=0, softcap=0.0, sinks=None, alibi_slopes=None, *, block_m=None, block_n=None,
+              num_warps=None, num_stages=None):
     """``orca::attention`` with Triton kernels; returns ``[T, nh, v_head_dim]`` in q's dtype.
 
-    The keyword-only tile arguments override :func:`default_config` (tests and the benchmark use
-    them); ``block_m`` is rounded up to the KV group size padded to a power of two."""
+    ``sinks`` and ``alibi_slopes`` ([nh] each, any float dtype, or None) are read in float32. The
+    keyword-only tile arguments override :func:`default_config` (tests and the benchmark use them);
+    ``block_m`` is rounded up to the KV group size padded to a power of two."""
     if torch.float64 in (q.dtype, k_cache.dtype, v_cache.dtype):
         return attention_ref.attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens,
-                                       block_tables, scale, sliding_window, softcap)
+                                       block_tables, scale, sliding_window, softcap, sinks, alibi_slopes)
     if q.dtype not in SUPPORTED_DTYPES or k_cache.dtype not in SUPPORTED_DTYPES or v_cache.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"Triton attention supports {', '.join(map(str, SUPPORTED_DTYPES))} (float64 falls back "
                          f"to the reference); got q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
@@ -308,6 +337,7 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
     if v_cache.shape[:3] != k_cache.shape[:3] or v_cache.shape[-1] != hdv or v.shape[1] != nkv:
         raise ValueError(f"v {tuple(v.shape)} / v_cache {tuple(v_cache.shape)} do not match k_cache {tuple(k_cache.shape)}")
     _check_device(q)
+    sinks, alibi_slopes = _per_head(sinks, q, "sinks"), _per_head(alibi_slopes, q, "alibi_slopes")
 
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     out = q.new_empty(num_tokens, nh, hdv)
@@ -329,13 +359,14 @@ def attention(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
     grid = (num_tokens // block_q + num_reqs, nkv)
     with _on(q):
         paged[grid](
-            q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+            q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, sinks, alibi_slopes,
             float(scale), float(softcap) if softcap else 1.0, int(sliding_window), num_reqs,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_tables.stride(),
             GROUP=group, GROUP_PAD=group_pad,
             HEAD_DIM=hd, HEAD_DIM_V=hdv, DIM_PAD=_pow2(hd, _MIN_DOT), DIM_V_PAD=_pow2(hdv, _MIN_DOT),
             BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
             USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(softcap),
+            USE_SINKS=sinks is not None, USE_ALIBI=alibi_slopes is not None,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             WIDEN_DOT=interpret and q.dtype == torch.bfloat16,
             **launch,

@@ -6,7 +6,9 @@
  * Semantics are those of orca::attention (orca_compile/ops.py): a request's new tokens sit at the
  * last positions of its context of L = seq_lens[r] tokens; the token at position pos sees keys
  * max(0, pos - window + 1) .. pos; scores are scale * q.k, then softcap * tanh(s / softcap) if
- * softcap > 0.
+ * softcap > 0, then plus slope_h * (key pos - pos) with ALiBi slopes; with sinks, query head h's
+ * sink logit joins the softmax's maximum and its sum and attends to nothing (the weights of a row
+ * then sum to less than 1). Sinks and slopes come as nh doubles per query head, or NULL.
  *
  * Decodes. Work items are a request and a slice of its KV heads (the whole request when there are
  * enough requests for the threads), so the query heads of a GQA group read each key and value row
@@ -44,18 +46,31 @@ typedef struct {
     const int64_t *qsl, *seq_lens, *block_tables;   /* [R + 1], [R], [R, bt_stride] */
     int64_t bt_stride;
     double scale, softcap;
+    const double *sinks, *alibi;                    /* [nh] each, per query head; NULL: none */
     int64_t window;
     void *out; int64_t out_row, out_head;
 } job_t;
 
+/* Query head h's sink logit and ALiBi slope as the softmax rows take them: -INFINITY and 0 when
+ * there are none, which the rows skip rather than add (so a job without either is bit for bit
+ * the plain softmax). */
+static inline double sink_of(const job_t *j, int64_t h) { return j->sinks ? j->sinks[h] : -INFINITY; }
+static inline double slope_of(const job_t *j, int64_t h) { return j->alibi ? j->alibi[h] : 0; }
+
 #define ROW_SLACK 8 /* spare scores past a row's last key: softmax_row_f32 works in whole vectors */
 
-/* s[0 .. n) <- softmax(softcap * tanh(scale * s / softcap)), or softmax(scale * s) when softcap is
- * 0; n >= 1. float32 is vectorised (exp_f32: a few ulp from expf) and rounds n up to whole
- * vectors: it reads and writes s up to 7 elements past n (zeros land there), so every scores row
- * has ROW_SLACK spare elements at its end. float64 stays with libm. */
-static void softmax_row_f32(float *s, int64_t n, float scale, float softcap) {
+/* One row of attention weights over n >= 1 visible keys, in place: the raw dot products s[0 .. n)
+ * become x_t = softcap * tanh(scale * s_t / softcap) (scale * s_t when softcap is 0), plus the
+ * ALiBi bias slope * (dist0 + t) (dist0: the first key's position minus the query's), and then
+ * exp(x_t - m) / (sum_t exp(x_t - m) + exp(sink - m)), m the maximum of the x_t and the sink.
+ * slope 0 and sink -INFINITY (none) skip those steps. float32 is vectorised (exp_f32: a few ulp
+ * from expf) and rounds n up to whole vectors: it reads and writes s up to 7 elements past n
+ * (zeros land there), so every scores row has ROW_SLACK spare elements at its end. float64 stays
+ * with libm. */
+static void softmax_row_f32(float *s, int64_t n, float scale, float softcap, float slope, int64_t dist0,
+                            float sink) {
     const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const v8f lane_f = {0, 1, 2, 3, 4, 5, 6, 7};
     const int64_t whole = n & ~(int64_t)7;
     const v8i tail = lane < (v8i){0} + (int32_t)(n - whole); /* lanes of the last, partial vector */
     const v8f sv = splat_f32(scale), neg_inf = splat_f32(-INFINITY), zero = splat_f32(0);
@@ -64,36 +79,47 @@ static void softmax_row_f32(float *s, int64_t n, float scale, float softcap) {
     v8f mv = neg_inf;
     for (int64_t t = 0; t < n; t += 8) {  /* s may be read and written past n: see ROW_SLACK */
         v8f x = load_f32(s + t) * sv;
+        if (slope != 0) x += splat_f32(slope) * (splat_f32((float)(dist0 + t)) + lane_f);
         if (t == whole) x = select_f32(tail, x, neg_inf);
         store_f32(s + t, x);
         mv = select_f32(x > mv, x, mv);
     }
     float m = mv[0];
     for (int l = 1; l < 8; l++) m = mv[l] > m ? mv[l] : m;
-    const v8f msplat = splat_f32(m);
+    if (sink > m) m = sink;
+    /* Weights under e^-64 of the row's largest become 0. They are far below float32's resolution
+     * (no sum or output moves), but exp_f32 clamps them to 1.2e-38, which the normalisation and
+     * S V turn into denormals, and x86 cores take a slow path for each of those: ALiBi's far keys
+     * made float32 rows 3-14x slower before this. */
+    const v8f msplat = splat_f32(m), floor = splat_f32(-64.0f);
     v8f acc = zero;
     for (int64_t t = 0; t < n; t += 8) {
-        v8f e = exp_f32(load_f32(s + t) - msplat);
+        const v8f d = load_f32(s + t) - msplat;
+        v8f e = select_f32(d >= floor, exp_f32(d), zero);
         if (t == whole) e = select_f32(tail, e, zero);
         store_f32(s + t, e);
         acc += e;
     }
     float sum = 0;
     for (int l = 0; l < 8; l++) sum += acc[l];
+    if (sink > -INFINITY) sum += expf(sink - m);
     const v8f iv = splat_f32(1.0f / sum);
     for (int64_t t = 0; t < n; t += 8) store_f32(s + t, load_f32(s + t) * iv);
 }
 
-static void softmax_row_f64(double *s, int64_t n, double scale, double softcap) {
-    double m = -INFINITY, sum = 0;
+static void softmax_row_f64(double *s, int64_t n, double scale, double softcap, double slope, int64_t dist0,
+                            double sink) {
+    double m = sink, sum = 0; /* -INFINITY without a sink */
     for (int64_t t = 0; t < n; t++) {
         s[t] = softcap > 0 ? softcap * tanh(s[t] * scale / softcap) : s[t] * scale;
+        if (slope != 0) s[t] += slope * (double)(dist0 + t);
         m = s[t] > m ? s[t] : m;
     }
     for (int64_t t = 0; t < n; t++) {
         s[t] = exp(s[t] - m);
         sum += s[t];
     }
+    if (sink > -INFINITY) sum += exp(sink - m);
     for (int64_t t = 0; t < n; t++) s[t] /= sum;
 }
 
@@ -142,7 +168,11 @@ static void NAME(const job_t *j, int64_t r, int64_t h0, int64_t h1, T *scores, T
             scores[i * ns + (p - start)] = s;                                                       \
         }                                                                                           \
     }                                                                                               \
-    for (int64_t i = 0; i < heads; i++) SOFTMAX_ROW(scores + i * ns, n, (T)j->scale, (T)j->softcap);  \
+    for (int64_t i = 0; i < heads; i++) { /* the query at position len - 1, keys from start */      \
+        const int64_t h = h0 * group + i;                                                           \
+        SOFTMAX_ROW(scores + i * ns, n, (T)j->scale, (T)j->softcap, (T)slope_of(j, h), start - (len - 1), \
+                    (T)sink_of(j, h));                                                              \
+    }                                                                                               \
     memset(acc, 0, sizeof(T) * (size_t)(heads * j->hdv));                                           \
     for (int64_t p = start; p < len; p++) {                                                         \
         const T *vslot = vc + (table[p / j->bs] * j->bs + p % j->bs) * v_slot;                      \
@@ -238,7 +268,8 @@ static int64_t decode_run(const job_t *jp, int dtype, int64_t num_reqs, int num_
  * more than one token this iteration: prefills), -1 when a scratch buffer could not be had, or -2
  * (nothing written) when the metadata points outside the tensors: query_start_loc not rising
  * within [0, num_rows], a one-token request's context longer than its block-table row
- * (bt_width blocks), or one of its block ids outside [0, num_blocks).
+ * (bt_width blocks), or one of its block ids outside [0, num_blocks). sinks, alibi: nh sink
+ * logits and ALiBi slopes, one per query head, or NULL for none.
  * Parallel over the items with OpenMP. Built with -fopenmp, this library needs
  * libgomp.so.1, which the loader resolves to the copy torch has loaded already: one thread pool
  * for torch's ops and this kernel (a second pool would spin against torch's on the same cores). */
@@ -246,12 +277,13 @@ int64_t orca_decode_attention(int dtype, const void *q, int64_t q_row, int64_t q
                               const void *k_cache, const void *v_cache, int64_t bs, int64_t nkv, int64_t hd,
                               int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
                               const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
-                              int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
-                              int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
+                              int64_t window, double softcap, const double *sinks, const double *alibi,
+                              void *out, int64_t out_row, int64_t out_head, int64_t num_rows, int64_t bt_width,
+                              int64_t num_blocks, int num_threads) {
     if (bad_metadata(ONE_TOKEN, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width, num_blocks))
         return -2;
     const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
-                     bt_stride, scale, softcap, window, out, out_row, out_head};
+                     bt_stride, scale, softcap, sinks, alibi, window, out, out_row, out_head};
     return decode_run(&j, dtype, num_reqs, num_threads);
 }
 
@@ -335,6 +367,7 @@ static void prefill_item_##S(const job_t *j, int64_t r, int64_t kvh, int64_t i0,
     const T scale = (T)j->scale, softcap = (T)j->softcap;                                           \
     for (int64_t g = 0; g < group; g++) {                                                           \
         const int64_t h = kvh * group + g;                                                          \
+        const T slope = (T)slope_of(j, h), sink = (T)sink_of(j, h);                                 \
         for (int64_t b0 = i0; b0 < i1; b0 += PF_ROWS) {                                             \
             const int rows = (int)(i1 - b0 < PF_ROWS ? i1 - b0 : PF_ROWS);                          \
             /* this block's keys: [blo, bhi) relative to lo */                                      \
@@ -348,7 +381,7 @@ static void prefill_item_##S(const job_t *j, int64_t r, int64_t kvh, int64_t i0,
                 T *s = sc + i * ldk;                                                                \
                 const int64_t pos = bpos + i, vhi = pos + 1 - lo;                                   \
                 const int64_t vlo = window > 0 && pos - window + 1 - lo > 0 ? pos - window + 1 - lo : 0; \
-                SOFTMAX_ROW(s + vlo, vhi - vlo, scale, softcap);                                    \
+                SOFTMAX_ROW(s + vlo, vhi - vlo, scale, softcap, slope, lo + vlo - pos, sink);       \
                 for (int64_t t = blo; t < vlo; t++) s[t] = 0;                                       \
                 for (int64_t t = vhi; t < bhi; t++) s[t] = 0;                                       \
             }                                                                                       \
@@ -433,13 +466,14 @@ int64_t orca_prefill_attention(int dtype, const void *q, int64_t q_row, int64_t 
                                const void *k_cache, const void *v_cache, int64_t bs, int64_t nkv, int64_t hd,
                                int64_t hdv, int64_t nh, const int64_t *qsl, const int64_t *seq_lens,
                                const int64_t *block_tables, int64_t bt_stride, int64_t num_reqs, double scale,
-                               int64_t window, double softcap, void *out, int64_t out_row, int64_t out_head,
-                               int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
+                               int64_t window, double softcap, const double *sinks, const double *alibi,
+                               void *out, int64_t out_row, int64_t out_head, int64_t num_rows, int64_t bt_width,
+                               int64_t num_blocks, int num_threads) {
     if (bad_metadata(MULTI_TOKEN, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width,
                      num_blocks))
         return -2;
     const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
-                     bt_stride, scale, softcap, window, out, out_row, out_head};
+                     bt_stride, scale, softcap, sinks, alibi, window, out, out_row, out_head};
     return prefill_run(&j, dtype, num_reqs, num_threads);
 }
 
@@ -476,8 +510,9 @@ int64_t orca_attention(int dtype, const void *q, int64_t q_row, int64_t q_head, 
                        int64_t k_head, const void *v, int64_t v_row, int64_t v_head, const int64_t *slots,
                        void *k_cache, void *v_cache, int64_t bs, int64_t nkv, int64_t hd, int64_t hdv, int64_t nh,
                        const int64_t *qsl, const int64_t *seq_lens, const int64_t *block_tables, int64_t bt_stride,
-                       int64_t num_reqs, double scale, int64_t window, double softcap, void *out, int64_t out_row,
-                       int64_t out_head, int64_t num_rows, int64_t bt_width, int64_t num_blocks, int num_threads) {
+                       int64_t num_reqs, double scale, int64_t window, double softcap, const double *sinks,
+                       const double *alibi, void *out, int64_t out_row, int64_t out_head, int64_t num_rows,
+                       int64_t bt_width, int64_t num_blocks, int num_threads) {
     if (bad_metadata(ANY_TOKENS, qsl, seq_lens, block_tables, bt_stride, num_reqs, bs, num_rows, bt_width,
                      num_blocks))
         return -2;
@@ -485,7 +520,7 @@ int64_t orca_attention(int dtype, const void *q, int64_t q_row, int64_t q_head, 
                       num_blocks * bs))
         return -3;
     const job_t j = {q, q_row, q_head, k_cache, v_cache, bs, nkv, hd, hdv, nh, qsl, seq_lens, block_tables,
-                     bt_stride, scale, softcap, window, out, out_row, out_head};
+                     bt_stride, scale, softcap, sinks, alibi, window, out, out_row, out_head};
     const int64_t left = decode_run(&j, dtype, num_reqs, num_threads);
     return left <= 0 ? left : prefill_run(&j, dtype, num_reqs, num_threads);
 }

@@ -21,9 +21,17 @@ block_tables         [R, max_blocks]     request r's cache blocks in order (padd
 scale                float               softmax scale
 sliding_window       int                 0: none; w: a query at position p sees keys p-w+1 .. p
 softcap              float               0: none; c: scores become c * tanh(scores / c)
+sinks                [nh] or None        per-head sink logit: takes part in the softmax's normaliser
+                                         (``sum_j exp(s_j) + exp(sink_h)``) and attends to nothing
+alibi_slopes         [nh] or None        ALiBi: score of query position i, key position j gains
+                                         ``slope_h * (j - i)`` (after scale and soft-cap)
 ===================  ==================  ===========================================================
 
 Each request's queries sit at the last ``q_len`` positions of its context and attend causally.
+The score of query i (position p_i) and key j (position p_j, p_j <= p_i) is
+``s = softcap(scale * q_i . k_j) + slope_h * (p_j - p_i)``; the output is
+``sum_j exp(s_j - m) v_j / (sum_j exp(s_j - m) + exp(sink_h - m))`` with ``m`` the row's maximum
+(sink included); without sinks the sink term is absent, without slopes the bias is 0.
 """
 from __future__ import annotations
 
@@ -48,18 +56,20 @@ def attention(
     scale: float,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     from orca_compile.kernels import dispatch
 
     return dispatch.attention(
         q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
-        scale, sliding_window, softcap,
+        scale, sliding_window, softcap, sinks, alibi_slopes,
     )
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens,
-                    block_tables, scale, sliding_window=0, softcap=0.0):
+                    block_tables, scale, sliding_window=0, softcap=0.0, sinks=None, alibi_slopes=None):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
@@ -145,3 +155,4 @@ def _all_gather_fake(x, world_size):
 
 
 ALL_GATHER = torch.ops.orca.all_gather.default
+

@@ -4,7 +4,9 @@ store) against the torch reference.
 float64: the two differ only in summation order, so 1e-12. float32: ~1e-7 relative per score and
 softmax over at most a few hundred keys; 2e-6 absolute on outputs of magnitude ~1 leaves ten times
 the largest difference seen (3.6e-7) and still fails on any indexing or masking bug (those move
-outputs by ~1e-1).
+outputs by ~1e-1). Sinks and ALiBi are checked against the naive float64 oracle
+(tests/kernels/dense_attention.py) with the same bounds: the float32 kernel rounds what the
+reference rounds, and its largest difference from the oracle seen is 5.3e-7.
 """
 import sys
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from orca_compile.kernels import attention_cpu, attention_ref, cbuild, dispatch
+from tests.kernels.dense_attention import dense_batch, paged_batch, per_head
 
 LINUX_WITH_CC = sys.platform.startswith("linux") and cbuild.compiler() is not None
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
@@ -174,6 +177,59 @@ def test_prefill_bad_metadata_raises_and_writes_nothing():
     assert out.isnan().all()
 
 
+# ------------------------------------------------------------------------------ sinks and ALiBi
+
+# (cached, new): decodes on short and long contexts, prompts of one row block and one key panel and
+# crossing both, chunks on a cached context longer than the window, an empty request
+SINK_REQS = [(0, 2), (15, 1), (0, 16), (4, 7), (0, 45), (200, 1), (33, 20), (0, 1), (97, 2), (12, 0)]
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+# vectorised and scalar dot products (hd 16 / 12 / 6), value panels cut short (hdv 10), every key in
+# its own block (bs 1); GQA groups of 1, 4 and 5
+@pytest.mark.parametrize("nh,nkv,hd,hdv,bs", [(4, 4, 16, 16, 4), (8, 2, 12, 12, 1), (5, 1, 6, 10, 8)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (16, 30.0)])
+@pytest.mark.parametrize("sinks,alibi", [(True, False), (False, True), (True, True)])
+# one C call (int64 metadata), or store + decode + prefill calls, each checked (int32 metadata)
+@pytest.mark.parametrize("calls", ["one", "checked"])
+def test_sinks_and_alibi_match_the_dense_oracle(dtype, nh, nkv, hd, hdv, bs, window, softcap, sinks, alibi, calls):
+    args, contexts = paged_batch(SINK_REQS, nh, nkv, hd, hdv, bs, dtype, seed=7)
+    if calls == "checked":
+        args[5:] = [a.int() for a in args[5:]]
+    q, qsl = args[0], args[6]
+    sinks = per_head(nh, -3.0, 4.0, seed=1).to(dtype) if sinks else None
+    slopes = per_head(nh, 0.02, 1.0, seed=2).to(dtype) if alibi else None
+    out = attention_cpu.attention(*args, hd ** -0.5, window, softcap, sinks, slopes)
+    want = dense_batch(q, qsl, contexts, hd ** -0.5, window, softcap, sinks, slopes)
+    torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=0)
+
+
+@pytestmark_kernel
+def test_sinks_and_alibi_in_another_dtype_are_converted():
+    """Sinks and slopes in the model's dtype (bfloat16, float32) reach the float64 kernel as their
+    exact float64 values."""
+    args, _ = paged_batch(SINK_REQS, 4, 2, 16, 16, 4, torch.float64, seed=8)
+    sinks, slopes = per_head(4, -3.0, 4.0, seed=1), per_head(4, 0.02, 1.0, seed=2)
+    for low in (torch.bfloat16, torch.float32):
+        got = attention_cpu.attention(*(a.clone() for a in args), 0.25, 5, 0.0, sinks.to(low), slopes.to(low))
+        want = attention_cpu.attention(*(a.clone() for a in args), 0.25, 5, 0.0, sinks.to(low).double(),
+                                       slopes.to(low).double())
+        assert torch.equal(got, want)
+
+
+@pytestmark_kernel
+def test_sinks_and_slopes_of_the_wrong_shape_raise_before_storing():
+    q, k, v, kc, vc, slots, qsl, lens, bt = _mixed_case(torch.float32)
+    kc0 = kc.clone()
+    for bad in (torch.zeros(3), torch.zeros(4, 1), torch.zeros(8)):  # 4 query heads
+        with pytest.raises(ValueError, match=r"one value per query head.*\(4,\)"):
+            attention_cpu.attention(q, k, v, kc, vc, slots, qsl, lens, bt, 0.25, 0, 0.0, bad, None)
+        with pytest.raises(ValueError, match=r"one value per query head.*\(4,\)"):
+            attention_cpu.attention(q, k, v, kc, vc, slots, qsl, lens, bt, 0.25, 0, 0.0, None, bad)
+        assert torch.equal(kc, kc0)
+
+
 # ---------------------------------------------------------------------------------------- store_kv
 
 @pytestmark_kernel
@@ -318,6 +374,31 @@ def test_op_runs_the_kernel_in_one_call(monkeypatch, setenv):
 
 
 @pytestmark_kernel
+def test_direct_call_of_a_lowered_graph_keeps_sinks_and_alibi():
+    """lower_cpu.call_attention_directly retargets orca::attention nodes to attention_cpu.attention
+    with the node's arguments as they are: 14 with sinks and slopes, 12 in graphs made before
+    them (their defaults then apply). Both run and give what the op gives."""
+    from orca_compile.ops import ATTENTION
+    from orca_compile.passes.lower_cpu import call_attention_directly
+
+    q, k, v, kc, vc, *meta = _mixed_case(torch.float64)
+    sinks, slopes = per_head(4, -1.0, 2.0, seed=1), per_head(4, 0.1, 0.5, seed=2)
+    inputs = [q, k, v, kc, vc, *meta, sinks, slopes]
+    for extra in ((), (sinks, slopes)):
+        graph = torch.fx.Graph()
+        nodes = [graph.placeholder(f"x{i}") for i in range(len(inputs))]
+        for node, value in zip(nodes, inputs):
+            node.meta["val"] = value
+        graph.output(graph.call_function(ATTENTION, (*nodes[:9], 0.25, 0, 0.0, *nodes[9:9 + len(extra)])))
+        gm = call_attention_directly(torch.fx.GraphModule(torch.nn.Module(), graph))
+        assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [attention_cpu.attention]
+        want = torch.ops.orca.attention(q, k, v, kc.clone(), vc.clone(), *meta, 0.25, 0, 0.0, *extra)
+        got = gm(q, k, v, kc.clone(), vc.clone(), *meta, sinks, slopes)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert not torch.equal(got, attention_cpu.attention(q, k, v, kc.clone(), vc.clone(), *meta, 0.25))
+
+
+@pytestmark_kernel
 def test_one_call_refuses_bad_metadata_and_slots_before_writing():
     q, k, v, kc, vc, slots, qsl, lens, bt = _mixed_case(torch.float32)
     kc0, vc0 = kc.clone(), vc.clone()
@@ -346,13 +427,16 @@ def test_one_call_refuses_bad_metadata_and_slots_before_writing():
 @pytestmark_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
-def test_large_scores_do_not_overflow(dtype, kind):
-    # scores in the thousands: exp() overflows unless the row maximum is subtracted first
+@pytest.mark.parametrize("sinks", [False, True])
+def test_large_scores_do_not_overflow(dtype, kind, sinks):
+    # scores in the thousands: exp() overflows unless the row maximum is subtracted first; sinks in
+    # the same range must join that maximum (some rows' sink is above all of their scores)
     reqs = [(40, 1), (9, 1)] if kind == "decode" else [(0, 30), (12, 9)]
     q, kc, vc, qsl, lens, bt = _case(reqs, 4, 2, 32, 32, 8, dtype, seed=5)
     q = q * 400
+    extra = dict(sinks=torch.tensor([-3000.0, 500.0, 2000.0, 4000.0], dtype=dtype) if sinks else None)
     want, got = torch.zeros(q.shape[0], 4, 32, dtype=dtype), torch.zeros(q.shape[0], 4, 32, dtype=dtype)
-    getattr(attention_ref, f"attend_{kind}s")(q, kc, vc, qsl, lens, bt, 1.0, 0, 0.0, want)
-    getattr(attention_cpu, f"{kind}_attention")(q, kc, vc, qsl, lens, bt, 1.0, 0, 0.0, got)
+    getattr(attention_ref, f"attend_{kind}s")(q, kc, vc, qsl, lens, bt, 1.0, 0, 0.0, want, **extra)
+    getattr(attention_cpu, f"{kind}_attention")(q, kc, vc, qsl, lens, bt, 1.0, 0, 0.0, got, **extra)
     assert got.isfinite().all()
     torch.testing.assert_close(got, want, atol=1e-4 if dtype == torch.float32 else 1e-10, rtol=0)

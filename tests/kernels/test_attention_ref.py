@@ -1,74 +1,83 @@
-"""The torch reference of orca.attention against a dense per-request computation."""
+"""The torch reference of orca.attention, and the C kernel's whole op, against the naive dense
+oracle of tests/kernels/dense_attention.py (per request, per head, per query, in float64).
+
+Tolerances. float64: summation order alone, 1e-12 on outputs of magnitude ~1. float32: the
+implementations round every score, exponential and sum to float32 (relative 6e-8 each) over at
+most ~70 keys, the oracle does not; the largest difference seen is 5e-7, and 1e-5 still fails by
+orders of magnitude on a wrong mask, position, head or sink (those move outputs by > 1e-2).
+"""
 import math
 
 import pytest
 import torch
 
 from orca_compile.kernels import attention_cpu, attention_ref
+from tests.kernels.dense_attention import MIXED, dense_batch, paged_batch, per_head
 
 IMPLS = {"reference": attention_ref.attention, "C decode kernel": attention_cpu.attention}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+# sinks from well below the scores (~N(0, 1)) to above them, where the sink takes most of a row's
+# weight; slopes from ALiBi's gentle ones to steep ones that all but hide keys a few positions back
+EXTRAS = {"plain": (False, False), "sinks": (True, False), "alibi": (False, True), "sinks+alibi": (True, True)}
 
 
-def _dense(q, k, v, scale, window, softcap):
-    """One request, its whole context in k/v (positions 0..L-1), queries at the last q positions."""
-    lq, lk = q.shape[0], k.shape[0]
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = torch.einsum("qhd,khd->hqk", q, k) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    qp = torch.arange(lk - lq, lk)[:, None]
-    kp = torch.arange(lk)[None]
-    ok = (kp <= qp) & ((kp > qp - window) if window else True)
-    s = s.masked_fill(~ok, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+def _extras(extra, nh, dtype):
+    """(sinks, alibi_slopes) for an EXTRAS key, in the model's dtype as a graph hands them over."""
+    with_sinks, with_alibi = EXTRAS[extra]
+    sinks = per_head(nh, -3.0, 4.0, seed=1).to(dtype) if with_sinks else None
+    slopes = per_head(nh, 0.02, 1.0, seed=2).to(dtype) if with_alibi else None
+    return sinks, slopes
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2), (4, 1)])
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 20.0)])
-def test_matches_dense(impl, nh, nkv, window, softcap):
-    """The whole op (store, decodes, fresh and chunked prefills, an empty request) of the
-    reference and of the C decode path against a dense per-request computation."""
+def _skip_without_c(impl):
     if impl == "C decode kernel" and not attention_cpu.available():
         # reason: no C compiler here; on Linux with one, test_attention_cpu asserts it builds
         pytest.skip(f"C decode kernel not built: {attention_cpu.why_unavailable()}")
-    attention = IMPLS[impl]
-    g = torch.Generator().manual_seed(0)
-    hd, bs, nb = 8, 4, 32
-    # (cached, new): decodes, prefills, a chunk on top of a context, an empty request
-    reqs = [(0, 7), (9, 1), (3, 5), (12, 0), (0, 1), (6, 1)]
-    kc = torch.zeros(nb, bs, nkv, hd, dtype=torch.float64)
-    vc = torch.zeros_like(kc)
-    perm = torch.randperm(nb, generator=g).tolist()
-    tables, full_k, full_v = [], [], []
-    for cached, new in reqs:
-        n = cached + new
-        table = [perm.pop() for _ in range(max(1, -(-n // bs)))]
-        tables.append(table)
-        fk = torch.randn(n, nkv, hd, generator=g, dtype=torch.float64)
-        fv = torch.randn(n, nkv, hd, generator=g, dtype=torch.float64)
-        for p in range(cached):  # the context already cached
-            kc[table[p // bs], p % bs], vc[table[p // bs], p % bs] = fk[p], fv[p]
-        full_k.append(fk)
-        full_v.append(fv)
-    q = torch.randn(sum(n for _, n in reqs), nh, hd, generator=g, dtype=torch.float64)
-    k = torch.cat([fk[c:] for fk, (c, _) in zip(full_k, reqs)])
-    v = torch.cat([fv[c:] for fv, (c, _) in zip(full_v, reqs)])
-    qsl = torch.tensor([0] + [n for _, n in reqs]).cumsum(0)
-    slots = torch.tensor([tables[r][p // bs] * bs + p % bs for r, (c, n) in enumerate(reqs) for p in range(c, c + n)])
-    bt = torch.zeros(len(reqs), max(map(len, tables)), dtype=torch.long)
-    for r, t in enumerate(tables):
-        bt[r, : len(t)] = torch.tensor(t)
-    seq_lens = torch.tensor([c + n for c, n in reqs])
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("extra", list(EXTRAS))
+@pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2), (8, 2), (4, 1)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 20.0), (4, 20.0)])
+def test_matches_dense(impl, dtype, extra, nh, nkv, window, softcap):
+    """The whole op (store; decodes, fresh prompts, prompt chunks on a cached context, an empty
+    request; blocks scattered over the pool) of the reference and of the C path against the naive
+    oracle, with and without sinks and ALiBi, windowed and soft-capped, MHA, GQA and MQA."""
+    _skip_without_c(impl)
+    hd, bs = 8, 4
+    args, contexts = paged_batch(MIXED, nh, nkv, hd, hd, bs, dtype)
+    sinks, slopes = _extras(extra, nh, dtype)
+    q, k, _, kc, _, slots, qsl, *_ = args
     scale = 1 / math.sqrt(hd)
-    out = attention(q, k, v, kc, vc, slots, qsl, seq_lens, bt, scale, window, softcap)
-    for r, (c, n) in enumerate(reqs):
-        if n:
-            want = _dense(q[qsl[r]:qsl[r + 1]], full_k[r], full_v[r], scale, window, softcap)
-            torch.testing.assert_close(out[qsl[r]:qsl[r + 1]], want, atol=1e-12, rtol=0)
+    out = IMPLS[impl](*args, scale, window, softcap, sinks, slopes)
+    want = dense_batch(q, qsl, contexts, scale, window, softcap, sinks, slopes)
+    torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=0)
     # the new K/V landed in their slots
-    torch.testing.assert_close(kc.view(-1, nkv, hd)[slots], k)
+    assert torch.equal(kc.view(-1, nkv, hd)[slots], k)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (3, 10.0)])
+def test_without_sinks_and_alibi_is_the_plain_op(impl, window, softcap):
+    """None for both is the op as it was: bit for bit the call without the two arguments (the fast
+    paths, SDPA in the reference and the plain softmax rows in C, are kept)."""
+    _skip_without_c(impl)
+    args, _ = paged_batch(MIXED, 4, 2, 16, 16, 4, torch.float32, seed=3)
+    plain = IMPLS[impl](*(a.clone() for a in args), 0.25, window, softcap)
+    with_nones = IMPLS[impl](*(a.clone() for a in args), 0.25, window, softcap, None, None)
+    assert torch.equal(plain, with_nones)
+
+
+def test_sinks_take_weight_from_every_key():
+    """A sink far above every score leaves each output near 0 (its weights sum to ~0, not 1); one far
+    below changes nothing."""
+    args, _ = paged_batch(MIXED, 2, 1, 8, 8, 4, torch.float64, seed=4)
+    plain = attention_ref.attention(*(a.clone() for a in args), 0.3)
+    high = attention_ref.attention(*(a.clone() for a in args), 0.3, 0, 0.0, torch.full((2,), 60.0))
+    low = attention_ref.attention(*(a.clone() for a in args), 0.3, 0, 0.0, torch.full((2,), -60.0))
+    assert high.abs().max() < 1e-20 < plain.abs().max()
+    torch.testing.assert_close(low, plain, atol=1e-15, rtol=0)
 
 
 def test_padding_slots_are_not_written():

@@ -19,6 +19,7 @@ else:
 from orca_compile.kernels import attention_cpu, attention_ref, attention_triton, dispatch  # noqa: E402
 from orca_compile.runtime.kv_cache import new_kv_cache
 from orca_compile.runtime.model_runner import run_graph
+from tests.kernels import dense_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
@@ -109,6 +110,55 @@ def test_kernel_matches_reference(case):
     assert torch.equal(kc.float(), kc_r) and torch.equal(vc.float(), vc_r)
 
 
+SINK_CASES = {
+    # id: (block_size, head_dim, v_head_dim, nh, nkv, dtype, window, softcap, sinks, alibi, tiles)
+    "mha-sinks": (4, 16, 16, 4, 4, torch.float32, 0, 0.0, True, False, {}),
+    "gqa4-alibi-window-kv-tiles": (8, 32, 32, 8, 2, torch.float32, 5, 0.0, False, True, dict(block_n=16)),
+    "mqa-both-window-softcap-qtiles": (4, 16, 16, 4, 1, torch.float32, 3, 10.0, True, True, dict(block_m=16)),
+    "gqa2-both-softcap-tall-tile": (16, 16, 16, 4, 2, torch.float32, 0, 20.0, True, True, dict(block_m=64, block_n=16)),
+    "gqa3-hd80-vhd48-both": (8, 80, 48, 6, 2, torch.float32, 6, 0.0, True, True, {}),
+    "bf16-gqa4-both-window": (16, 64, 64, 8, 2, torch.bfloat16, 7, 0.0, True, True, dict(block_m=16)),
+    "fp16-mqa-sinks-softcap": (4, 32, 32, 4, 1, torch.float16, 0, 30.0, True, False, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(SINK_CASES))
+def test_sinks_and_alibi_match_the_dense_oracle(case):
+    """Sinks and ALiBi (each alone and both), over decodes, prompts and prompt chunks on a cached
+    context with blocks scattered over the pool, against the naive float64 oracle on the same
+    (rounded) inputs; the tolerances are _tolerance's (a row's weights now sum to at most 1, which
+    the half-precision bound already allows for). Decodes on a context of 70 take two KV tiles of
+    the default 64, so the rescaling of a running sum that starts at the sink is checked."""
+    bs, hd, hdv, nh, nkv, dtype, window, softcap, with_sinks, with_alibi, tiles = SINK_CASES[case]
+    args, contexts = dense_attention.paged_batch(dense_attention.MIXED, nh, nkv, hd, hdv, bs, dtype, device=DEVICE)
+    # in the model's dtype, as a graph hands them over; the kernel reads them in float32
+    sinks = dense_attention.per_head(nh, -3.0, 4.0, seed=1).to(dtype).to(DEVICE) if with_sinks else None
+    slopes = dense_attention.per_head(nh, 0.02, 1.0, seed=2).to(dtype).to(DEVICE) if with_alibi else None
+    q, _, v, _, _, _, qsl, *_ = args
+    out = attention_triton.attention(*args, 1 / math.sqrt(hd), window, softcap, sinks, slopes, **tiles)
+    want = dense_attention.dense_batch(q, qsl.cpu(), contexts, 1 / math.sqrt(hd), window, softcap,
+                                       None if sinks is None else sinks.cpu(), None if slopes is None else slopes.cpu())
+    torch.testing.assert_close(out.double().cpu(), want, atol=_tolerance(dtype, v), rtol=0)
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (3, 10.0)])
+def test_without_sinks_and_alibi_is_the_plain_kernel(window, softcap):
+    """None for both launches the kernel as it was (USE_SINKS and USE_ALIBI off): bit for bit the
+    call without the two arguments."""
+    args = _batch(MIXED, 4, 2, 16, 16, 4, torch.float32, seed=2)
+    plain = attention_triton.attention(*(a.clone() for a in args), 0.25, window, softcap)
+    with_nones = attention_triton.attention(*(a.clone() for a in args), 0.25, window, softcap, None, None)
+    assert torch.equal(plain, with_nones)
+
+
+def test_sinks_of_the_wrong_shape_raise():
+    args = _batch([(0, 2)], 4, 2, 16, 16, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"sinks must be one value per query head"):
+        attention_triton.attention(*args, 0.25, 0, 0.0, torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match=r"alibi_slopes must be one value per query head"):
+        attention_triton.attention(*args, 0.25, 0, 0.0, None, torch.zeros(4, 1, device=DEVICE))
+
+
 HEADS = [(4, 4), (4, 2), (8, 2), (4, 1)]  # GQA ratios 1, 2, 4 and MQA
 
 
@@ -180,9 +230,10 @@ def test_store_kv_skips_negative_slots():
 def test_float64_falls_back_to_reference():
     args = _batch(MIXED, 4, 2, 16, 16, 4, torch.float64)
     q, k, v, kc, vc, *meta = args
-    out = attention_triton.attention(q, k, v, kc.clone(), vc.clone(), *meta, 0.25, 3, 5.0)
-    ref = attention_ref.attention(q, k, v, kc.clone(), vc.clone(), *meta, 0.25, 3, 5.0)
-    assert out.dtype == torch.float64 and torch.equal(out, ref)
+    for extra in ((), (torch.arange(4.0, device=DEVICE), torch.full((4,), 0.5, device=DEVICE))):  # sinks, slopes
+        out = attention_triton.attention(q, k, v, kc.clone(), vc.clone(), *meta, 0.25, 3, 5.0, *extra)
+        ref = attention_ref.attention(q, k, v, kc.clone(), vc.clone(), *meta, 0.25, 3, 5.0, *extra)
+        assert out.dtype == torch.float64 and torch.equal(out, ref)
 
 
 def test_bad_head_counts_raise():
@@ -238,6 +289,13 @@ def test_op_runs_the_chosen_backend(monkeypatch, backend, setenv):
     assert out.shape == (4, 4, 16)
     want = {"triton": attention_triton, "cpu": attention_cpu, "torch": attention_ref}[backend]
     assert calls[0] is want
+    # sinks and ALiBi slopes reach every backend positionally, after softcap
+    sinks = torch.tensor([0.0, 1.0, 2.0, 3.0], device=DEVICE)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 1.0], device=DEVICE)
+    out = torch.ops.orca.attention(*(a.clone() for a in args), 0.25, 0, 0.0, sinks, slopes)
+    assert calls[-1] is want and len(calls) == 2
+    ref = attention_ref.attention(*(a.clone() for a in args), 0.25, 0, 0.0, sinks, slopes)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------- end to end
@@ -306,18 +364,26 @@ def build(fn, types, consts, arch, mma=False, **opts):
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     assert "mma" in kernel.asm["ptx"] or not mma, "half-precision dots should run on tensor cores"
 
-def attn(dt, group, hd, hdv, bm, bn, window, softcap, arch, warps, stages):
+def attn(dt, group, hd, hdv, bm, bn, window, softcap, arch, warps, stages, sinks=False, alibi=False):
     gp = triton.next_power_of_2(group)
     consts = dict(GROUP=group, GROUP_PAD=gp, HEAD_DIM=hd, HEAD_DIM_V=hdv, DIM_PAD=max(16, triton.next_power_of_2(hd)),
                   DIM_V_PAD=max(16, triton.next_power_of_2(hdv)), BLOCK_SIZE=16, BLOCK_Q=bm // gp, BLOCK_M=bm, BLOCK_N=bn,
-                  USE_WINDOW=window, USE_SOFTCAP=softcap, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
-                  WIDEN_DOT=False)
+                  USE_WINDOW=window, USE_SOFTCAP=softcap, USE_SINKS=sinks, USE_ALIBI=alibi,
+                  DOT_PRECISION="ieee" if dt == "fp32" else "tf32", WIDEN_DOT=False)
     types = {n: "*" + dt for n in ("Q", "K_CACHE", "V_CACHE", "OUT")} | {n: "*i64" for n in ("QSL", "SEQ_LENS", "BLOCK_TABLES")}
+    # sinks and slopes: float32 vectors when on, else None (a constexpr), as attention() passes them
+    for name, on in (("SINKS", sinks), ("ALIBI_SLOPES", alibi)):
+        if on:
+            types[name] = "*fp32"
+        else:
+            consts[name] = None
     build(paged, types, consts, arch, mma=dt != "fp32", num_warps=warps, num_stages=stages)  # fp32: ieee, no mma
 
 attn("bf16", 4, 128, 128, 16, 64, True, True, 90, 4, 2)    # decode config, Llama-3-8B heads
 attn("fp16", 8, 64, 64, 128, 64, False, False, 90, 8, 3)   # tall prefill tile
 attn("fp32", 3, 80, 48, 64, 32, True, False, 80, 4, 2)     # ieee dots, odd head dims, a group of 3
+attn("bf16", 8, 64, 64, 64, 64, True, False, 90, 4, 2, sinks=True, alibi=True)  # gpt-oss-like sinks, + ALiBi
+attn("fp16", 1, 128, 128, 16, 64, False, True, 80, 4, 2, alibi=True)              # MHA with ALiBi alone
 build(store, {"K": "*fp32", "V": "*fp32", "K_CACHE": "*bf16", "V_CACHE": "*bf16", "SLOTS": "*i64"},
       dict(NUM_KV_HEADS=3, HEAD_DIM=80, HEAD_DIM_V=48, BLOCK_SIZE=16, HEADS_PAD=4, DIM_PAD=128, DIM_V_PAD=64), 90,
       num_warps=4)
