@@ -56,6 +56,12 @@ _DIM_ARGS = {
     aten.mean.dim: ("dim",),
     aten.sum.dim_IntList: ("dim",),
     aten.amax.default: ("dim",),
+    aten.amin.default: ("dim",),
+    aten.max.dim: ("dim",),
+    aten.min.dim: ("dim",),
+    aten.argmax.default: ("dim",),
+    aten.topk.default: ("dim",),
+    aten.sort.default: ("dim",),
     aten.softmax.int: ("dim",),
     aten._softmax.default: ("dim",),
     aten.log_softmax.int: ("dim",),
@@ -72,6 +78,14 @@ _DIM_ARGS = {
 _VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # ops batched over all dims but the last two of each operand
 _BATCHED_MATRIX_OPS = {aten.matmul.default, aten.scaled_dot_product_attention.default, aten.bmm.default}
+
+
+# ops whose meta function fails on symbolic sizes, and an op of the same output to stand in for
+# them when only the value's metadata is computed: torch's ``meta_baddbmm`` expands a broadcast
+# bias (Bloom's ALiBi, ``[heads, 1, T]``) through the concrete-size ``expand`` and raises.
+_FAKE_AS = {
+    aten.baddbmm.default: lambda bias, a, b, **_: torch.bmm(a, b).to(torch.promote_types(bias.dtype, a.dtype)),
+}
 
 
 class _Unsupported(Exception):
@@ -133,7 +147,7 @@ class _Flattener:
             return node
         vals = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
         with self.fake_mode:
-            node.meta["val"] = target(*vals[0], **vals[1])
+            node.meta["val"] = _FAKE_AS.get(target, target)(*vals[0], **vals[1])
         return node
 
     def derived_val(self, old_node):

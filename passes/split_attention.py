@@ -2,7 +2,8 @@
 
 Requires: ``flatten_tokens`` (q/k/v are ``[heads, T, head_dim]``).
 Ensures: exactly one ``torch.ops.orca.attention`` per decoder layer, in layer order; no live
-``scaled_dot_product_attention`` or ``softmax`` node; new graph inputs ``slot_mapping``,
+``scaled_dot_product_attention`` node and no live attention softmax (``is_attention_softmax``; a
+router's or gate's softmax is not one and stays); new graph inputs ``slot_mapping``,
 ``query_start_loc``, ``seq_lens``, ``block_tables`` and ``k_cache_{i}``/``v_cache_{i}`` per layer.
 HF's mask-building nodes are left dead for ``cleanup``.
 
@@ -16,7 +17,8 @@ Before / after (Llama layer 0)::
     transpose_11: f32[4, T, 16] = aten.transpose.int(attention, 0, 1)
 
 What is matched: an SDPA node, or the eager chain ``matmul(q, k^T) [* scale] [softcap] [+ mask]
--> softmax [-> cast] [-> dropout(p=0)] -> matmul(., v)``. HF's ``repeat_kv`` in front of k/v is
+[cat sinks] [- max] -> softmax [-> cast] [-> drop the sink column] [-> dropout(p=0)] -> matmul(., v)``
+(``bmm``/``baddbmm`` with head-merging views too: Bloom; a ``baddbmm`` bias must evaluate to ALiBi). HF's ``repeat_kv`` in front of k/v is
 stripped, so the cache stores the model's KV heads only (GQA/MQA). The causal mask itself is not
 pattern-matched: the mask subgraph is *evaluated* on a probe sequence and must equal causal or
 causal-within-a-sliding-window; anything else (bidirectional, custom masks) is a ``ValueError``.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 
 import torch
@@ -56,6 +59,9 @@ class AttentionSite:
     erase: list  # matched nodes, outputs first, erased once replaced
     module_path: str = ""
     sliding_window: int = 0
+    sinks: torch.fx.Node | None = None  # per-head sink logits, any shape of nh elements
+    bias: torch.fx.Node | None = None  # an additive term of the scores besides the mask (baddbmm's)
+    alibi_slopes: torch.Tensor | None = None  # [nh] float64, found by evaluating the bias
 
 
 class UnsupportedAttention(ValueError):
@@ -77,6 +83,8 @@ def split_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     probes = {}  # every layer usually shares one mask: evaluate it once per window hint
     for site in sites:
         site.sliding_window = _mask_window(gm, site, info, probes)
+        if site.bias is not None:
+            site.alibi_slopes = _alibi_slopes(gm, site, info, probes)
 
     inputs = _add_inputs(gm, sites)
     for i, site in enumerate(sites):
@@ -84,10 +92,11 @@ def split_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             q = _emit(graph, aten.transpose.int, (site.q, 0, 1), site.out)
             k = _emit(graph, aten.transpose.int, (site.k, 0, 1), site.out)
             v = _emit(graph, aten.transpose.int, (site.v, 0, 1), site.out)
+            extra = _sinks_and_slopes(gm, site, i)
             attn = _emit(graph, ATTENTION, (
                 q, k, v, inputs[f"k_cache_{i}"], inputs[f"v_cache_{i}"],
                 *(inputs[name] for name in METADATA_INPUTS),
-                float(site.scale), int(site.sliding_window), float(site.softcap)), site.out)
+                float(site.scale), int(site.sliding_window), float(site.softcap), *extra), site.out)
             attn.meta["orca_layer"] = i
             out = _emit(graph, aten.transpose.int, (attn, 0, 1), site.out)
         site.out.replace_all_uses_with(out)
@@ -101,6 +110,10 @@ def split_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 # -- matching -----------------------------------------------------------------------------------
 def find_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
+    """Every attention of the graph: SDPA nodes, and each softmax that *is* an attention's (over
+    query-key scores, feeding a product with the values: ``is_attention_softmax``). Other softmaxes
+    (a mixture-of-experts router's, a gate's) are not attention and are left alone; an attention
+    softmax whose surroundings are not understood is refused, naming what was found."""
     info = gm.meta["orca"]
     sites = []
     for node in gm.graph.nodes:
@@ -109,7 +122,7 @@ def find_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
         try:
             if node.target is aten.scaled_dot_product_attention.default:
                 sites.append(_match_sdpa(node))
-            elif node.target in _SOFTMAX:
+            elif node.target in _SOFTMAX and is_attention_softmax(node):
                 sites.append(_match_eager(node))
         except UnsupportedAttention as exc:
             raise UnsupportedAttention(
@@ -118,6 +131,46 @@ def find_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     for site in sites:
         site.module_path = _module_path(site.out)
     return sites
+
+
+_MATMULS = {aten.matmul.default, aten.bmm.default}
+_SCORE_MATMULS = _MATMULS | {aten.baddbmm.default}
+# between an attention's softmax and its product with the values: casts, an inactive dropout,
+# the slice that drops a sink's column, views that merge or split the batch and head dims
+_PROBS_PASS = _NOOPS | {aten.dropout.default, aten.slice.Tensor}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def is_attention_softmax(softmax: torch.fx.Node) -> bool:
+    """True for a softmax over query-key scores: its input comes (through elementwise ops, masks,
+    scales, views, a sink column) from a product of two activations, ``q @ k^T``. That is what an
+    attention is, whatever follows; a router's or gate's softmax is over a projection's logits (a
+    linear of the hidden states, a product with a weight) and is left alone, even where its
+    probabilities then multiply activations (a soft mixture of experts)."""
+    frontier, seen = [softmax.args[0]], set()
+    for _hop in range(12):  # breadth first: the scores are a few ops up, the mask's subgraph may be deep
+        following = []
+        for node in frontier:
+            if not isinstance(node, torch.fx.Node) or node in seen or node.op != "call_function":
+                continue
+            seen.add(node)
+            if node.target in _SCORE_MATMULS:
+                if not any(_is_weight(a) for a in node.args[-2:]):
+                    return True
+                continue
+            if node.target in (aten.linear.default, aten.embedding.default, aten.mm.default, aten.addmm.default):
+                continue  # logits of a projection: a router or a classifier, not scores
+            following.extend(node.all_input_nodes)
+        frontier = following
+    return False
+
+
+def _is_weight(node) -> bool:
+    """A parameter or buffer seen through views, transposes and casts."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and (
+            node.target in _NOOPS | _VIEWS | {aten.transpose.int, aten.t.default, aten.permute.default}):
+        node = node.args[0]
+    return isinstance(node, torch.fx.Node) and node.op == "get_attr"
 
 
 def _match_sdpa(node) -> AttentionSite:
@@ -137,30 +190,45 @@ def _match_sdpa(node) -> AttentionSite:
 
 
 def _match_eager(softmax) -> AttentionSite:
+    """``matmul(q, k^T) [* scale] [softcap] [+ mask] [cat sinks] [- max] -> softmax [-> cast]
+    [-> drop the sink column] [-> dropout(p=0)] -> matmul(., v)``; ``baddbmm(bias, q, k^T)``
+    (Bloom: its bias is ALiBi's) and ``bmm`` stand for the matmuls, with head-merging views between."""
     if softmax.args[1] % _val(softmax).dim() != _val(softmax).dim() - 1:
         raise UnsupportedAttention("softmax is not over the last (key) dimension")
     chain = [softmax]
-    # forward: casts and an inactive dropout, then the matmul with v
-    node = softmax
+    keys = _val(softmax).shape[-1]
+    # forward: casts, the sink column dropped, an inactive dropout, views, then the matmul with v
+    node, dropped_sink = softmax, False
     while True:
         if len(node.users) != 1:
             raise UnsupportedAttention(f"{node.name} has {len(node.users)} users; expected one matmul with v")
         user = next(iter(node.users))
         if user.target in _CASTS or (user.target is aten.dropout.default and (user.args[1] == 0 or not user.args[2])):
-            node = user
-            chain.insert(0, node)
-            continue
-        if user.target is aten.matmul.default and user.args[0] is node:
+            pass
+        elif user.target in _VIEWS and _keeps_last_two(user):
+            pass
+        elif user.target is aten.slice.Tensor and not dropped_sink and _drops_last_column(user, keys):
+            dropped_sink = True
+        elif user.target in _MATMULS and user.args[0] is node:
             pv = user
             break
-        raise UnsupportedAttention(f"softmax output reaches {user.target}, not a matmul with v")
-    # backward: [cast] [+ mask] [softcap] [* scale] matmul(q, k^T)
+        else:
+            raise UnsupportedAttention(f"softmax output reaches {user.target}, not a matmul with v")
+        node = user
+        chain.insert(0, node)
+    # backward: [cast] [- max] [cat sinks] [+ mask] [softcap] [* scale] [view] matmul(q, k^T)
     node = softmax.args[0]
-    mask, softcap, scale = None, 0.0, 1.0
+    mask, softcap, scale, sinks, bias = None, 0.0, 1.0, None, None
     while True:
         chain.append(node)
         if node.target in _CASTS:
             node = node.args[0]
+        elif node.target is aten.sub.Tensor and _is_row_max(node.args[1], node.args[0]):
+            chain.extend([node.args[1], node.args[1].args[0]] if node.args[1].target is operator.getitem else [node.args[1]])
+            node = node.args[0]  # softmax(x - max(x)) = softmax(x)
+        elif node.target is aten.cat.default and sinks is None and dropped_sink and _is_sink_cat(node):
+            sinks = node.args[0][1]
+            node = node.args[0][0]
         elif node.target is aten.add.Tensor and mask is None and isinstance(node.args[1], torch.fx.Node):
             mask, node = node.args[1], node.args[0]
         elif node.target is aten.mul.Tensor and _is_tanh_softcap(node):
@@ -173,19 +241,78 @@ def _match_eager(softmax) -> AttentionSite:
             factor = _scalar(node.args[1])
             scale *= factor if node.target is aten.mul.Tensor else 1.0 / factor
             node = node.args[0]
-        elif node.target is aten.matmul.default:
-            qk = node
+        elif node.target in _VIEWS and _keeps_last_two(node):
+            node = node.args[0]
+        elif node.target is aten.baddbmm.default:
+            beta, alpha = node.kwargs.get("beta", 1.0), node.kwargs.get("alpha", 1.0)
+            if beta not in (0, 1):
+                raise UnsupportedAttention(f"baddbmm with beta={beta}: expected a bias added as is")
+            bias = node.args[0] if beta else None
+            scale *= alpha
+            qk, (q, kt) = node, node.args[1:3]
+            break
+        elif node.target in _MATMULS:
+            qk, (q, kt) = node, node.args
             break
         else:
             raise UnsupportedAttention(f"attention scores come from {node.target} ({node.name}), which is not recognised")
-    q, kt = qk.args
+    if dropped_sink and sinks is None:
+        raise UnsupportedAttention("the softmax's last column is dropped, but it is not a sink logit cat-ed to the scores")
     if kt.target is not aten.transpose.int or sorted(d % 3 for d in kt.args[1:]) != [1, 2]:
         raise UnsupportedAttention("the key operand of the score matmul is not a transpose of the last two dims")
     k = kt.args[0]
     v = pv.args[1]
     _check_rank3(q, k, v)
     return AttentionSite(q=q, k=_strip_repeat_kv(k), v=_strip_repeat_kv(v), out=pv, scale=scale,
-                         softcap=softcap, mask=mask, is_causal=False, erase=list(dict.fromkeys([pv, *chain, qk, kt])))
+                         softcap=softcap, mask=mask, is_causal=False, erase=list(dict.fromkeys([pv, *chain, qk, kt])),
+                         sinks=sinks, bias=bias)
+
+
+def _keeps_last_two(view) -> bool:
+    """A view that only merges or splits the dims before the last two (heads and batch)."""
+    before, after = _val(view.args[0]).shape, _val(view).shape
+    return len(before) >= 2 and len(after) >= 2 and tuple(before[-2:]) == tuple(after[-2:])
+
+
+def _drops_last_column(node, keys) -> bool:
+    args = list(node.args) + [None] * (5 - len(node.args))
+    _, dim, start, end, step = args[:5]
+    rank = _val(node.args[0]).dim()
+    return (dim or 0) % rank == rank - 1 and start in (None, 0) and step in (None, 1) and (
+        end == -1 or end == keys - 1)
+
+
+def _is_row_max(m, x) -> bool:
+    """``max(x, -1, keepdim=True).values`` or ``amax(x, [-1], keepdim=True)``."""
+    if not isinstance(m, torch.fx.Node):
+        return False
+    rank = _val(x).dim()
+    if m.target is operator.getitem and m.args[1] == 0 and m.args[0].target is aten.max.dim:
+        mx = m.args[0]
+        return mx.args[0] is x and mx.args[1] % rank == rank - 1 and bool(mx.args[2] if len(mx.args) > 2 else False)
+    if m.target is aten.amax.default:
+        dims = m.args[1] if len(m.args) > 1 else []
+        return m.args[0] is x and [d % rank for d in dims] == [rank - 1] and bool(m.args[2] if len(m.args) > 2 else False)
+    return False
+
+
+def _is_sink_cat(cat) -> bool:
+    """``cat([scores, sinks], -1)`` with one extra column: the per-head sink logit (GPT-OSS)."""
+    tensors, dim = cat.args[0], (cat.args[1] if len(cat.args) > 1 else 0)
+    rank = _val(cat).dim()
+    return len(tensors) == 2 and dim % rank == rank - 1 and _val(tensors[1]).shape[-1] == 1
+
+
+def _sink_logits(node, num_heads):
+    """The ``[nh]`` tensor a sink column was expanded from (through views, expands and casts)."""
+    while node.op == "call_function" and node.target in _NOOPS | _VIEWS | {
+            aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims}:
+        node = node.args[0]
+    shape = _val(node).shape
+    if math.prod(shape) != num_heads:
+        raise UnsupportedAttention(f"the sink logits {node.name} have shape {tuple(shape)}, not one per head "
+                                   f"({num_heads})")
+    return node
 
 
 def _is_tanh_softcap(mul):
@@ -247,6 +374,27 @@ def _check_rank3(q, k, v):
             raise UnsupportedAttention(f"{name} has shape {tuple(_val(n).shape)}; expected [heads, T, head_dim]")
 
 
+def _sinks_and_slopes(gm, site, layer) -> tuple:
+    """The attention op's trailing ``(sinks, alibi_slopes)`` arguments, as nodes; ``()`` when the
+    layer has neither, so plain attentions keep the short call."""
+    if site.sinks is None and site.alibi_slopes is None:
+        return ()
+    graph = gm.graph
+    num_heads = _val(site.q).shape[0]
+    sinks = None
+    if site.sinks is not None:
+        root = _sink_logits(site.sinks, num_heads)
+        sinks = _emit(graph, aten.reshape.default, (root, [num_heads]), site.out)
+    slopes = None
+    if site.alibi_slopes is not None:
+        name = f"orca_alibi_slopes_{layer}"
+        gm.register_buffer(name, site.alibi_slopes.to(_val(site.q).dtype), persistent=False)
+        slopes = graph.get_attr(name)
+        fake_mode = torch._guards.detect_fake_mode([_val(site.q)])
+        slopes.meta["val"] = fake_mode.from_tensor(getattr(gm, name))
+    return sinks, slopes
+
+
 # -- the mask, evaluated ------------------------------------------------------------------------
 def _mask_window(gm, site: AttentionSite, info, probes) -> int:
     """0 if the mask is causal, w if causal within a window of w keys; else ValueError."""
@@ -282,8 +430,50 @@ def _window_hint(info, module_path):
     return 0
 
 
+def _alibi_slopes(gm, site, info, probes):
+    """The per-head slopes of an additive score bias that is ALiBi (``slope_h * key_position`` plus
+    anything constant along a query's row, which the softmax ignores), found by evaluating the
+    bias on a probe sequence; None when the bias is zero; ``ValueError`` for any other bias."""
+    n = 16
+    key = (site.bias, n)
+    if key not in probes:
+        probes[key] = _evaluate(gm, site.bias, n).to(torch.float64)
+    value = probes[key]
+    num_heads = _val(site.q).shape[0]
+    while value.dim() < 3:
+        value = value[None]
+    value = value.reshape(-1, *value.shape[-2:])
+    if value.shape[0] not in (1, num_heads) or value.shape[-1] != n:
+        raise UnsupportedAttention(f"{info.model_class} attention in {site.module_path}: the score bias has shape "
+                                   f"{tuple(value.shape)}, not [heads or 1, queries or 1, keys]")
+    rel = value - value[..., :1]  # remove what is constant along each row
+    slopes = rel[:, -1, -1] / (n - 1)
+    fit = slopes[:, None, None] * torch.arange(n, dtype=torch.float64)
+    tol = 64 * torch.finfo(_val(site.bias).dtype).eps * (1 + rel.abs().amax())
+    if not torch.allclose(rel, fit.expand_as(rel), rtol=0, atol=float(tol)):
+        raise UnsupportedAttention(f"{info.model_class} attention in {site.module_path}: the scores carry an additive "
+                                   "bias that is not ALiBi's (linear in the key position, one slope per head)")
+    if not bool(slopes.any()):
+        return None
+    return slopes.expand(num_heads).clone()
+
+
 def _evaluate_mask(gm, mask, n):
     """Run the mask's subgraph on one probe sequence of n tokens -> bool [n, n] (True: may attend)."""
+    value = _evaluate(gm, mask, n)
+    while value.dim() > 2:  # [heads or 1, n, n]: one mask for all heads, or we cannot express it
+        if not all(torch.equal(value[0], value[h]) for h in range(1, value.shape[0])):
+            raise UnsupportedAttention("the attention mask differs between heads")
+        value = value[0]
+    value = value.expand(n, n)
+    if value.dtype == torch.bool:
+        return value
+    return value > torch.finfo(value.dtype).min / 2
+
+
+def _evaluate(gm, mask, n):
+    """Run ``mask``'s subgraph (anything computed from the inputs and constants) on one probe
+    sequence of n tokens, on the CPU."""
     cone, stack = set(), [mask]
     while stack:
         node = stack.pop()
@@ -313,15 +503,7 @@ def _evaluate_mask(gm, mask, n):
         for node in graph.nodes:  # factories (arange, full) that were told the model's device
             if node.kwargs.get("device") is not None and torch.device(node.kwargs["device"]).type == "meta":
                 node.kwargs = {**node.kwargs, "device": device}
-    value = torch.fx.GraphModule(root, graph)(*[a.to(device) for a in args]).cpu()
-    while value.dim() > 2:  # [heads or 1, n, n]: one mask for all heads, or we cannot express it
-        if not all(torch.equal(value[0], value[h]) for h in range(1, value.shape[0])):
-            raise UnsupportedAttention("the attention mask differs between heads")
-        value = value[0]
-    value = value.expand(n, n)
-    if value.dtype == torch.bool:
-        return value
-    return value > torch.finfo(value.dtype).min / 2
+    return torch.fx.GraphModule(root, graph)(*[a.to(device) for a in args]).cpu()
 
 
 # -- graph edits ----------------------------------------------------------------------------------
@@ -395,6 +577,7 @@ def _postcondition(gm, num_layers):
     attn = [n for n in gm.graph.nodes if n.target is ATTENTION]
     assert len(attn) == num_layers, f"split_attention: {len(attn)} orca.attention nodes for {num_layers} layers"
     for node in live:
-        assert node.target is not aten.scaled_dot_product_attention.default and node.target not in _SOFTMAX, \
+        assert node.target is not aten.scaled_dot_product_attention.default and not (
+            node.target in _SOFTMAX and is_attention_softmax(node)), \
             f"split_attention: {node.name} ({node.target}) is still live"
     gm.graph.lint()
