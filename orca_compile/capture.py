@@ -11,6 +11,7 @@ the HF module itself is never called again after capture.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import time
@@ -48,9 +49,13 @@ def check_supported(model: torch.nn.Module) -> None:
             f"{name} is not a causal LM class (model_type={config.model_type!r}); orca-compile "
             "handles decoder-only *ForCausalLM models (load with AutoModelForCausalLM)"
         )
-    params = inspect.signature(model.forward).parameters
-    if "position_ids" not in params:
-        raise ValueError(f"{name}.forward takes no position_ids; orca-compile must pass each token's position")
+
+
+def _takes_position_ids(model: torch.nn.Module) -> bool:
+    """False for families whose positions live in the attention alone (Bloom's ALiBi): they are
+    exported without ``position_ids``, and ``split_attention`` gives the positions to the
+    attention op from the cache (each request's context length), which is all ALiBi needs."""
+    return "position_ids" in inspect.signature(model.forward).parameters
 
 
 def _prepare_attention(model: torch.nn.Module) -> None:
@@ -65,6 +70,51 @@ def _prepare_attention(model: torch.nn.Module) -> None:
             model.set_attn_implementation("eager")
 
 
+def _orca_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """HF's experts interface, as orca-compile captures it (``ALL_EXPERTS_FUNCTIONS["orca"]``).
+
+    The experts' two projections become ``orca::expert_linear`` ops (tokens grouped by expert at run
+    time); the gate or activation, the optional post-expert norm and the weighted sum over the
+    ``k`` routed experts stay ATen ops, so every family's own gating (GPT-OSS's clamped, interleaved
+    SwiGLU, say) is traced from its code rather than reimplemented here."""
+    if getattr(self, "_is_expert_parallel", False):
+        raise ValueError(f"{type(self).__name__} is set up for HF's expert parallelism; orca-compile partitions "
+                         "the model itself: load it without a device mesh")
+    up = self.gate_up_proj if self.has_gate else self.up_proj
+    up_bias = getattr(self, "gate_up_proj_bias" if self.has_gate else "up_proj_bias", None) if self.has_bias else None
+    down_bias = self.down_proj_bias if self.has_bias else None
+    h = torch.ops.orca.expert_linear(hidden_states, top_k_index, up, up_bias, self.is_transposed)
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    out = torch.ops.orca.expert_linear(h, top_k_index, self.down_proj, down_bias, self.is_transposed)
+    if self.has_post_expert_norm:
+        out = self.post_expert_norm(out)
+    out = (out * top_k_weights.unsqueeze(-1)).sum(dim=1)  # HF's order: weight each pair, then sum the k
+    return out.to(hidden_states.dtype)
+
+
+@contextlib.contextmanager
+def _orca_experts(model: torch.nn.Module):
+    """Route the model's experts modules (``@use_experts_implementation``: Mixtral, Qwen2/3-MoE,
+    GPT-OSS, OLMoE, DeepSeek ... ) through ``_orca_experts_forward`` while exporting; the user's
+    model gets its own implementation back afterwards."""
+    config = model.config
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:  # a Transformers without the experts interface: nothing to route
+        yield
+        return
+    if not hasattr(config, "_experts_implementation"):
+        yield
+        return
+    ALL_EXPERTS_FUNCTIONS["orca"] = _orca_experts_forward
+    before = config._experts_implementation
+    config._experts_implementation = "orca"
+    try:
+        yield
+    finally:
+        config._experts_implementation = before
+
+
 def capture(model: torch.nn.Module, max_tokens: int | None = None) -> torch.fx.GraphModule:
     """Export ``model`` and return a GraphModule taking ``(input_ids, position_ids)`` of shape [B, T]."""
     from torch.export import Dim
@@ -77,16 +127,16 @@ def capture(model: torch.nn.Module, max_tokens: int | None = None) -> torch.fx.G
     ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_TOKENS, dtype=torch.long, device=device)
     pos = torch.arange(_EXAMPLE_TOKENS, device=device).expand(_EXAMPLE_BATCH, -1).contiguous()
     batch, tokens = Dim("B", min=1, max=1024), Dim("T", min=1, max=max(max_pos, _EXAMPLE_TOKENS + 1))
+    kwargs = dict(input_ids=ids, position_ids=pos, use_cache=False)
+    shapes = dict(input_ids={0: batch, 1: tokens}, position_ids={0: batch, 1: tokens}, use_cache=None)
+    if not _takes_position_ids(model):
+        del kwargs["position_ids"], shapes["position_ids"]
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
-        with torch.no_grad():
-            ep = torch.export.export(
-                model, (), dict(input_ids=ids, position_ids=pos, use_cache=False),
-                dynamic_shapes=dict(input_ids={0: batch, 1: tokens}, position_ids={0: batch, 1: tokens}, use_cache=None),
-                strict=False,
-            )
+        with torch.no_grad(), _orca_experts(model):
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # export's own errors are long; say which model first
         raise ValueError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
     finally:
@@ -129,6 +179,11 @@ def _unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
         if node.name not in lifted and node.name not in ("input_ids", "position_ids") and not node.users:
             graph.erase_node(node)  # constant inputs such as use_cache=False
     user_inputs = [n for n in graph.find_nodes(op="placeholder") if n.name not in lifted]
+    if [n.name for n in user_inputs] == ["input_ids"]:  # positions only through the attention (ALiBi)
+        with graph.inserting_after(user_inputs[0]):
+            position_ids = graph.placeholder("position_ids")
+        position_ids.meta = dict(user_inputs[0].meta)  # same shape and dtype: [B, T] int64
+        user_inputs.append(position_ids)
     if [n.name for n in user_inputs] != ["input_ids", "position_ids"]:
         raise ValueError(f"unexpected user inputs after export: {[n.name for n in user_inputs]}")
     first = user_inputs[0]

@@ -124,7 +124,7 @@ def format_table(gm: torch.fx.GraphModule) -> str:
 
 _COLORS = {"orca.attention": "#f4a261", "aten.scaled_dot_product_attention": "#e76f51",
            "aten.linear": "#8ecae6", "aten.addmm": "#8ecae6", "aten.embedding": "#90be6d",
-           "aten.softmax": "#e76f51", "aten.index_select": "#f9c74f"}
+           "aten.softmax": "#e76f51", "aten.index_select": "#f9c74f", "orca.expert_linear": "#b5838d"}
 
 
 def format_dot(gm: torch.fx.GraphModule, title: str = "graph") -> str:
@@ -178,7 +178,19 @@ def render(gm: torch.fx.GraphModule, fmt: str, title: str = "graph") -> str:
 
 
 _SUMMARY_KEYS = ("ops", "inputs", "embedding", "linear", "sdpa", "softmax", "matmul", "orca.attention", "index_select",
-                 "all_reduce", "all_gather")
+                 "expert_linear", "all_reduce", "all_gather")
+
+
+def expert_layers(gm: torch.fx.GraphModule) -> list[tuple[str, int, int]]:
+    """``(layer, experts, top_k)`` of each layer holding ``orca.expert_linear`` ops, in graph order."""
+    from orca_compile.ops import EXPERT_LINEAR
+
+    found = {}
+    for node in gm.graph.find_nodes(op="call_function", target=EXPERT_LINEAR):
+        weight, ids = node.args[2].meta.get("val"), node.args[1].meta.get("val")
+        if weight is not None and ids is not None:
+            found.setdefault(layer_of(node), (int(weight.shape[0]), int(ids.shape[-1])))
+    return [(layer, e, k) for layer, (e, k) in found.items()]
 
 
 def summary(compiled) -> str:
@@ -189,7 +201,12 @@ def summary(compiled) -> str:
         counts = op_counts(gm)
         rows.append((stage, *(str(counts[k]) for k in _SUMMARY_KEYS)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    out = [f"{compiled.model_class}: {compiled.num_layers} layers, vocab {compiled.vocab_size}, backend "
+    moe = expert_layers(compiled.graph_module)
+    experts = ""
+    if moe:
+        shapes = sorted({f"{e} experts, top {k}" for _, e, k in moe})
+        experts = f" ({len(moe)} mixture-of-experts: {'; '.join(shapes)})"
+    out = [f"{compiled.model_class}: {compiled.num_layers} layers{experts}, vocab {compiled.vocab_size}, backend "
            f"{compiled.backend}; capture {compiled.capture_seconds:.2f}s, passes {compiled.pass_seconds:.2f}s", ""]
     for j, row in enumerate(rows):
         out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))

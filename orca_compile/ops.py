@@ -156,3 +156,26 @@ def _all_gather_fake(x, world_size):
 
 ALL_GATHER = torch.ops.orca.all_gather.default
 
+
+@torch.library.custom_op(f"{_LIB}::expert_linear", mutates_args=())
+def expert_linear(x: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  transposed: bool) -> torch.Tensor:
+    """One linear of a mixture-of-experts layer's experts: for each token ``t`` and each of its
+    ``k`` routed experts ``e = expert_ids[t, s]``, ``x[t] @ W[e]^T + b[e]`` (``x[t, s]`` when ``x``
+    holds one row per pair). ``x``: ``[T, K]`` or ``[T, k, K]``; ``expert_ids``: ``[T, k]``;
+    ``weight``: ``[E, N, K]``, or ``[E, K, N]`` when ``transposed`` (GPT-OSS); ``bias``: ``[E, N]``
+    or None -> ``[T, k, N]``. Captured from HF's experts modules in place of their dispatch
+    (``capture.py``); routing, gating and the weighted sum stay ordinary ATen ops around it.
+    Tokens are grouped by expert (``kernels/experts.py``)."""
+    from orca_compile.kernels import experts
+
+    return experts.expert_linear(x, expert_ids, weight, bias, transposed)
+
+
+@expert_linear.register_fake
+def _expert_linear_fake(x, expert_ids, weight, bias, transposed):
+    n = weight.shape[2] if transposed else weight.shape[1]
+    return x.new_empty(expert_ids.shape[0], expert_ids.shape[1], n, dtype=weight.dtype)
+
+
+EXPERT_LINEAR = torch.ops.orca.expert_linear.default

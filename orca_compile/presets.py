@@ -32,8 +32,29 @@ def _configs():
                                                   num_attention_heads=4, rotary_pct=0.25, **_SMALL),
         "tiny-llama-mqa": lambda: tf.LlamaConfig(**{**llama_like, "num_key_value_heads": 1},
                                                  tie_word_embeddings=True, attention_bias=True),
+        # mixture-of-experts: Mixtral (top-2 of 4, renormalised), Qwen2-MoE (top-2 of 4 not renormalised,
+        # a sigmoid-gated shared expert, and a dense layer after the sparse one)
+        "tiny-mixtral": lambda: tf.MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2),
+        "tiny-qwen2-moe": lambda: tf.Qwen2MoeConfig(**llama_like, num_experts=4, num_experts_per_tok=2,
+                                                    moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                                    mlp_only_layers=[1]),
+        # attention sinks (per-head logits in the softmax), alternating sliding and full attention,
+        # biased experts with GPT-OSS's clamped SwiGLU, YaRN
+        "tiny-gpt-oss": lambda: tf.GptOssConfig(**{**llama_like, "head_dim": 16}, num_local_experts=4,
+                                                num_experts_per_tok=2, sliding_window=8, rope_parameters=dict(
+                                                    rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                                                    truncate=False, original_max_position_embeddings=16,
+                                                    rope_theta=150000.0)),
+        # ALiBi: positions only as a per-head linear bias of the scores
+        "tiny-bloom": lambda: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=256, **_IDS),
         # GPT-2 small's shape with random weights: the benchmark model
         "gpt2-small-random": lambda: tf.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+        # a Mixtral-shaped mixture of experts of about GPT-2 small's size (8 experts, top 2, GQA):
+        # the mixture-of-experts benchmark model (workload w1-moe)
+        "mixtral-small-random": lambda: tf.MixtralConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+                                                         num_attention_heads=8, num_key_value_heads=2,
+                                                         num_local_experts=8, num_experts_per_tok=2,
+                                                         vocab_size=32000, max_position_embeddings=1024),
     }
 
 

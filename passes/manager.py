@@ -87,6 +87,7 @@ _SHORT = {
     "orca.attention.default": "orca.attention",
     "orca.all_reduce.default": "all_reduce",
     "orca.all_gather.default": "all_gather",
+    "orca.expert_linear.default": "expert_linear",
     "aten.linear.default": "linear",
     "aten.addmm.default": "linear",  # GPT-2's Conv1D
     "aten.softmax.int": "softmax",

@@ -9,12 +9,17 @@ import orca_compile
 from orca_compile import env
 from orca_compile.presets import load_model
 
-# The SDPA families must match HF to float64 rounding. Gemma2 has no SDPA path in HF: its eager
-# attention upcasts the softmax to float32 (``softmax(..., dtype=torch.float32)``), so HF itself
-# rounds the probabilities to float32 (relative 6e-8); ours stay float64. 1e-6 is ~10x that
-# rounding and far below what any masking/scale/soft-cap bug produces (>1e-3 on these models).
-EXACT = ["tiny-gpt2", "tiny-llama", "tiny-opt", "tiny-qwen2", "tiny-mistral", "tiny-gpt-neox", "tiny-llama-mqa"]
-TOLERANCE = {name: 1e-9 for name in EXACT} | {"tiny-gemma2": 1e-6}
+# The SDPA families must match HF to float64 rounding, and so must the mixture-of-experts ones and
+# GPT-OSS (eager attention with sinks, softmax in the model's dtype). Gemma2 has no SDPA path in HF:
+# its eager attention upcasts the softmax to float32 (``softmax(..., dtype=torch.float32)``), so
+# HF itself rounds the probabilities to float32 (relative 6e-8); ours stay float64. Bloom does the
+# same (``F.softmax(..., dtype=torch.float32)``; its ALiBi bias itself is exact: the tiny preset's
+# four slopes are powers of two). 1e-6 is ~10x that rounding and far below what any masking,
+# scale, soft-cap, sink or slope bug produces (>1e-3 on these models).
+EXACT = ["tiny-gpt2", "tiny-llama", "tiny-opt", "tiny-qwen2", "tiny-mistral", "tiny-gpt-neox", "tiny-llama-mqa",
+         "tiny-mixtral", "tiny-qwen2-moe", "tiny-gpt-oss"]
+TOLERANCE = {name: 1e-9 for name in EXACT} | {"tiny-gemma2": 1e-6, "tiny-bloom": 1e-6}
+MOE_FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-gpt-oss"]
 FAMILIES = list(TOLERANCE)
 
 _CACHE = {}
@@ -23,9 +28,19 @@ _CACHE = {}
 def compiled_preset(name):
     """(hf_model float64, CompiledModel), compiled once per session."""
     if name not in _CACHE:
-        model = load_model(name, dtype=torch.float64)
+        model = hf_oracle(load_model(name, dtype=torch.float64))
         _CACHE[name] = (model, orca_compile.compile(model))
     return _CACHE[name]
+
+
+def hf_oracle(model):
+    """``model``, able to run as the oracle in float64: HF's default experts path
+    (``torch.nn.functional.grouped_mm``) refuses float64 on the CPU, so mixture-of-experts models
+    use HF's own eager loop over the experts. What orca-compile captures does not depend on it:
+    capture routes the experts through ``orca::expert_linear`` whatever is set."""
+    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.set_experts_implementation("eager")
+    return model
 
 
 @pytest.fixture(params=FAMILIES)

@@ -30,6 +30,22 @@ def test_dump_every_preset_every_stage_text(preset, tmp_path, capsys):
     assert "scaled_dot_product_attention" not in final and "[B" not in final
 
 
+@pytest.mark.parametrize("preset,moe_layers,experts", [("tiny-mixtral", 2, "4 experts, top 2"),
+                                                      ("tiny-qwen2-moe", 1, "4 experts, top 2")])
+def test_dump_shows_the_expert_layers_and_counts_them(preset, moe_layers, experts, capsys):
+    assert main(["dump", preset, "--format", "table"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert f"({moe_layers} mixture-of-experts: {experts})" in header
+    # the summary's column: two expert projections (gate+up, down) a mixture-of-experts layer
+    columns = next(line for line in out.splitlines() if line.startswith("stage")).split()
+    final = next(line for line in out.splitlines() if line.startswith("final")).split()
+    assert int(final[columns.index("expert_linear")]) == 2 * moe_layers
+    # the table lists them under their layers
+    rows = [line for line in out.splitlines() if "orca.expert_linear" in line]
+    assert len(rows) == 2 * moe_layers and all("layer " in row for row in rows)
+
+
 @pytest.mark.parametrize("fmt,marker", [("text", "= orca.attention("), ("table", "layer 1"), ("dot", "digraph")])
 def test_dump_formats_to_stdout(fmt, marker, capsys):
     assert main(["dump", "tiny-gpt2", "--format", fmt]) == 0

@@ -23,13 +23,16 @@ import torch
 import torch.fx
 
 from orca_compile.kernels import attention_cpu, gemm_cpu
-from orca_compile.ops import ALL_REDUCE, ATTENTION
+from orca_compile.ops import ALL_REDUCE, ATTENTION, EXPERT_LINEAR
 from orca_compile.passes.graph_utils import fetch_attr
 
 # which argument is the left operand (addmm's first argument is the bias), whose last dim is K
 _MATMULS = {torch.ops.aten.linear.default: 0, torch.ops.aten.addmm.default: 1, torch.ops.aten.mm.default: 0,
             torch.ops.aten.bmm.default: 0, torch.ops.aten.matmul.default: 0,
-            gemm_cpu.linear: 0, torch.ops.mkldnn._linear_pointwise.default: 0}
+            gemm_cpu.linear: 0, torch.ops.mkldnn._linear_pointwise.default: 0,
+            # the experts of a mixture-of-experts layer: [T, k, N] outputs, each a row of K; their
+            # weights count whole (every expert read), which overstates a decode of few tokens
+            EXPERT_LINEAR: 0}
 _ATTENTION = (ATTENTION, attention_cpu.attention)
 
 

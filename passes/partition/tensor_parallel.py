@@ -61,7 +61,8 @@ aten = torch.ops.aten
 _LINEARS = {aten.linear.default: (0, 1, 2, False), aten.addmm.default: (1, 2, 0, True)}  # x, w, bias, w is [in, out]
 _HEAD_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
              aten.permute.default, aten.unsqueeze.default, aten.clone.default, aten.contiguous.default,
-             aten.mul.Tensor, aten.add.Tensor, aten.neg.default, aten.cat.default, aten.slice.Tensor,
+             aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.cat.default,
+             aten.slice.Tensor, aten.chunk.default,  # GPT-OSS's rotary: halves by chunk, x1 c - x2 s
              aten.expand.default, aten.to.dtype, aten._to_copy.default, operator.getitem,
              aten.split.Tensor, aten.split_with_sizes.default}
 _POINTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.mul.Scalar,
@@ -118,6 +119,7 @@ def tensor_parallel(gm: torch.fx.GraphModule, rank: int, world_size: int, replic
         columns[head] = _Column(head, [(vocab, None, (rank * per, (rank + 1) * per))])
     for col in columns.values():
         _shard_column(out, col)
+    _shard_per_head_args(out, rank, world_size, replicated)
     for row in rows:
         _shard_row(out, row, rank, world_size)
     if head is not None:
@@ -242,6 +244,27 @@ def _attention_site(att, rank, world_size, columns, rows, caches):
     consumer = _consumer(att)
     if consumer not in rows:
         rows.append(consumer)
+
+
+_PER_HEAD_ARGS = {12: "sinks", 13: "alibi_slopes"}  # orca::attention's [nh] arguments
+
+
+def _shard_per_head_args(gm, rank, world_size, replicated):
+    """Each sharded attention's per-query-head arguments (sink logits, ALiBi slopes) cut to the
+    rank's query heads, as its q projection is."""
+    for att in gm.graph.find_nodes(op="call_function", target=ATTENTION):
+        if ("attention", int(att.meta.get("orca_layer", -1))) in replicated:
+            continue
+        nh = int(att.args[0].meta["val"].shape[1])  # values are refreshed later: still the whole model's
+        per = nh // world_size
+        for index, what in _PER_HEAD_ARGS.items():
+            arg = att.args[index] if len(att.args) > index else None
+            if arg is None:
+                continue
+            if arg.op != "get_attr" or tuple(arg.meta["val"].shape) != (nh,):
+                raise ValueError(f"tensor parallel: the {what} of {att.name} ({arg.name}) is not a [{nh}] weight; "
+                                 "only a per-head tensor read as is can be cut by heads")
+            _replace_weight(gm, att, index, 0, [(rank * per, (rank + 1) * per)])
 
 
 def _is_linear(node) -> bool:

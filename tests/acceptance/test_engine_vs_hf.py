@@ -14,6 +14,8 @@ from orca_compile import SamplingParams
 from tests.conftest import compiled_preset
 
 ENGINE_FAMILIES = ["tiny-gpt2", "tiny-llama", "tiny-opt", "tiny-qwen2", "tiny-mistral"]
+# mixture-of-experts (Mixtral, Qwen2-MoE), attention sinks (GPT-OSS, also MoE) and ALiBi (Bloom)
+NEW_FORMS = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-gpt-oss", "tiny-bloom"]
 LOGPROB_TOL = 1e-6
 
 
@@ -97,7 +99,7 @@ def assert_drained(engine):
     engine.block_manager.check()
 
 
-@pytest.mark.parametrize("name", ENGINE_FAMILIES)
+@pytest.mark.parametrize("name", ENGINE_FAMILIES + NEW_FORMS)
 def test_staggered_requests_equal_hf_generate(name):
     model, cm = compiled_preset(name)
     work = with_stop_tokens(model, random_workload(cm.vocab_size, 10, seed=1))

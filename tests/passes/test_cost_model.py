@@ -25,6 +25,19 @@ def test_matmul_flops_equal_two_per_weight_per_token(name):
     assert cost.flops(0, 0, 10) == 10 * cost.attention_flops_per_key
 
 
+def test_experts_cost_two_flops_per_weight_per_token_and_routed_expert():
+    """Mixtral: each token runs its top-k experts' three projections (gate and up fused, down);
+    the router is a linear like the others."""
+    model, cm = compiled_preset("tiny-mixtral")
+    cfg = model.config
+    head = model.get_output_embeddings().weight
+    dense = sum(p.numel() for n, p in model.named_parameters()
+                if p.dim() == 2 and p is not head and "embed" not in n)
+    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
+    experts = cfg.num_hidden_layers * cfg.num_experts_per_tok * per_expert
+    assert graph_cost(cm.graph_module).flops(7, 3, 0) == 2 * (dense + experts) * 7 + 2 * head.numel() * 3
+
+
 @pytest.mark.skipif(not KERNELS, reason="neither the C GEMM (needs a C compiler) nor oneDNN is available")
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_a_lowered_graph_costs_what_the_portable_one_does(name):

@@ -1,7 +1,9 @@
 """Structural invariants of each stage (passes/README.md)."""
 import torch
 
+from orca_compile.dump import expert_layers, layer_of
 from orca_compile.ops import ATTENTION
+from orca_compile.passes.split_attention import is_attention_softmax
 from orca_compile.passes.manager import STAGES
 from tests.conftest import compiled_preset
 
@@ -31,9 +33,15 @@ def test_no_sdpa_softmax_or_batch_dim_left(family):
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
                 assert info.batch_symbol not in _syms(val), f"{stage}: {node.name} has the batch dim"
+    softmaxes = []
     for node in cm.graph_module.graph.nodes:
-        assert node.target not in (aten.scaled_dot_product_attention.default, aten.softmax.int,
-                                   aten._softmax.default), node.name
+        assert node.target is not aten.scaled_dot_product_attention.default, node.name
+        if node.target in (aten.softmax.int, aten._softmax.default):
+            assert not is_attention_softmax(node), f"{node.name}: an attention's softmax is left"
+            softmaxes.append(node)
+    # the only softmaxes left are the routers': one per mixture-of-experts layer, and nothing else
+    routers = [layer for layer, _, _ in expert_layers(cm.graph_module)]
+    assert sorted(layer_of(n) for n in softmaxes) == sorted(routers)
 
 
 def test_dense_ops_work_on_flat_tokens(family):
