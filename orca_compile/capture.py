@@ -32,6 +32,7 @@ class CaptureInfo:
     token_symbol: object  # sympy.Symbol of the token dimension
     module_paths: dict = dataclasses.field(default_factory=dict)  # qualified name -> nn.Module
     export_seconds: float = 0.0
+    positions_in_attention: bool = False  # exported without position_ids (ALiBi): split_attention checks
 
 
 def check_supported(model: torch.nn.Module) -> None:
@@ -49,6 +50,16 @@ def check_supported(model: torch.nn.Module) -> None:
             f"{name} is not a causal LM class (model_type={config.model_type!r}); orca-compile "
             "handles decoder-only *ForCausalLM models (load with AutoModelForCausalLM)"
         )
+    if not _takes_position_ids(model) and config.model_type not in POSITIONS_IN_ATTENTION:
+        raise ValueError(f"{name}.forward takes no position_ids; orca-compile must pass each token's position "
+                         f"(families whose positions live in the attention alone: {', '.join(POSITIONS_IN_ATTENTION)})")
+
+
+# Families whose forward takes no position_ids because the positions act only inside attention
+# (ALiBi): exported without them, split_attention then requires ALiBi on every layer. Any other
+# family without position_ids derives positions from arange(T) of its input, which is wrong for a
+# flattened batch and for every decode step, and is refused (Bart's, TrOCR's decoders...).
+POSITIONS_IN_ATTENTION = ("bloom",)
 
 
 def _takes_position_ids(model: torch.nn.Module) -> bool:
@@ -152,6 +163,7 @@ def capture(model: torch.nn.Module, max_tokens: int | None = None) -> torch.fx.G
         token_symbol=ids_val.shape[1].node.expr,
         module_paths=dict(model.named_modules()),
         export_seconds=export_seconds,
+        positions_in_attention=not _takes_position_ids(model),
     )
     return gm
 

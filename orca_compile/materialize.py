@@ -129,7 +129,11 @@ def materialize(gm: torch.fx.GraphModule, reader: CheckpointReader, buffers: dic
     done: dict[int, torch.Tensor] = {}  # a tied weight (one meta tensor, two names) is read once
     for node in gm.graph.find_nodes(op="get_attr"):
         t = fetch_attr(gm, node.target)
-        if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.device.type != "meta":  # computed while compiling (ALiBi slopes): real already, on the CPU
+            if t.device != torch.device(device):
+                _put(gm, node.target, done.setdefault(id(t), t.to(device)))
             continue
         source, dim, ranges = slices.get(node.target, (node.target, None, None))
         if id(t) in done:
@@ -146,11 +150,15 @@ def materialize(gm: torch.fx.GraphModule, reader: CheckpointReader, buffers: dic
         if tuple(real.shape) != tuple(t.shape):
             raise ValueError(f"{source!r}: the checkpoint's slice is {tuple(real.shape)}, the graph needs "
                              f"{tuple(t.shape)}")
-        *path, leaf = node.target.split(".")
-        owner = gm.get_submodule(".".join(path)) if path else gm
-        real = done.setdefault(id(t), real.to(device).contiguous())
-        if isinstance(getattr(owner, leaf), torch.nn.Parameter):
-            setattr(owner, leaf, torch.nn.Parameter(real, requires_grad=False))
-        else:
-            owner.register_buffer(leaf, real, persistent=False)
+        _put(gm, node.target, done.setdefault(id(t), real.to(device).contiguous()))
     return gm
+
+
+def _put(gm: torch.fx.GraphModule, target: str, real: torch.Tensor) -> None:
+    """``real`` in place of the tensor at ``target``, a parameter if that was one."""
+    *path, leaf = target.split(".")
+    owner = gm.get_submodule(".".join(path)) if path else gm
+    if isinstance(getattr(owner, leaf), torch.nn.Parameter):
+        setattr(owner, leaf, torch.nn.Parameter(real, requires_grad=False))
+    else:
+        owner.register_buffer(leaf, real, persistent=False)

@@ -62,6 +62,8 @@ class AttentionSite:
     sinks: torch.fx.Node | None = None  # per-head sink logits, any shape of nh elements
     bias: torch.fx.Node | None = None  # an additive term of the scores besides the mask (baddbmm's)
     alibi_slopes: torch.Tensor | None = None  # [nh] float64, found by evaluating the bias
+    sink_scale: float = 1.0  # factors applied after the sink column joined the scores
+    bias_scale: float = 1.0  # and after the bias joined them
 
 
 class UnsupportedAttention(ValueError):
@@ -85,6 +87,10 @@ def split_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         site.sliding_window = _mask_window(gm, site, info, probes)
         if site.bias is not None:
             site.alibi_slopes = _alibi_slopes(gm, site, info, probes)
+        if getattr(info, "positions_in_attention", False) and site.alibi_slopes is None:
+            raise UnsupportedAttention(
+                f"{info.model_class} takes no position_ids, but its attention in {site.module_path or site.out.name} "
+                "has no ALiBi bias: nothing would tell its tokens' positions apart")
 
     inputs = _add_inputs(gm, sites)
     for i, site in enumerate(sites):
@@ -219,6 +225,7 @@ def _match_eager(softmax) -> AttentionSite:
     # backward: [cast] [- max] [cat sinks] [+ mask] [softcap] [* scale] [view] matmul(q, k^T)
     node = softmax.args[0]
     mask, softcap, scale, sinks, bias = None, 0.0, 1.0, None, None
+    sink_scale = bias_scale = 1.0
     while True:
         chain.append(node)
         if node.target in _CASTS:
@@ -227,7 +234,9 @@ def _match_eager(softmax) -> AttentionSite:
             chain.extend([node.args[1], node.args[1].args[0]] if node.args[1].target is operator.getitem else [node.args[1]])
             node = node.args[0]  # softmax(x - max(x)) = softmax(x)
         elif node.target is aten.cat.default and sinks is None and dropped_sink and _is_sink_cat(node):
-            sinks = node.args[0][1]
+            if softcap:
+                raise UnsupportedAttention("a soft-cap applies to the sink logits too; the op caps the scores alone")
+            sinks, sink_scale = node.args[0][1], scale  # what scaled the cat scaled the sink too
             node = node.args[0][0]
         elif node.target is aten.add.Tensor and mask is None and isinstance(node.args[1], torch.fx.Node):
             mask, node = node.args[1], node.args[0]
@@ -248,6 +257,9 @@ def _match_eager(softmax) -> AttentionSite:
             if beta not in (0, 1):
                 raise UnsupportedAttention(f"baddbmm with beta={beta}: expected a bias added as is")
             bias = node.args[0] if beta else None
+            if bias is not None and softcap:
+                raise UnsupportedAttention("a soft-cap applies to the score bias too; the op adds the bias after it")
+            bias_scale = scale  # what scaled baddbmm's result scaled its bias too
             scale *= alpha
             qk, (q, kt) = node, node.args[1:3]
             break
@@ -265,7 +277,7 @@ def _match_eager(softmax) -> AttentionSite:
     _check_rank3(q, k, v)
     return AttentionSite(q=q, k=_strip_repeat_kv(k), v=_strip_repeat_kv(v), out=pv, scale=scale,
                          softcap=softcap, mask=mask, is_causal=False, erase=list(dict.fromkeys([pv, *chain, qk, kt])),
-                         sinks=sinks, bias=bias)
+                         sinks=sinks, bias=bias, sink_scale=sink_scale, bias_scale=bias_scale)
 
 
 def _keeps_last_two(view) -> bool:
@@ -385,10 +397,14 @@ def _sinks_and_slopes(gm, site, layer) -> tuple:
     if site.sinks is not None:
         root = _sink_logits(site.sinks, num_heads)
         sinks = _emit(graph, aten.reshape.default, (root, [num_heads]), site.out)
+        if site.sink_scale != 1.0:
+            sinks = _emit(graph, aten.mul.Tensor, (sinks, float(site.sink_scale)), site.out)
     slopes = None
     if site.alibi_slopes is not None:
         name = f"orca_alibi_slopes_{layer}"
-        gm.register_buffer(name, site.alibi_slopes.to(_val(site.q).dtype), persistent=False)
+        q = _val(site.q)
+        device = q.device if q.device.type != "meta" else torch.device("cpu")  # a meta model: moved when materialised
+        gm.register_buffer(name, site.alibi_slopes.to(q.dtype).to(device), persistent=False)
         slopes = graph.get_attr(name)
         fake_mode = torch._guards.detect_fake_mode([_val(site.q)])
         slopes.meta["val"] = fake_mode.from_tensor(getattr(gm, name))
@@ -434,7 +450,7 @@ def _alibi_slopes(gm, site, info, probes):
     """The per-head slopes of an additive score bias that is ALiBi (``slope_h * key_position`` plus
     anything constant along a query's row, which the softmax ignores), found by evaluating the
     bias on a probe sequence; None when the bias is zero; ``ValueError`` for any other bias."""
-    n = 16
+    n = 64  # long enough that a bias linear over a few keys only is not taken for ALiBi
     key = (site.bias, n)
     if key not in probes:
         probes[key] = _evaluate(gm, site.bias, n).to(torch.float64)
@@ -449,13 +465,16 @@ def _alibi_slopes(gm, site, info, probes):
     rel = value - value[..., :1]  # remove what is constant along each row
     slopes = rel[:, -1, -1] / (n - 1)
     fit = slopes[:, None, None] * torch.arange(n, dtype=torch.float64)
-    tol = 64 * torch.finfo(_val(site.bias).dtype).eps * (1 + rel.abs().amax())
+    # a few ulps of the largest value, in the bias's dtype or float32, whichever is coarser: models
+    # compute ALiBi in float32 and cast it (Bloom: float32 slopes times float32 positions)
+    eps = max(torch.finfo(_val(site.bias).dtype).eps, torch.finfo(torch.float32).eps)
+    tol = 4 * eps * float(value.abs().amax()) + 1e-12
     if not torch.allclose(rel, fit.expand_as(rel), rtol=0, atol=float(tol)):
         raise UnsupportedAttention(f"{info.model_class} attention in {site.module_path}: the scores carry an additive "
                                    "bias that is not ALiBi's (linear in the key position, one slope per head)")
     if not bool(slopes.any()):
         return None
-    return slopes.expand(num_heads).clone()
+    return slopes.expand(num_heads).clone() * site.bias_scale
 
 
 def _evaluate_mask(gm, mask, n):

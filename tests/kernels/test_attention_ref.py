@@ -57,18 +57,6 @@ def test_matches_dense(impl, dtype, extra, nh, nkv, window, softcap):
     assert torch.equal(kc.view(-1, nkv, hd)[slots], k)
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (3, 10.0)])
-def test_without_sinks_and_alibi_is_the_plain_op(impl, window, softcap):
-    """None for both is the op as it was: bit for bit the call without the two arguments (the fast
-    paths, SDPA in the reference and the plain softmax rows in C, are kept)."""
-    _skip_without_c(impl)
-    args, _ = paged_batch(MIXED, 4, 2, 16, 16, 4, torch.float32, seed=3)
-    plain = IMPLS[impl](*(a.clone() for a in args), 0.25, window, softcap)
-    with_nones = IMPLS[impl](*(a.clone() for a in args), 0.25, window, softcap, None, None)
-    assert torch.equal(plain, with_nones)
-
-
 def test_sinks_take_weight_from_every_key():
     """A sink far above every score leaves each output near 0 (its weights sum to ~0, not 1); one far
     below changes nothing."""

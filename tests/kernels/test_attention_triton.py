@@ -141,16 +141,6 @@ def test_sinks_and_alibi_match_the_dense_oracle(case):
     torch.testing.assert_close(out.double().cpu(), want, atol=_tolerance(dtype, v), rtol=0)
 
 
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (3, 10.0)])
-def test_without_sinks_and_alibi_is_the_plain_kernel(window, softcap):
-    """None for both launches the kernel as it was (USE_SINKS and USE_ALIBI off): bit for bit the
-    call without the two arguments."""
-    args = _batch(MIXED, 4, 2, 16, 16, 4, torch.float32, seed=2)
-    plain = attention_triton.attention(*(a.clone() for a in args), 0.25, window, softcap)
-    with_nones = attention_triton.attention(*(a.clone() for a in args), 0.25, window, softcap, None, None)
-    assert torch.equal(plain, with_nones)
-
-
 def test_sinks_of_the_wrong_shape_raise():
     args = _batch([(0, 2)], 4, 2, 16, 16, 4, torch.float32)
     with pytest.raises(ValueError, match=r"sinks must be one value per query head"):

@@ -13,7 +13,7 @@ import torch.fx
 
 import orca_compile
 from orca_compile.kernels import attention_cpu, gemm_cpu, norm_cpu, rope_cpu
-from orca_compile.ops import ATTENTION
+from orca_compile.ops import ATTENTION, EXPERT_LINEAR
 from orca_compile.passes import lower_cpu
 from orca_compile.presets import load_model
 from orca_compile.runtime.batch import RaggedBatch
@@ -74,6 +74,11 @@ def test_every_linear_is_packed_and_the_activation_fused(name, kernel):
     want = ({ACTIVATION[name]: mlps} if fused else {}) | OTHER_FUSIONS.get(name, {})
     assert lowered.meta["orca_lowering"]["fused_activations"] == want
     assert sum(_fused_flag(n, kernel) for n in packed) == sum(want.values())
+    # the experts' weights stored [E, out, in] are laid out [E, in, out] once (read row after row)
+    experts = list(cm.graph_module.graph.find_nodes(op="call_function", target=EXPERT_LINEAR))
+    assert lowered.meta["orca_lowering"]["experts_laid_out"] == len({n.args[2].target for n in experts
+                                                                       if not n.args[4]})
+    assert all(n.args[4] for n in lowered.graph.find_nodes(op="call_function", target=EXPERT_LINEAR))
     # the C kernel's lowering also calls the C attention directly, skipping the op's dispatch
     direct = layers if kernel == "orca" and attention_cpu.available() else 0
     assert lowered.meta["orca_lowering"]["direct_attention"] == direct
