@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="serving benchmark: the engine against HF baselines in the same run")
-    p.add_argument("workload", nargs="?", default="w1", help="w1 (GPT-2-small shape, issue 3) or w1-tiny")
+    p.add_argument("workload", nargs="?", default="w1",
+                   help="w1 (GPT-2-small shape, issue 3), w1-moe (W1's requests, Mixtral-shaped) or w1-tiny")
     p.add_argument("--systems", default="engine,hf-static,hf-continuous")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the workload's")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the workload's")
