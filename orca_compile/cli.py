@@ -87,6 +87,8 @@ def _add_engine_args(p):
                    help="default: max-num-seqs full contexts, memory permitting")
     g.add_argument("--kv-mode", default=DEFAULTS.kv_mode, choices=["paged", "reserve"])
     g.add_argument("--policy", default=DEFAULTS.policy, choices=list(POLICIES), help="scheduling policy")
+    g.add_argument("--policy-option", dest="policy_options", action="append", default=[], metavar="KEY=INT",
+                   help="a keyword argument of the policy, e.g. mlfq's quantum=16 (repeatable)")
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
                    help="tensor-parallel ranks, one process each over torch.distributed (gloo on the CPU)")
@@ -98,8 +100,28 @@ def _add_engine_args(p):
 def _engine_kwargs(args) -> dict:
     return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_mode=args.kv_mode,
-                policy=args.policy, chunked_prefill=not args.no_chunked_prefill, backend=args.backend,
+                policy=args.policy, policy_options=_policy_options(args.policy_options),
+                chunked_prefill=not args.no_chunked_prefill, backend=args.backend,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size)
+
+
+def _policies():
+    from orca_compile.runtime.policy import POLICIES
+
+    return POLICIES
+
+
+def _policy_options(items: list[str]) -> dict:
+    options = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            if not key:
+                raise ValueError
+            options[key] = int(value)
+        except ValueError:
+            raise ValueError(f"--policy-option takes KEY=INTEGER, got {item!r}") from None
+    return options
 
 
 def _token_ids(text: str) -> list[int]:
@@ -171,11 +193,9 @@ def _stream(engine, prompt, params) -> int:
     if engine.tokenizer is None:
         raise ValueError("--stream prints text, and this model has no tokenizer: pass --tokenizer, or drop "
                          "--stream to see the token ids")
-    engine.add_request("stream", prompt, params)
     out = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            print(out.new_text, end="", flush=True)
+    for out in engine.stream(prompt, params):
+        print(out.new_text, end="", flush=True)
     print()
     if out.logprobs is not None:
         print(f"logprobs: {[round(x, 4) for x in out.logprobs]}")
@@ -188,7 +208,7 @@ def cmd_demo(args) -> int:
     from orca_compile.presets import DEFAULT_PRESET
 
     run_demo(args.model or DEFAULT_PRESET, num_requests=args.requests, seed=args.seed, dtype=args.dtype or "float32",
-             device=args.device)
+             device=args.device, policy=args.policy)
     return 0
 
 
@@ -299,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--requests", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", default=DEFAULTS.policy, choices=list(_policies()),
+                   help="scheduling policy (priority: each request gets a random priority 0-3)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="serving benchmark: the engine against HF baselines in the same run")

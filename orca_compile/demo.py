@@ -24,7 +24,7 @@ HEADER = " iter prefill decode  run wait   KV used      ms  batch (id:Pn prefill
 
 def run_demo(model_name: str, num_requests: int = 12, seed: int = 0, max_num_seqs: int = 6,
              max_num_batched_tokens: int = 48, num_kv_blocks: int = 40, block_size: int = 8,
-             dtype: str = "float32", device: str | None = None, out=None) -> dict:
+             dtype: str = "float32", device: str | None = None, policy: str = "fcfs", out=None) -> dict:
     import orca_compile
     from orca_compile import SamplingParams, dump
     from orca_compile.presets import load_model
@@ -36,24 +36,25 @@ def run_demo(model_name: str, num_requests: int = 12, seed: int = 0, max_num_seq
     compiled = orca_compile.compile(model, backend="auto")  # every stage, down to the graph that runs here
     print(dump.summary(compiled), file=out)
     engine = orca_compile.optimize(compiled, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                   block_size=block_size, num_kv_blocks=num_kv_blocks)
+                                   block_size=block_size, num_kv_blocks=num_kv_blocks, policy=policy)
     rng = random.Random(seed)
     longest = min(compiled.max_model_len or 512, num_kv_blocks * block_size) // 2
     arrivals = sorted((rng.randint(0, 3 * num_requests), f"r{i}") for i in range(num_requests))
     plan = {rid: ([rng.randrange(1, compiled.vocab_size) for _ in range(rng.randint(4, longest // 2))],
-                  SamplingParams(max_tokens=rng.randint(4, longest // 2), ignore_eos=True))
-            for _, rid in arrivals}
+                  SamplingParams(max_tokens=rng.randint(4, longest // 2), ignore_eos=True), rng.randint(0, 3))
+            for _, rid in arrivals}  # (prompt, params, priority: the priority policy's, lower first)
     print(f"\nserving {num_requests} requests arriving over {arrivals[-1][0] + 1} iterations "
           f"(max_num_seqs={max_num_seqs}, token budget {max_num_batched_tokens}, {num_kv_blocks} KV blocks "
-          f"of {block_size}; backend {engine.backend}):\n", file=out)
+          f"of {block_size}; backend {engine.backend}; policy {policy}):\n", file=out)
     print(HEADER, file=out)
     iteration, finished, start = 0, [], time.perf_counter()
     while arrivals or engine.has_unfinished_requests():
         joined = []
         while arrivals and arrivals[0][0] <= iteration:
             rid = arrivals.pop(0)[1]
-            engine.add_request(rid, *plan[rid])
-            joined.append(rid)
+            prompt, params, priority = plan[rid]
+            engine.add_request(rid, prompt, params, priority=priority)
+            joined.append(f"{rid}(p{priority})" if policy == "priority" else rid)
         before = engine.num_iterations
         outs = engine.step()
         iteration += 1

@@ -22,7 +22,8 @@ _D = DEFAULTS
 
 def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
              max_num_batched_tokens: int = _D.max_num_batched_tokens, block_size: int = _D.block_size,
-             num_kv_blocks: int | None = _D.num_kv_blocks, policy: str = _D.policy, tokenizer=None,
+             num_kv_blocks: int | None = _D.num_kv_blocks, policy: str = _D.policy,
+             policy_options: dict | None = None, tokenizer=None,
              kv_mode: str = _D.kv_mode, chunked_prefill: bool = _D.chunked_prefill,
              max_model_len: int | None = _D.max_model_len, backend: str = DEFAULT_BACKEND,
              executor: str = _D.executor, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
@@ -39,7 +40,9 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     the full context, capped at 90% of free GPU memory or 25% of available host memory.
     ``backend``: the compiler's lowering (``orca_compile.config.BACKENDS``; ``auto``: the fastest
     that applies here). ``policy`` and ``executor``: registered names
-    (``runtime/policy.py``, ``runtime/executor.py``). ``tensor_parallel_size`` > 1: that many
+    (``runtime/policy.py``, ``runtime/executor.py``: ``fcfs``, ``priority``, ``static``, ``mlfq``),
+    ``policy_options`` the policy's keyword arguments (``mlfq``: ``quantum``, ``num_queues``,
+    ``starvation_iterations``, ``resident_factor``). ``tensor_parallel_size`` > 1: that many
     worker processes, each with its shard of every layer (``executor="multiproc"``, chosen for you
     when ``executor`` is left at ``local``). ``pipeline_parallel_size`` > 1: that many stages,
     with up to ``max_in_flight`` iterations in flight (default: one per stage; 1: one at a time).
@@ -81,6 +84,7 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
         executor = "multiproc"
     config = EngineConfig(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, policy=policy,
+                          policy_options=dict(policy_options or {}),
                           kv_mode=kv_mode, chunked_prefill=chunked_prefill, max_model_len=max_model_len,
                           executor=executor, max_in_flight=max_in_flight)
     source = model_spec(model_or_path, backend=backend, dtype=dtype, device=device,

@@ -19,6 +19,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget of one iteration (decodes + prefill chunks)
     block_size: int = 16  # tokens per KV cache block
     policy: str = "fcfs"  # a registered scheduling policy (runtime/policy.py)
+    policy_options: dict = dataclasses.field(default_factory=dict)  # its keyword arguments (mlfq's quantum...)
     # "paged": blocks on demand, preempt (recompute) the policy's victim when they run out.
     # "reserve": Orca's scheme, reserve prompt + max_tokens slots at admission, never preempt.
     kv_mode: str = "paged"
@@ -44,7 +45,12 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an integer >= 0 (0: no limit; None: the model's), got {m!r}")
         if not isinstance(self.chunked_prefill, bool):
             raise ValueError(f"chunked_prefill must be True or False, got {self.chunked_prefill!r}")
+        if not isinstance(self.policy_options, dict):
+            raise ValueError(f"policy_options must be a dict, got {self.policy_options!r}")
         for name, value, allowed in (("policy", self.policy, POLICIES), ("kv_mode", self.kv_mode, KV_MODES),
                                      ("executor", self.executor, EXECUTORS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; one of {', '.join(allowed)}")
+        from orca_compile.runtime.policy import make_policy
+
+        make_policy(self.policy, self.policy_options)  # its options are checked now, not at the first step

@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import operator
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -92,17 +92,21 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None) -> None:
-        """Queue a request; it joins the batch at the next iteration with room for it."""
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        """Queue a request; it joins the batch at the next iteration with room for it. ``priority``:
+        the ``priority`` policy's order (lower first); other policies ignore it."""
         self._check_open()
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer (lower runs first), got {priority!r}")
         if request_id in self.scheduler:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         prompt_ids = self._prompt_ids(prompt)
         self._check_fits(prompt_ids, params)
-        req = Request(request_id, prompt_ids, params, next(self._arrivals), self.info.eos_token_ids)
+        req = Request(request_id, prompt_ids, params, next(self._arrivals), self.info.eos_token_ids, priority)
         self.scheduler.add(req)
         if self.tokenizer is not None:
             if self._special_ids is None:
@@ -183,8 +187,10 @@ class Engine:
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 on_step: Callable[[IterationStats, list[RequestOutput]], None] | None = None) -> list[RequestOutput]:
+                 on_step: Callable[[IterationStats, list[RequestOutput]], None] | None = None,
+                 priority: int | Sequence[int] = 0) -> list[RequestOutput]:
         """Serve ``prompts`` to completion; returns their final outputs in prompt order.
+        ``priority``: one for all prompts or one each (the ``priority`` policy's; lower first).
 
         Requests already in the engine keep being served alongside (their outputs go to nobody:
         drive ``step()`` yourself to see them). If one prompt is refused, none of this call's
@@ -197,13 +203,16 @@ class Engine:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        priorities = [priority] * len(prompts) if isinstance(priority, int) else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"{len(priorities)} priorities for {len(prompts)} prompts")
         ids = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
+        for i, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):
             rid = f"generate-{next(self._auto_ids)}"
             while rid in self.scheduler:  # a caller's own request may hold the name
                 rid = f"generate-{next(self._auto_ids)}"
             try:
-                self.add_request(rid, prompt, p)
+                self.add_request(rid, prompt, p, priority=prio)
             except Exception as exc:
                 for added in ids:
                     self.abort_request(added)
@@ -221,6 +230,28 @@ class Engine:
             if on_step is not None and self.last_iteration is not None:
                 on_step(self.last_iteration, outputs)
         return [final[rid] for rid in ids]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               priority: int = 0) -> Iterator[RequestOutput]:
+        """Serve one prompt and yield its output at each iteration that gives it tokens:
+        ``new_token_ids`` (and ``new_text`` with a tokenizer) are that step's, the last one has
+        ``finished`` set. Requests already in the engine are served alongside. Leaving the loop
+        early (``break``, an exception, closing the generator) aborts the request."""
+        rid = f"stream-{next(self._auto_ids)}"
+        while rid in self.scheduler:
+            rid = f"stream-{next(self._auto_ids)}"
+        self.add_request(rid, prompt, params, priority=priority)
+        done = False
+        try:
+            while not done:
+                assert self.has_unfinished_requests(), "the request vanished without a final output"
+                for out in self.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done and not self._closed:
+                self.abort_request(rid)
 
     @property
     def block_manager(self):

@@ -78,11 +78,12 @@ class Request:
     """
 
     __slots__ = ("request_id", "prompt_token_ids", "params", "arrival", "token_ids", "logprobs",
-                 "num_computed_tokens", "status", "num_preemptions", "stop_ids")
+                 "num_computed_tokens", "status", "num_preemptions", "stop_ids", "priority")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int,
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), priority: int = 0):
         self.request_id = request_id
+        self.priority = priority  # the priority policy's: lower first
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.arrival = arrival  # FCFS order: a counter, not a clock, so ties cannot happen

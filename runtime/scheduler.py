@@ -14,6 +14,12 @@ victim, how it is preempted); this module carries them out. Order within an iter
    admission (``fcfs``) admission stops at the first request that does not fit: a short request
    never overtakes a long one.
 
+That is ``decodes_first`` (fcfs, static). A policy without it (priority, mlfq) is served by
+``_by_key``: residents and waiting requests together, strictly in its order, the first
+``max_num_seqs`` that fit; a request short of a slot (``max_resident``) or of blocks preempts the
+resident with the largest key above its own (``displaces``), and residents past the batch pause
+with their blocks kept.
+
 KV modes. ``reserve`` is Orca's: a request is admitted only with blocks for
 ``prompt + max_tokens - 1`` slots, so nothing is ever preempted. ``paged`` allocates blocks as
 tokens arrive; when they run out, the policy's victim (``fcfs``: the latest-arrived running request) is preempted by recompute:
@@ -70,7 +76,7 @@ class Scheduler:
                  policy: SchedulingPolicy | None = None):
         self.config = config
         self.block_manager = block_manager or KVBlockManager(config.num_kv_blocks, config.block_size)
-        self.policy = policy if policy is not None else make_policy(config.policy)
+        self.policy = policy if policy is not None else make_policy(config.policy, config.policy_options)
         self._key = self.policy.key
         self.waiting: list[Request] = []  # in the policy's order
         self.running: list[Request] = []  # in the policy's order
@@ -86,6 +92,7 @@ class Scheduler:
     def add(self, req: Request) -> None:
         assert req.request_id not in self, f"request id {req.request_id!r} is taken"
         self.requests[req.request_id] = req
+        self.policy.added(req)
         bisect.insort(self.waiting, req, key=self._key)
 
     def abort(self, request_id: str) -> Request | None:
@@ -136,9 +143,6 @@ class Scheduler:
         self.running.sort(key=self._key)
         self.waiting.sort(key=self._key)
         budget = self.config.max_num_batched_tokens
-        chosen: dict[str, tuple[Request, int]] = {}  # insertion order is batch order
-        preempted: list[str] = []
-
         busy = self.in_flight
         ready = [r for r in self.running if r.request_id not in busy] if busy else self.running
         # with iterations in flight, each takes its share of the requests (Orca keeps as many
@@ -146,44 +150,11 @@ class Scheduler:
         # stages idle)
         runnable = min(len(self.requests), self.config.max_num_seqs)  # the admitted and the admittable
         cap = -(-runnable // self.pipeline_depth) if self.pipeline_depth > 1 else runnable
-        decodes = [r for r in ready if r.num_pending_tokens == 1]
-        prefills = [r for r in ready if r.num_pending_tokens > 1]
-        for req in decodes + prefills:
-            if budget == 0 or len(chosen) >= cap:
-                break
-            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
-                continue
-            n = min(req.num_pending_tokens, budget)
-            while not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
-                # never a request in flight: a stage may still write its K/V into its blocks
-                victim = self.policy.victim([r for r in self.running if r.request_id not in busy])
-                budget += chosen.pop(victim.request_id, (None, 0))[1]
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is req:
-                    break
-            if req.status is RequestStatus.RUNNING:
-                chosen[req.request_id] = (req, n)
-                budget -= n
-
-        # Admitting while preempting would only thrash: the freed blocks go to the running ones.
-        i = 0
-        while not preempted and i < len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0 \
-                and len(chosen) < cap:
-            req = self.waiting[i]
-            n = min(req.num_pending_tokens, budget)
-            need = req.max_kv_tokens if self.config.kv_mode == "reserve" else req.num_computed_tokens + n
-            if (n < req.num_pending_tokens and not self.config.chunked_prefill) or \
-                    not self.block_manager.allocate(req.request_id, need):
-                if self.policy.strict_admission:
-                    break
-                i += 1
-                continue
-            self.waiting.pop(i)
-            req.status = RequestStatus.RUNNING
-            bisect.insort(self.running, req, key=self._key)
-            chosen[req.request_id] = (req, n)
-            budget -= n
+        if self.policy.decodes_first:
+            chosen, preempted = self._decodes_first(ready, budget, cap, busy)
+        else:
+            chosen, preempted = self._by_key(ready, budget, cap, busy)
+        self.policy.served({rid: n for rid, (_, n) in chosen.items()}, self.requests.values())
 
         out = SchedulerOutput([], [], [], [], [], [], preempted, self._finished_ids)
         self._finished_ids = []
@@ -232,6 +203,100 @@ class Scheduler:
         assert j == len(sampled), f"{len(sampled)} sampled tokens for {j} sampling requests"
         return touched
 
+    def _decodes_first(self, ready, budget, cap, busy):
+        """Orca's order: running decodes, running prefill chunks, then admissions (strict under fcfs)."""
+        chosen: dict[str, tuple[Request, int]] = {}  # insertion order is batch order
+        preempted: list[str] = []
+        decodes = [r for r in ready if r.num_pending_tokens == 1]
+        prefills = [r for r in ready if r.num_pending_tokens > 1]
+        for req in decodes + prefills:
+            if budget == 0 or len(chosen) >= cap:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(req.num_pending_tokens, budget)
+            while not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
+                # never a request in flight: a stage may still write its K/V into its blocks
+                victim = self.policy.victim([r for r in self.running if r.request_id not in busy])
+                budget += chosen.pop(victim.request_id, (None, 0))[1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                chosen[req.request_id] = (req, n)
+                budget -= n
+
+        # Admitting while preempting would only thrash: the freed blocks go to the running ones.
+        # Request-level batching admits only into an empty engine (a new batch).
+        admitting = not preempted and not (self.policy.forms_batches and self.running)
+        i = 0
+        while admitting and i < len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0 \
+                and len(chosen) < cap:
+            req = self.waiting[i]
+            n = min(req.num_pending_tokens, budget)
+            need = req.max_kv_tokens if self.config.kv_mode == "reserve" else req.num_computed_tokens + n
+            if (n < req.num_pending_tokens and not self.config.chunked_prefill) or \
+                    not self.block_manager.allocate(req.request_id, need):
+                if self.policy.strict_admission:
+                    break
+                i += 1
+                continue
+            self.waiting.pop(i)
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=self._key)
+            chosen[req.request_id] = (req, n)
+            budget -= n
+        return chosen, preempted
+
+    def _by_key(self, ready, budget, cap, busy):
+        """Every request, resident or waiting, strictly in the policy's order: the first ``cap``
+        that fit run; a request short of a slot or blocks takes them from a resident with a larger
+        key (``displaces``), which is preempted. Residents past the first ``cap`` pause with their
+        blocks kept. Whatever has a larger key than the request at hand has not been chosen yet,
+        so no chosen work is ever undone."""
+        chosen: dict[str, tuple[Request, int]] = {}
+        preempted: list[str] = []
+        max_resident = self.policy.max_resident(self.config)
+        key = self._key
+        for req in sorted(ready + self.waiting, key=key):
+            if budget == 0 or len(chosen) >= cap:
+                break
+            if req.request_id in preempted:  # preempted earlier in this loop: not again this iteration
+                continue
+            admitting = req.status is RequestStatus.WAITING
+            n = min(req.num_pending_tokens, budget)
+            if admitting and n < req.num_pending_tokens and not self.config.chunked_prefill:
+                continue
+            need = req.max_kv_tokens if admitting and self.config.kv_mode == "reserve" else req.num_computed_tokens + n
+            worse = [r for r in self.running if r.request_id not in busy and r is not req and key(r) > key(req)]
+            if admitting and len(self.running) >= max_resident:
+                if not (self.policy.displaces and worse):
+                    continue
+                victim = self.policy.victim(worse)
+                worse.remove(victim)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+            while not self.block_manager.allocate(req.request_id, need):
+                if not worse:
+                    break
+                victim = self.policy.victim(worse)
+                worse.remove(victim)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+            else:
+                if admitting:
+                    self.waiting.remove(req)
+                    req.status = RequestStatus.RUNNING
+                    bisect.insort(self.running, req, key=key)
+                chosen[req.request_id] = (req, n)
+                budget -= n
+                continue
+            if not admitting:  # a resident that cannot grow now: it gives its blocks back
+                self._preempt(req)
+                preempted.append(req.request_id)
+        return chosen, preempted
+
     # ---- helpers -----------------------------------------------------------------------------
 
     def _preempt(self, req: Request) -> None:
@@ -249,5 +314,6 @@ class Scheduler:
         else:
             self.block_manager.free(req.request_id)
         del self.requests[req.request_id]
+        self.policy.removed(req.request_id)
         self._finished_ids.append(req.request_id)
 

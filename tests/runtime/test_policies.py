@@ -1,0 +1,225 @@
+"""Scheduling policies beyond Orca's FCFS: priority, static (request-level batching) and FastServe's
+skip-join MLFQ. Their decisions on the scheduler alone (no model), and every request's tokens and
+log-probs against HF under each of them with the engine (float64)."""
+import random
+
+import pytest
+import torch
+
+import orca_compile
+from orca_compile import SamplingParams
+from orca_compile.config import EngineConfig
+from orca_compile.runtime.block_manager import KVBlockManager
+from orca_compile.runtime.policy import MLFQ
+from orca_compile.runtime.request import Request
+from orca_compile.runtime.scheduler import Scheduler
+from tests.acceptance.test_engine_vs_hf import assert_drained, check_against_hf, hf_generate, random_workload
+from tests.conftest import compiled_preset
+
+
+class Sim:
+    """The scheduler driven as the engine drives it, every request sampling token 7; records which
+    requests each iteration ran and when each finished."""
+
+    def __init__(self, num_blocks=64, block_size=4, **kw):
+        self.s = Scheduler(EngineConfig(num_kv_blocks=num_blocks, block_size=block_size, **kw),
+                           KVBlockManager(num_blocks, block_size))
+        self.arrivals = 0
+        self.iteration = 0
+        self.ran: list[list[str]] = []
+        self.finished: dict[str, int] = {}
+
+    def add(self, rid, prompt_len, max_tokens, priority=0):
+        req = Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                      self.arrivals, priority=priority)
+        self.arrivals += 1
+        self.s.add(req)
+
+    def step(self):
+        out = self.s.schedule()
+        self.ran.append(list(out.request_ids))
+        for req, _ in self.s.update(out, [7] * sum(out.sample), None):
+            if req.status.finished:
+                self.finished[req.request_id] = self.iteration
+        self.iteration += 1
+
+    def drain(self, limit=5000):
+        while self.s.has_unfinished():
+            self.step()
+            assert self.iteration < limit, "no progress"
+        assert self.s.num_kv_blocks_used == 0
+        self.s.block_manager.check()
+
+
+def _long_jobs_then_a_short_one(policy):
+    sim = Sim(max_num_seqs=2, max_num_batched_tokens=64, policy=policy)
+    for i in range(4):
+        sim.add(f"long{i}", 8, 60)
+    for _ in range(20):
+        sim.step()
+    sim.add("short", 8, 4)
+    sim.drain()
+    return sim
+
+
+def test_a_short_job_behind_long_ones_finishes_earlier_under_mlfq_than_fcfs():
+    fcfs, mlfq = _long_jobs_then_a_short_one("fcfs"), _long_jobs_then_a_short_one("mlfq")
+    # FCFS: the short job waits for two long ones to finish (head-of-line blocking)
+    assert fcfs.finished["short"] > fcfs.finished["long1"]
+    # MLFQ: the long jobs have used queue 0's quantum; the short one joins queue 0 and runs at once
+    assert mlfq.finished["short"] <= 20 + 5
+    assert fcfs.finished["short"] - 20 > 5 * (mlfq.finished["short"] - 20)
+    assert sorted(mlfq.finished) == sorted(fcfs.finished)  # everyone finished under both
+
+
+def test_mlfq_skip_join_and_demotion():
+    sim = Sim(max_num_seqs=4, max_num_batched_tokens=256, policy="mlfq", policy_options=dict(quantum=8, num_queues=4))
+    policy = sim.s.policy
+    assert isinstance(policy, MLFQ) and [policy.quantum_of(i) for i in range(4)] == [8, 16, 32, float("inf")]
+    sim.add("short-prompt", 5, 40)
+    sim.add("long-prompt", 30, 4)  # 30 > 8 and 16 but <= 32: skips to queue 2
+    assert (policy.level["short-prompt"], policy.level["long-prompt"]) == (0, 2)
+    sim.step()  # short-prompt ran its 5 prompt tokens: queue 0 still (5 < 8)
+    assert policy.level["short-prompt"] == 0
+    for _ in range(3):
+        sim.step()  # 5 + 3 decode tokens = 8: queue 0's quantum used, down to queue 1
+    assert policy.level["short-prompt"] == 1
+
+
+def test_mlfq_starvation_bound_holds():
+    """One slot; a stream of short jobs keeps queue 0 busy. The long job (demoted to the last
+    queue) still runs at least once in every starvation_iterations + 1 iterations."""
+    bound = 10
+    sim = Sim(max_num_seqs=1, max_num_batched_tokens=64, policy="mlfq",
+              policy_options=dict(quantum=4, num_queues=3, starvation_iterations=bound))
+    sim.add("long", 4, 150)
+    for i in range(120):
+        sim.add(f"short{i}", 2, 2)  # twice the work one slot can do: queue 0 is never empty
+        sim.step()
+    runs = [i for i, ids in enumerate(sim.ran) if "long" in ids]
+    gaps = [b - a for a, b in zip(runs, runs[1:])]
+    assert len(runs) > 5 and max(gaps) <= bound + 1, gaps
+    assert sim.s.policy.promotions > 0
+    sim.drain()
+
+
+def test_a_higher_priority_arrival_overtakes_running_ones():
+    sim = Sim(max_num_seqs=2, max_num_batched_tokens=64, policy="priority")
+    sim.add("low-a", 6, 30, priority=5)
+    sim.add("low-b", 6, 30, priority=5)
+    for _ in range(3):
+        sim.step()
+    sim.add("urgent", 6, 3, priority=0)
+    sim.step()
+    assert "urgent" in sim.ran[-1]  # it displaced a running one at once (no free slot)
+    assert sim.s.num_preemptions == 1
+    sim.drain()
+    assert sim.finished["urgent"] < min(sim.finished["low-a"], sim.finished["low-b"])
+
+
+def test_static_batching_admits_only_into_an_empty_engine():
+    sim = Sim(max_num_seqs=4, max_num_batched_tokens=64, policy="static")
+    for i in range(3):
+        sim.add(f"first{i}", 4, 3 + 5 * i)  # finish at different times
+    sim.step()
+    sim.add("late", 4, 2)  # arrives while the batch runs
+    sim.drain()
+    first_end = max(sim.finished[f"first{i}"] for i in range(3))
+    late_start = next(i for i, ids in enumerate(sim.ran) if "late" in ids)
+    assert late_start > first_end  # it waited for the whole batch, though slots were free
+    assert all("late" not in ids for ids in sim.ran[:first_end + 1])
+
+
+def test_policy_options_are_checked():
+    with pytest.raises(ValueError, match="quantum must be an integer >= 1"):
+        EngineConfig(policy="mlfq", policy_options=dict(quantum=0))
+    with pytest.raises(ValueError, match="policy 'fcfs'"):
+        EngineConfig(policy="fcfs", policy_options=dict(quantum=4))
+
+
+@pytest.mark.parametrize("policy", ["mlfq", "priority", "static"])
+def test_every_policy_gives_hf_tokens_under_kv_pressure(policy):
+    """Staggered arrivals, chunked prefills, a cache short enough that requests are preempted and
+    recomputed: the tokens and log-probs are HF's for every request, whatever the order."""
+    model, cm = compiled_preset("tiny-llama")
+    work = random_workload(cm.vocab_size, 12, seed=5)
+    longest = max(len(p) + s.max_tokens for _, p, s, _ in work)
+    options = dict(quantum=8) if policy == "mlfq" else {}
+    engine = orca_compile.optimize(cm, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
+                                   num_kv_blocks=-(-longest // 4) + 3, policy=policy, policy_options=options)
+    rng = random.Random(0)
+    final, pending, iteration = {}, sorted(work, key=lambda w: w[3]), 0
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][3] <= iteration:
+            rid, prompt, params, _ = pending.pop(0)
+            engine.add_request(rid, prompt, params, priority=rng.randint(0, 3))
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in final
+                final[out.request_id] = out
+        iteration += 1
+        assert iteration < 3000, "no progress"
+    check_against_hf(model, work, final)
+    if policy != "static":
+        assert engine.stats()["num_preemptions"] > 0
+    assert_drained(engine)
+
+
+def test_bad_priority_is_a_value_error():
+    with orca_compile.optimize(compiled_preset("tiny-llama")[1], num_kv_blocks=16) as engine:
+        with pytest.raises(ValueError, match="priority must be an integer"):
+            engine.add_request("x", [1, 2], priority="high")
+        assert not engine.has_unfinished_requests()
+
+
+def test_priorities_reach_the_scheduler():
+    with orca_compile.optimize(compiled_preset("tiny-llama")[1], num_kv_blocks=16, policy="priority") as engine:
+        engine.add_request("x", [1, 2], SamplingParams(max_tokens=1), priority=3)
+        assert engine.scheduler.requests["x"].priority == 3
+        torch.manual_seed(0)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+
+def test_generate_takes_priorities_and_serves_the_urgent_prompt_first():
+    with orca_compile.optimize(compiled_preset("tiny-llama")[1], num_kv_blocks=64, max_num_seqs=1,
+                               policy="priority") as engine:
+        finished = []
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        outs = engine.generate([[1, 2, 3], [4, 5, 6], [7, 8]], params, priority=[2, 1, 0],
+                               on_step=lambda stats, outs: finished.extend(o.prompt_token_ids[0] for o in outs
+                                                                           if o.finished))
+        assert [len(o.token_ids) for o in outs] == [4, 4, 4]
+        assert finished == [7, 4, 1]  # one slot: strictly by priority
+        with pytest.raises(ValueError, match="2 priorities for 3 prompts"):
+            engine.generate([[1], [2], [3]], params, priority=[0, 1])
+
+
+def test_stream_yields_each_steps_tokens_and_serves_others_alongside():
+    model, cm = compiled_preset("tiny-llama")
+    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True)
+    with orca_compile.optimize(cm, num_kv_blocks=32) as engine:
+        engine.add_request("other", [9, 8, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+        outs = list(engine.stream([1, 2, 3, 4], params))
+        assert [len(o.new_token_ids) for o in outs] == [1] * 6 and outs[-1].finished
+        assert [t for o in outs for t in o.new_token_ids] == outs[-1].token_ids
+        want, _ = hf_generate(model, [1, 2, 3, 4], params)
+        assert outs[-1].token_ids == want
+        # leaving early aborts the request: its blocks are freed, nothing of it stays
+        for out in engine.stream([5, 6], SamplingParams(max_tokens=50, ignore_eos=True)):
+            break
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert engine.stats()["kv_blocks_used"] == 0 and not engine.scheduler.requests
+
+
+def test_cli_demo_and_generate_take_a_policy(capsys):
+    from orca_compile.cli import main
+
+    assert main(["demo", "--requests", "4", "--policy", "mlfq"]) == 0
+    assert "policy mlfq" in capsys.readouterr().out
+    assert main(["generate", "tiny-llama", "--prompt-ids", "1 2 3", "--max-tokens", "3", "--num-kv-blocks", "16",
+                 "--policy", "mlfq", "--policy-option", "quantum=4"]) == 0
+    assert main(["generate", "tiny-llama", "--prompt-ids", "1 2", "--policy", "mlfq",
+                 "--policy-option", "quantum"]) == 2
+    assert "--policy-option takes KEY=INTEGER" in capsys.readouterr().err
