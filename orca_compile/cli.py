@@ -86,6 +86,10 @@ def _add_engine_args(p):
     g.add_argument("--num-kv-blocks", type=int, default=DEFAULTS.num_kv_blocks,
                    help="default: max-num-seqs full contexts, memory permitting")
     g.add_argument("--kv-mode", default=DEFAULTS.kv_mode, choices=["paged", "reserve"])
+    g.add_argument("--preemption-mode", default=DEFAULTS.preemption_mode, choices=["recompute", "swap"],
+                   help="a preempted request's KV: freed and recomputed, or swapped to a host pool and back")
+    g.add_argument("--num-host-kv-blocks", type=int, default=DEFAULTS.num_host_kv_blocks,
+                   help="the swap pool's blocks (default: as many as the device cache)")
     g.add_argument("--policy", default=DEFAULTS.policy, choices=list(POLICIES), help="scheduling policy")
     g.add_argument("--policy-option", dest="policy_options", action="append", default=[], metavar="KEY=INT",
                    help="a keyword argument of the policy, e.g. mlfq's quantum=16 (repeatable)")
@@ -101,6 +105,7 @@ def _engine_kwargs(args) -> dict:
     return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_mode=args.kv_mode,
                 policy=args.policy, policy_options=_policy_options(args.policy_options),
+                preemption_mode=args.preemption_mode, num_host_kv_blocks=args.num_host_kv_blocks,
                 chunked_prefill=not args.no_chunked_prefill, backend=args.backend,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size)
 

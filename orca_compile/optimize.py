@@ -25,6 +25,7 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
              num_kv_blocks: int | None = _D.num_kv_blocks, policy: str = _D.policy,
              policy_options: dict | None = None, tokenizer=None,
              kv_mode: str = _D.kv_mode, chunked_prefill: bool = _D.chunked_prefill,
+             preemption_mode: str = _D.preemption_mode, num_host_kv_blocks: int | None = _D.num_host_kv_blocks,
              max_model_len: int | None = _D.max_model_len, backend: str = DEFAULT_BACKEND,
              executor: str = _D.executor, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
              max_in_flight: int | None = _D.max_in_flight,
@@ -41,6 +42,9 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     ``backend``: the compiler's lowering (``orca_compile.config.BACKENDS``; ``auto``: the fastest
     that applies here). ``policy`` and ``executor``: registered names
     (``runtime/policy.py``, ``runtime/executor.py``: ``fcfs``, ``priority``, ``static``, ``mlfq``),
+    ``preemption_mode``: ``recompute`` (a preempted request's blocks are freed and its tokens fed
+    again) or ``swap`` (its K/V copied to a host pool of ``num_host_kv_blocks`` blocks, default as
+    many as the device cache, and back; a full pool falls back to recompute).
     ``policy_options`` the policy's keyword arguments (``mlfq``: ``quantum``, ``num_queues``,
     ``starvation_iterations``, ``resident_factor``). ``tensor_parallel_size`` > 1: that many
     worker processes, each with its shard of every layer (``executor="multiproc"``, chosen for you
@@ -84,7 +88,8 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
         executor = "multiproc"
     config = EngineConfig(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, policy=policy,
-                          policy_options=dict(policy_options or {}),
+                          policy_options=dict(policy_options or {}), preemption_mode=preemption_mode,
+                          num_host_kv_blocks=num_host_kv_blocks,
                           kv_mode=kv_mode, chunked_prefill=chunked_prefill, max_model_len=max_model_len,
                           executor=executor, max_in_flight=max_in_flight)
     source = model_spec(model_or_path, backend=backend, dtype=dtype, device=device,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 KV_MODES = ("paged", "reserve")
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 def _positive_int(name, value):
@@ -23,6 +24,11 @@ class EngineConfig:
     # "paged": blocks on demand, preempt (recompute) the policy's victim when they run out.
     # "reserve": Orca's scheme, reserve prompt + max_tokens slots at admission, never preempt.
     kv_mode: str = "paged"
+    # how a preempted request gives its blocks back: "recompute" (freed; its tokens fed again
+    # later) or "swap" (copied to a host-memory pool and back before it runs again; a full pool
+    # falls back to recompute)
+    preemption_mode: str = "recompute"
+    num_host_kv_blocks: int | None = None  # the swap pool; None: as many as num_kv_blocks (swap only)
     chunked_prefill: bool = True  # split prompts across iterations under the token budget (Sarathi)
     max_model_len: int | None = None  # longest prompt + output; None: the model's own limit; 0: none
     executor: str = "local"  # a registered executor (runtime/executor.py)
@@ -38,6 +44,10 @@ class EngineConfig:
             _positive_int(name, getattr(self, name))
         if self.num_kv_blocks is not None:
             _positive_int("num_kv_blocks", self.num_kv_blocks)
+        if self.num_host_kv_blocks is not None:
+            _positive_int("num_host_kv_blocks", self.num_host_kv_blocks)
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"unknown preemption_mode {self.preemption_mode!r}; one of {', '.join(PREEMPTION_MODES)}")
         if self.max_in_flight is not None:
             _positive_int("max_in_flight", self.max_in_flight)
         m = self.max_model_len

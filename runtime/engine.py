@@ -70,7 +70,11 @@ class Engine:
         self.executor: Executor = make_executor(config.executor, model, seed=seed)
         try:
             self.config = config = _fit(config, self.executor.info)
-            self.executor.init_kv_cache(config.num_kv_blocks, config.block_size)
+            if config.preemption_mode == "swap":  # only then: an executor of the older signature still works
+                self.executor.init_kv_cache(config.num_kv_blocks, config.block_size,
+                                            num_host_blocks=config.num_host_kv_blocks)
+            else:
+                self.executor.init_kv_cache(config.num_kv_blocks, config.block_size)
             self.scheduler = Scheduler(config)
         except BaseException:
             self.executor.shutdown()
@@ -301,6 +305,11 @@ class Engine:
             "kv_blocks_used": self.scheduler.num_kv_blocks_used,
             "kv_blocks_total": self.config.num_kv_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_recomputes": self.scheduler.num_recomputes,
+            "num_swaps_out": self.scheduler.num_swaps_out,
+            "num_swaps_in": self.scheduler.num_swaps_in,
+            "host_kv_blocks_used": (self.scheduler.host_block_manager.num_used_blocks
+                                    if self.scheduler.host_block_manager is not None else 0),
             "num_iterations": self.num_iterations,
             "num_generated_tokens": self.num_generated_tokens,
             "num_computed_tokens": self.num_computed_tokens,
@@ -372,4 +381,8 @@ def _fit(config: EngineConfig, info: ModelInfo) -> EngineConfig:
     num_kv_blocks = config.num_kv_blocks
     if num_kv_blocks is None:
         num_kv_blocks = default_num_kv_blocks(info, config.max_num_seqs, config.block_size, max_model_len)
-    return dataclasses.replace(config, max_model_len=max_model_len, num_kv_blocks=num_kv_blocks)
+    num_host = config.num_host_kv_blocks
+    if config.preemption_mode == "swap" and num_host is None:
+        num_host = num_kv_blocks  # a pool the size of the device cache (vLLM sizes its swap space in GiB)
+    return dataclasses.replace(config, max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
+                               num_host_kv_blocks=num_host)

@@ -67,8 +67,9 @@ class Executor(abc.ABC):
         """Build the model from ``source`` (``source.build()``) wherever this executor runs it."""
 
     @abc.abstractmethod
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        """Allocate the paged cache: ``num_blocks`` blocks of ``block_size`` tokens."""
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
+        """Allocate the paged cache: ``num_blocks`` blocks of ``block_size`` tokens, and a host pool
+        of ``num_host_blocks`` blocks for preemption by swap (given only when the engine swaps)."""
 
     @abc.abstractmethod
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -105,8 +106,8 @@ class LocalExecutor(Executor):
         self.info = ModelInfo.of(model)
         self.runner: ModelRunner | None = ModelRunner(model, seed=seed)
 
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        self.runner.init_kv_cache(num_blocks, block_size)
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
+        self.runner.init_kv_cache(num_blocks, block_size, num_host_blocks)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(out)

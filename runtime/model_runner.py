@@ -55,6 +55,7 @@ class ModelRunner:
         self.device = model.device
         self.sampler = Sampler(self.device, seed=seed)
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.host_kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # the swap pool
         self.block_size = 0
         if model.stage > 0:  # the residual stream this stage receives
             hidden = next(n for n in model.graph_module.graph.find_nodes(op="placeholder") if n.target == "hidden")
@@ -64,15 +65,40 @@ class ModelRunner:
     def backend(self) -> str:
         return self.model.backend
 
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
         self.kv_cache = new_kv_cache(self.model, num_blocks, block_size)
+        # the swap pool in host memory (pinned off the CPU, so the copies can overlap later)
+        self.host_kv_cache = new_kv_cache(self.model, num_host_blocks, block_size, device="cpu") \
+            if num_host_blocks else []
+        if self.host_kv_cache and self.device.type == "cuda":
+            self.host_kv_cache = [(k.pin_memory(), v.pin_memory()) for k, v in self.host_kv_cache]
         self.block_size = block_size
+
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copy whole blocks, every layer: device -> host for ``swap_out`` (device, host) pairs, then
+        host -> device for ``swap_in`` (host, device) pairs."""
+        if not (swap_out or swap_in):
+            return
+        if not self.host_kv_cache:
+            raise RuntimeError("the scheduler swapped blocks, but this runner has no host pool "
+                               "(init_kv_cache(..., num_host_blocks=) was not given one)")
+        for pairs, to_host in ((swap_out, True), (swap_in, False)):
+            if not pairs:
+                continue
+            src, dst = (torch.tensor(list(c), dtype=torch.long) for c in zip(*pairs))
+            for (k, v), (hk, hv) in zip(self.kv_cache, self.host_kv_cache):
+                for dev, host in ((k, hk), (v, hv)):
+                    if to_host:
+                        host.index_copy_(0, dst, dev.index_select(0, src.to(dev.device)).to("cpu"))
+                    else:
+                        dev.index_copy_(0, dst.to(dev.device), host.index_select(0, src).to(dev.device))
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         assert self.kv_cache, "init_kv_cache() first"
         # Preempted requests keep their generators: a recompute must not replay their draws.
         self.sampler.forget(out.finished_request_ids)
         t0 = time.perf_counter()
+        self.swap(out.swap_out, out.swap_in)  # before the graph: the freed blocks may be written now
         batch = RaggedBatch.build(out.new_token_ids, out.num_computed_tokens, out.block_tables, self.block_size,
                                   sample=out.sample, device=self.device)
         c0, _ = collective_time()

@@ -143,8 +143,8 @@ class MultiprocExecutor(Executor):
         self.max_in_flight = int(getattr(source, "pipeline_parallel_size", 1))
         self._in_flight = 0
 
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        self._round(("init_kv_cache", num_blocks, block_size))
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
+        self._round(("init_kv_cache", num_blocks, block_size, num_host_blocks))
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self.submit(out)

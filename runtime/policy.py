@@ -8,10 +8,9 @@ preempting and the ``SchedulerOutput``. A policy owns the choices, asked at each
   requests are admitted in it;
 * ``strict_admission``: True stops admitting at the first waiting request that does not fit (no
   short request overtakes a long one); False goes on down the queue;
-* ``victim(running)``: which running request gives its blocks back when the cache runs out;
-* ``preemption``: how a victim is preempted. ``recompute`` (free its blocks; its prompt and
-  output are fed again later) is the mechanism there is; ``swap`` comes with the host pool.
-
+* ``victim(running)``: which running request gives its blocks back when the cache runs out (how it
+  gives them back, by recompute or by swap to the host pool, is the engine's mechanism, chosen by
+  ``EngineConfig.preemption_mode``, not the policy's);
 * ``decodes_first``: True serves running decodes before prefill chunks and admits waiting
   requests after both (Orca's Algorithm 1 with Sarathi's chunks); False serves every request,
   running or waiting, strictly in key order, so a better-placed newcomer runs before a resident;
@@ -42,13 +41,9 @@ from typing import Any, Iterable
 from orca_compile.runtime.registry import Registry
 from orca_compile.runtime.request import Request
 
-PREEMPTION_MODES = ("recompute",)
-
-
 class SchedulingPolicy(abc.ABC):
     name = ""
     strict_admission = True
-    preemption = "recompute"
     decodes_first = True
     displaces = False
     forms_batches = False
@@ -174,12 +169,7 @@ class MLFQ(SchedulingPolicy):
             table.pop(request_id, None)
 
 
-def _check_preemption(name: str, cls: type) -> None:
-    if cls.preemption not in PREEMPTION_MODES:
-        raise ValueError(f"policy {name!r} preempts by {cls.preemption!r}; one of {', '.join(PREEMPTION_MODES)}")
-
-
-POLICIES = Registry("policy", SchedulingPolicy, _check_preemption)
+POLICIES = Registry("policy", SchedulingPolicy)
 register_policy = POLICIES.register  # register_policy(name, cls), or @register_policy(name)
 unregister_policy = POLICIES.unregister
 

@@ -57,10 +57,14 @@ class SchedulerOutput:
     block_tables: list[list[int]]  # each request's blocks, covering computed + new tokens
     sample: list[bool]  # True where the chunk ends at the request's last token: sample its next one
     sampling_params: list[SamplingParams]  # each request's (the runner reads those that sample)
-    preempted_request_ids: list[str]  # preempted (by recompute) while making this decision
+    preempted_request_ids: list[str]  # preempted (by recompute or swap) while making this decision
     finished_request_ids: list[str]  # left the engine since the last iteration: drop their state
     num_prefill_tokens: int = 0  # prompt tokens, prompt chunks, and recomputed tokens
     num_decode_tokens: int = 0  # requests feeding exactly their last generated token
+    # (device block, host block) copies the runner makes before this iteration runs: swaps out
+    # first (the device blocks may be handed on in this same decision), then swaps in
+    swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +88,14 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
         self.in_flight: set[str] = set()  # scheduled in an iteration whose result is not back yet
+        # swap: the host pool's blocks (ids only, like the device's; the runner holds the tensors)
+        self.host_block_manager = (KVBlockManager(config.num_host_kv_blocks or self.block_manager.num_blocks,
+                                                  config.block_size) if config.preemption_mode == "swap" else None)
+        self.swapped: set[str] = set()  # preempted by swap: their K/V wait in the host pool
+        self.num_swaps_out = self.num_swaps_in = self.num_recomputes = 0
+        self._swap_out: list[tuple[int, int]] = []
+        self._swap_in: list[tuple[int, int]] = []
+        self._host_free_later: list[str] = []  # swapped in by this decision: host blocks freed after it
         self.pipeline_depth = 1  # iterations the engine keeps in flight (it sets this)
         self._free_later: set[str] = set()  # aborted while in flight: blocks freed when it returns
 
@@ -156,8 +168,13 @@ class Scheduler:
             chosen, preempted = self._by_key(ready, budget, cap, busy)
         self.policy.served({rid: n for rid, (_, n) in chosen.items()}, self.requests.values())
 
+        for rid in self._host_free_later:
+            self.host_block_manager.free(rid)
+        self._host_free_later = []
         out = SchedulerOutput([], [], [], [], [], [], preempted, self._finished_ids)
         self._finished_ids = []
+        if chosen:  # an empty decision is not run: its copies wait for the next one that is
+            out.swap_out, out.swap_in, self._swap_out, self._swap_in = self._swap_out, self._swap_in, [], []
         for req, n in chosen.values():
             start = req.num_computed_tokens
             out.request_ids.append(req.request_id)
@@ -243,8 +260,7 @@ class Scheduler:
                 i += 1
                 continue
             self.waiting.pop(i)
-            req.status = RequestStatus.RUNNING
-            bisect.insort(self.running, req, key=self._key)
+            self._resume(req)
             chosen[req.request_id] = (req, n)
             budget -= n
         return chosen, preempted
@@ -287,8 +303,7 @@ class Scheduler:
             else:
                 if admitting:
                     self.waiting.remove(req)
-                    req.status = RequestStatus.RUNNING
-                    bisect.insort(self.running, req, key=key)
+                    self._resume(req)
                 chosen[req.request_id] = (req, n)
                 budget -= n
                 continue
@@ -300,15 +315,45 @@ class Scheduler:
     # ---- helpers -----------------------------------------------------------------------------
 
     def _preempt(self, req: Request) -> None:
+        """Back to the queue: by swap (its computed K/V copied to the host pool, kept) where the
+        engine swaps and the pool has room, else by recompute (freed, fed again later)."""
         self.running.remove(req)
-        self.block_manager.free(req.request_id)
-        req.num_computed_tokens = 0
+        rid = req.request_id
+        host = self.host_block_manager
+        computed = self.block_manager.blocks_for(req.num_computed_tokens)
+        if host is not None and computed and host.allocate(rid, req.num_computed_tokens):
+            device = self.block_manager.block_table(rid)
+            self._swap_out.extend(zip(device[:computed], host.block_table(rid)))
+            self.swapped.add(rid)
+            self.num_swaps_out += 1
+        else:
+            req.num_computed_tokens = 0
+            self.num_recomputes += 1
+        self.block_manager.free(rid)
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
         bisect.insort(self.waiting, req, key=self._key)
 
+    def _resume(self, req: Request) -> None:
+        """Admit ``req`` (its device blocks allocated): a swapped request's K/V come back first."""
+        rid = req.request_id
+        if rid in self.swapped:
+            host = self.host_block_manager.block_table(rid)
+            self._swap_in.extend(zip(host, self.block_manager.block_table(rid)))
+            # its host blocks are freed once this decision is made, not now: the runner copies all
+            # swaps out before all swaps in (device blocks freed by a swap-out may be the ones a
+            # swap-in fills), so a host block must not be swapped into and out of in one decision
+            self._host_free_later.append(rid)
+            self.swapped.discard(rid)
+            self.num_swaps_in += 1
+        req.status = RequestStatus.RUNNING
+        bisect.insort(self.running, req, key=self._key)
+
     def _retire(self, req: Request) -> None:
+        if req.request_id in self.swapped:  # aborted while swapped out: its host blocks go too
+            self.host_block_manager.free(req.request_id)
+            self.swapped.discard(req.request_id)
         if req.request_id in self.in_flight:
             self._free_later.add(req.request_id)
         else:

@@ -71,9 +71,9 @@ class TorchrunExecutor(Executor):
     def _broadcast(self, msg) -> None:
         dist.broadcast_object_list([msg], src=0)
 
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        self._broadcast(("init_kv_cache", num_blocks, block_size))
-        self.runner.init_kv_cache(num_blocks, block_size)
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
+        self._broadcast(("init_kv_cache", num_blocks, block_size, num_host_blocks))
+        self.runner.init_kv_cache(num_blocks, block_size, num_host_blocks)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self._broadcast(("execute", out))

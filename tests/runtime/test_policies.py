@@ -137,16 +137,19 @@ def test_policy_options_are_checked():
         EngineConfig(policy="fcfs", policy_options=dict(quantum=4))
 
 
-@pytest.mark.parametrize("policy", ["mlfq", "priority", "static"])
-def test_every_policy_gives_hf_tokens_under_kv_pressure(policy):
-    """Staggered arrivals, chunked prefills, a cache short enough that requests are preempted and
-    recomputed: the tokens and log-probs are HF's for every request, whatever the order."""
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("policy", ["fcfs", "mlfq", "priority", "static"])
+def test_every_policy_gives_hf_tokens_under_kv_pressure(policy, mode):
+    """Staggered arrivals, chunked prefills, a cache short enough that requests are preempted (by
+    recompute, or by swap to the host pool and back): the tokens and log-probs are HF's for every
+    request, whatever the order."""
     model, cm = compiled_preset("tiny-llama")
     work = random_workload(cm.vocab_size, 12, seed=5)
     longest = max(len(p) + s.max_tokens for _, p, s, _ in work)
     options = dict(quantum=8) if policy == "mlfq" else {}
     engine = orca_compile.optimize(cm, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
-                                   num_kv_blocks=-(-longest // 4) + 3, policy=policy, policy_options=options)
+                                   num_kv_blocks=-(-longest // 4) + 3, policy=policy, policy_options=options,
+                                   preemption_mode=mode)
     rng = random.Random(0)
     final, pending, iteration = {}, sorted(work, key=lambda w: w[3]), 0
     while pending or engine.has_unfinished_requests():
@@ -160,8 +163,16 @@ def test_every_policy_gives_hf_tokens_under_kv_pressure(policy):
         iteration += 1
         assert iteration < 3000, "no progress"
     check_against_hf(model, work, final)
+    stats = engine.stats()
     if policy != "static":
-        assert engine.stats()["num_preemptions"] > 0
+        assert stats["num_preemptions"] > 0
+        if mode == "swap":  # mostly swapped; recomputed where the pool was full (swapped requests pile up)
+            assert stats["num_swaps_out"] + stats["num_recomputes"] == stats["num_preemptions"]
+            assert stats["num_swaps_out"] > stats["num_recomputes"]
+            assert stats["num_swaps_in"] == stats["num_swaps_out"]
+        else:
+            assert stats["num_recomputes"] == stats["num_preemptions"] and stats["num_swaps_out"] == 0
+    assert stats["host_kv_blocks_used"] == 0
     assert_drained(engine)
 
 
@@ -223,3 +234,47 @@ def test_cli_demo_and_generate_take_a_policy(capsys):
     assert main(["generate", "tiny-llama", "--prompt-ids", "1 2", "--policy", "mlfq",
                  "--policy-option", "quantum"]) == 2
     assert "--policy-option takes KEY=INTEGER" in capsys.readouterr().err
+
+
+def test_a_full_host_pool_falls_back_to_recompute_and_an_abort_frees_host_blocks():
+    sim = Sim(num_blocks=6, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, preemption_mode="swap",
+              num_host_kv_blocks=3)
+    s = sim.s
+    sim.add("a", 8, 10)  # 18 tokens: 5 of the 6 blocks, so each can finish alone
+    sim.add("b", 8, 10)
+    sim.add("c", 8, 10)
+    sim.step()  # a and b admitted with 2 blocks each, c with 2: the 6 blocks are taken
+    while s.num_swaps_out + s.num_recomputes < 2:
+        sim.step()
+    # the first victim (c, the latest) went to the host pool; the pool then had no room for the
+    # second (3 host blocks, c holds 2 of them, a victim holds 2 or more): it was recomputed
+    assert (s.num_swaps_out, s.num_recomputes) == (1, 1) and s.swapped == {"c"}
+    assert s.host_block_manager.num_used_blocks == s.host_block_manager.blocks_for(s.requests["c"].num_computed_tokens)
+    # the swap-out copies reached the runner with the next decision that ran
+    s.abort("c")
+    assert s.host_block_manager.num_used_blocks == 0 and not s.swapped
+    s.host_block_manager.check()
+    sim.drain()
+
+
+def test_swap_copies_go_out_before_in_and_only_with_a_decision_that_runs():
+    sim = Sim(num_blocks=4, block_size=4, max_num_seqs=2, max_num_batched_tokens=64, preemption_mode="swap")
+    sim.add("a", 6, 9)  # 14 tokens: 4 blocks, the whole cache, so one runs at a time at the end
+    sim.add("b", 6, 9)
+    outs = []
+    s = sim.s
+    for _ in range(40):
+        out = s.schedule()
+        outs.append(out)
+        s.update(out, [7] * sum(out.sample), None)
+        if not s.has_unfinished():
+            break
+    swapped_out = [pair for o in outs for pair in o.swap_out]
+    swapped_in = [pair for o in outs for pair in o.swap_in]
+    assert swapped_out and len(swapped_in) == len(swapped_out)
+    assert all(o.request_ids for o in outs if o.swap_out or o.swap_in)
+    # each swap-in reads host blocks that an earlier (or the same) decision wrote
+    written = set()
+    for o in outs:
+        written |= {h for _, h in o.swap_out}
+        assert {h for h, _ in o.swap_in} <= written
