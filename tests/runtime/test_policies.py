@@ -278,3 +278,57 @@ def test_swap_copies_go_out_before_in_and_only_with_a_decision_that_runs():
     for o in outs:
         written |= {h for _, h in o.swap_out}
         assert {h for h, _ in o.swap_in} <= written
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "static", "mlfq"])
+def test_soak_a_thousand_requests_with_aborts_priorities_and_bad_ones(policy, mode):
+    """1000 requests arriving at random, with random priorities; some aborted at random points
+    (waiting, running, swapped out), bad ones mixed in. Each request that is not aborted finishes
+    exactly once with its length; nothing comes after a final output or an abort; the engine
+    drains to zero blocks on the device and in the host pool, its accounting intact."""
+    _, cm = compiled_preset("tiny-llama")
+    rng = random.Random(f"{policy}-{mode}")  # str seeds are deterministic (hash() of a str is not)
+    engine = orca_compile.optimize(cm, max_num_seqs=8, max_num_batched_tokens=32, block_size=4, num_kv_blocks=24,
+                                   policy=policy, preemption_mode=mode, num_host_kv_blocks=12,
+                                   policy_options=dict(quantum=8, starvation_iterations=40) if policy == "mlfq" else {})
+    bad = [([], SamplingParams(max_tokens=2)),  # empty prompt
+           ([1, cm.vocab_size], SamplingParams(max_tokens=2)),  # a token outside the vocabulary
+           ([1] * 90, SamplingParams(max_tokens=20))]  # needs more blocks than the cache has
+    expected, done, aborted, added, refused, iteration = {}, set(), set(), 0, 0, 0
+    while added < 1000 or engine.has_unfinished_requests():
+        for _ in range(rng.choice([0, 0, 1, 1, 2, 3]) if added < 1000 else 0):
+            rid = f"r{added}"
+            n = rng.randint(1, 12)
+            engine.add_request(rid, [rng.randrange(1, cm.vocab_size) for _ in range(rng.randint(1, 30))],
+                               SamplingParams(max_tokens=n, ignore_eos=True), priority=rng.randint(0, 3))
+            expected[rid], added = n, added + 1
+        if rng.random() < 0.05:
+            prompt, params = rng.choice(bad)
+            with pytest.raises(ValueError):
+                engine.add_request(f"bad{iteration}", prompt, params)
+            refused += 1
+        live = [r for r in expected if r not in done and r not in aborted]
+        if live and rng.random() < 0.08:
+            victim = rng.choice(live)
+            assert engine.abort_request(victim).finish_reason == "abort"
+            aborted.add(victim)
+        for out in engine.step():
+            rid = out.request_id
+            assert rid not in done and rid not in aborted, f"{rid}: output after its end"
+            if out.finished:
+                assert len(out.token_ids) == expected[rid] and out.finish_reason == "length", rid
+                done.add(rid)
+        iteration += 1
+        assert iteration < 50_000, "no progress"
+    assert done | aborted == set(expected) and not done & aborted and refused > 10 and len(aborted) > 20
+    stats = engine.stats()
+    assert (stats["kv_blocks_used"], stats["host_kv_blocks_used"], stats["num_waiting"], stats["num_running"]) == (0,) * 4
+    engine.block_manager.check()
+    if mode == "swap":
+        engine.scheduler.host_block_manager.check()
+        assert not engine.scheduler.swapped
+    if policy != "static":  # a static batch grows into a cache it was admitted to: rarely preempted
+        assert stats["num_preemptions"] > 0
+        assert stats["num_swaps_out" if mode == "swap" else "num_recomputes"] > 0
+    engine.shutdown()
