@@ -92,6 +92,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._auto_ids = itertools.count()
         self._detokenizers: dict[str, Detokenizer] = {}  # unfinished requests' (with a tokenizer)
+        self._streams: dict[str, collections.deque] = {}  # open streams' outputs, not yet yielded
         self._special_ids: frozenset[int] | None = None  # the tokenizer's, which decode skips
 
     # ---- requests ------------------------------------------------------------------------------
@@ -121,7 +122,12 @@ class Engine:
         """Drop a request wherever it is and free its blocks; returns its final output (or None
         if the engine does not know it)."""
         req = self.scheduler.abort(request_id)
-        return None if req is None else RequestOutput.of(req, [], self._detokenizers.pop(request_id, None))
+        if req is None:
+            return None
+        out = RequestOutput.of(req, [], self._detokenizers.pop(request_id, None))
+        if request_id in self._streams:  # a stream of it ends with this
+            self._streams[request_id].append(out)
+        return out
 
     def has_unfinished_requests(self) -> bool:
         """Requests to serve, or iterations still in flight (an aborted request's may be)."""
@@ -142,10 +148,15 @@ class Engine:
         if self._failure is not None:  # iterations were lost with it: their requests would wait forever
             raise RuntimeError(f"the workers failed earlier ({self._failure}); shut the engine down")
         try:
-            return self._step()
+            outputs = self._step()
         except BaseException as exc:  # an iteration's result is lost: its requests are stuck in flight
             self._failure = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RuntimeError) else str(exc)
             raise
+        if self._streams:  # every open stream gets its request's outputs, whoever stepped
+            for out in outputs:
+                if out.request_id in self._streams:
+                    self._streams[out.request_id].append(out)
+        return outputs
 
     def _step(self) -> list[RequestOutput]:
         while len(self._in_flight) < self.max_in_flight:
@@ -239,21 +250,26 @@ class Engine:
                priority: int = 0) -> Iterator[RequestOutput]:
         """Serve one prompt and yield its output at each iteration that gives it tokens:
         ``new_token_ids`` (and ``new_text`` with a tokenizer) are that step's, the last one has
-        ``finished`` set. Requests already in the engine are served alongside. Leaving the loop
+        ``finished`` set (``finish_reason`` "abort" if it was aborted meanwhile). Requests already
+        in the engine are served alongside; several streams may be read together, and steps taken
+        by anyone else feed them too (each stream buffers its request's outputs). Leaving the loop
         early (``break``, an exception, closing the generator) aborts the request."""
         rid = f"stream-{next(self._auto_ids)}"
         while rid in self.scheduler:
             rid = f"stream-{next(self._auto_ids)}"
         self.add_request(rid, prompt, params, priority=priority)
+        buffer = self._streams[rid] = collections.deque()
         done = False
         try:
             while not done:
-                assert self.has_unfinished_requests(), "the request vanished without a final output"
-                for out in self.step():
-                    if out.request_id == rid:
-                        done = out.finished
-                        yield out
+                if not buffer:
+                    self.step()
+                    continue
+                out = buffer.popleft()
+                done = out.finished
+                yield out
         finally:
+            self._streams.pop(rid, None)
             if not done and not self._closed:
                 self.abort_request(rid)
 
@@ -360,7 +376,8 @@ class Engine:
                              f"has {cfg.num_kv_blocks} in all, so this request could never fit")
         if not cfg.chunked_prefill:
             # without chunking, a prompt (or, after a preemption, prompt + output) runs in one go
-            longest = len(ids) if cfg.kv_mode == "reserve" else kv_tokens
+            # (a reserving engine never preempts, unless its policy displaces residents)
+            longest = len(ids) if cfg.kv_mode == "reserve" and not self.scheduler.policy.displaces else kv_tokens
             if longest > cfg.max_num_batched_tokens:
                 raise ValueError(f"{longest} tokens would have to run in one iteration, over "
                                  f"max_num_batched_tokens={cfg.max_num_batched_tokens} (chunked_prefill is off)")

@@ -36,6 +36,7 @@ Policies are registered by name (``register_policy``) and chosen by ``EngineConf
 from __future__ import annotations
 
 import abc
+import itertools
 from typing import Any, Iterable
 
 from orca_compile.runtime.registry import Registry
@@ -109,12 +110,14 @@ class MLFQ(SchedulingPolicy):
     *Skip-join*: a new request enters the first queue whose quantum covers its prompt (its first
     iteration's work), so a long prompt does not hold the short jobs' queue. A request that has
     run its queue's quantum (prompt chunks and decode tokens count, one a token) drops one queue.
-    Each iteration serves requests in (queue, arrival) order up to ``max_num_seqs``; residents
+    Each iteration serves requests in (queue, when they entered it) order, first in first out
+    within a queue, up to ``max_num_seqs``; residents
     beyond them pause with their KV cache kept (up to ``resident_factor * max_num_seqs`` resident;
     a newcomer with a better queue displaces the worst resident when there is no room, which is
     then preempted by recompute). *Starvation bound*: a request not served for
     ``starvation_iterations`` iterations in a row goes back to queue 0 (its quantum used there
-    restarts), so every request runs again within that many iterations plus one queue-0 share.
+    restarts) behind the jobs already there; queue 0 is first in, first out, and each job leaves
+    it after one quantum, so every request runs again within a bounded number of iterations.
     Preempted requests keep their queue and their generated tokens."""
 
     name = "mlfq"
@@ -130,15 +133,23 @@ class MLFQ(SchedulingPolicy):
         self.quantum, self.num_queues = quantum, num_queues
         self.starvation_iterations, self.resident_factor = starvation_iterations, resident_factor
         self.level: dict[str, int] = {}
+        self.entered: dict[str, int] = {}  # when it entered its queue: the order within a queue
         self.used: dict[str, int] = {}  # tokens run in the current queue
         self.waited: dict[str, int] = {}  # iterations in a row not served
         self.promotions = 0
+        self._clock = itertools.count()
 
     def quantum_of(self, level: int) -> float:
         return float("inf") if level >= self.num_queues - 1 else self.quantum * 2 ** level
 
     def key(self, req: Request) -> tuple[int, int]:
-        return self.level.get(req.request_id, 0), req.arrival
+        """(queue, when it entered the queue): a promoted job queues behind those already there,
+        so promotions cannot keep overtaking a queue's own jobs."""
+        rid = req.request_id
+        return self.level.get(rid, 0), self.entered.get(rid, req.arrival)
+
+    def _move(self, rid: str, level: int) -> None:
+        self.level[rid], self.entered[rid], self.used[rid], self.waited[rid] = level, next(self._clock), 0, 0
 
     def max_resident(self, config) -> int:
         return self.resident_factor * config.max_num_seqs
@@ -147,7 +158,7 @@ class MLFQ(SchedulingPolicy):
         level = 0
         while req.num_prompt_tokens > self.quantum_of(level):
             level += 1
-        self.level[req.request_id], self.used[req.request_id], self.waited[req.request_id] = level, 0, 0
+        self._move(req.request_id, level)
 
     def served(self, chosen: dict[str, int], unfinished: Iterable[Request]) -> None:
         for req in unfinished:
@@ -156,16 +167,15 @@ class MLFQ(SchedulingPolicy):
                 self.waited[rid] = 0
                 self.used[rid] += chosen[rid]
                 if self.used[rid] >= self.quantum_of(self.level[rid]):
-                    self.level[rid] += 1
-                    self.used[rid] = 0
+                    self._move(rid, self.level[rid] + 1)
             else:
                 self.waited[rid] += 1
-                if self.waited[rid] >= self.starvation_iterations and self.level[rid] > 0:
-                    self.level[rid], self.used[rid], self.waited[rid] = 0, 0, 0
+                if self.waited[rid] >= self.starvation_iterations and self.level[rid] > 0:  # to queue 0's end
+                    self._move(rid, 0)
                     self.promotions += 1
 
     def removed(self, request_id: str) -> None:
-        for table in (self.level, self.used, self.waited):
+        for table in (self.level, self.entered, self.used, self.waited):
             table.pop(request_id, None)
 
 

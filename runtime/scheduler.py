@@ -16,9 +16,11 @@ victim, how it is preempted); this module carries them out. Order within an iter
 
 That is ``decodes_first`` (fcfs, static). A policy without it (priority, mlfq) is served by
 ``_by_key``: residents and waiting requests together, strictly in its order, the first
-``max_num_seqs`` that fit; a request short of a slot (``max_resident``) or of blocks preempts the
-resident with the largest key above its own (``displaces``), and residents past the batch pause
-with their blocks kept.
+``max_num_seqs`` that fit; a request short of a slot (``max_resident``) or of blocks preempts
+residents with keys above its own (``displaces``) when that makes it fit, else the decision stops
+there (nothing worse takes what it waits for); residents past the batch pause with their blocks.
+A ``forms_batches`` policy (static) takes the next ``max_num_seqs`` requests as one batch when the
+engine is empty and admits nothing else until it has drained.
 
 KV modes. ``reserve`` is Orca's: a request is admitted only with blocks for
 ``prompt + max_tokens - 1`` slots, so nothing is ever preempted. ``paged`` allocates blocks as
@@ -162,11 +164,16 @@ class Scheduler:
         # stages idle)
         runnable = min(len(self.requests), self.config.max_num_seqs)  # the admitted and the admittable
         cap = -(-runnable // self.pipeline_depth) if self.pipeline_depth > 1 else runnable
+        if self.policy.forms_batches and not self.running and not busy:
+            self._form_batch()
+            ready = self.running
         if self.policy.decodes_first:
             chosen, preempted = self._decodes_first(ready, budget, cap, busy)
         else:
             chosen, preempted = self._by_key(ready, budget, cap, busy)
-        self.policy.served({rid: n for rid, (_, n) in chosen.items()}, self.requests.values())
+        if chosen:  # a decision that runs; requests in flight are being served, not waiting
+            self.policy.served({rid: n for rid, (_, n) in chosen.items()},
+                               [r for r in self.requests.values() if r.request_id not in busy])
 
         for rid in self._host_free_later:
             self.host_block_manager.free(rid)
@@ -267,14 +274,17 @@ class Scheduler:
 
     def _by_key(self, ready, budget, cap, busy):
         """Every request, resident or waiting, strictly in the policy's order: the first ``cap``
-        that fit run; a request short of a slot or blocks takes them from a resident with a larger
-        key (``displaces``), which is preempted. Residents past the first ``cap`` pause with their
+        that fit run; a request short of a slot or blocks takes them from residents with a larger
+        key (``displaces``), which are preempted, but only when that makes it fit (nobody is undone
+        for nothing). When it cannot fit even so (its blocks are held by better or in-flight
+        requests), the decision stops there: no worse request takes the blocks it waits for, so
+        the best request always progresses. Residents past the first ``cap`` pause with their
         blocks kept. Whatever has a larger key than the request at hand has not been chosen yet,
         so no chosen work is ever undone."""
         chosen: dict[str, tuple[Request, int]] = {}
         preempted: list[str] = []
         max_resident = self.policy.max_resident(self.config)
-        key = self._key
+        key, blocks = self._key, self.block_manager
         for req in sorted(ready + self.waiting, key=key):
             if budget == 0 or len(chosen) >= cap:
                 break
@@ -286,31 +296,39 @@ class Scheduler:
                 continue
             need = req.max_kv_tokens if admitting and self.config.kv_mode == "reserve" else req.num_computed_tokens + n
             worse = [r for r in self.running if r.request_id not in busy and r is not req and key(r) > key(req)]
-            if admitting and len(self.running) >= max_resident:
-                if not (self.policy.displaces and worse):
-                    continue
-                victim = self.policy.victim(worse)
-                worse.remove(victim)
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-            while not self.block_manager.allocate(req.request_id, need):
-                if not worse:
-                    break
-                victim = self.policy.victim(worse)
-                worse.remove(victim)
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-            else:
-                if admitting:
-                    self.waiting.remove(req)
-                    self._resume(req)
-                chosen[req.request_id] = (req, n)
-                budget -= n
+            wants_slot = admitting and len(self.running) >= max_resident
+            if wants_slot and not (self.policy.displaces and worse):
                 continue
-            if not admitting:  # a resident that cannot grow now: it gives its blocks back
-                self._preempt(req)
-                preempted.append(req.request_id)
+            missing = blocks.num_missing_blocks(req.request_id, need)
+            if missing > blocks.num_free_blocks + sum(len(blocks.block_table(r.request_id)) for r in worse):
+                break
+            if wants_slot:
+                self._evict(worse, preempted)
+            while not blocks.allocate(req.request_id, need):
+                self._evict(worse, preempted)
+            if admitting:
+                self.waiting.remove(req)
+                self._resume(req)
+            chosen[req.request_id] = (req, n)
+            budget -= n
         return chosen, preempted
+
+    def _form_batch(self) -> None:
+        """Request-level batching: the next ``max_num_seqs`` waiting requests become the batch at
+        once (their blocks come as their prompts run, under the token budget); nothing joins it."""
+        for req in self.waiting[:self.config.max_num_seqs]:
+            # blocks now only for what must be there: Orca's reservation, or a swapped request's K/V
+            need = req.max_kv_tokens if self.config.kv_mode == "reserve" else req.num_computed_tokens
+            if need and not self.block_manager.allocate(req.request_id, need):
+                break
+            self.waiting.remove(req)
+            self._resume(req)
+
+    def _evict(self, worse: list[Request], preempted: list[str]) -> None:
+        victim = self.policy.victim(worse)
+        worse.remove(victim)
+        self._preempt(victim)
+        preempted.append(victim.request_id)
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -352,6 +370,10 @@ class Scheduler:
 
     def _retire(self, req: Request) -> None:
         if req.request_id in self.swapped:  # aborted while swapped out: its host blocks go too
+            # and so does a copy out to them that has not run yet (a decision that was not run
+            # handed it on): the blocks may go to the next victim, whose copy must be the only one
+            mine = set(self.host_block_manager.block_table(req.request_id))
+            self._swap_out = [(d, h) for d, h in self._swap_out if h not in mine]
             self.host_block_manager.free(req.request_id)
             self.swapped.discard(req.request_id)
         if req.request_id in self.in_flight:
