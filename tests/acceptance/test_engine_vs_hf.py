@@ -61,13 +61,14 @@ def with_stop_tokens(model, work):
     return out
 
 
-def serve(engine, work):
-    """Add each request at its arrival iteration; step until all finish. -> {id: final output}."""
+def serve(engine, work, priority=lambda: 0):
+    """Add each request at its arrival iteration (with ``priority()``); step until all finish.
+    -> {id: final output}."""
     final, pending, iteration = {}, sorted(work, key=lambda w: w[3]), 0
     while pending or engine.has_unfinished_requests():
         while pending and pending[0][3] <= iteration:
             rid, prompt, params, _ = pending.pop(0)
-            engine.add_request(rid, prompt, params)
+            engine.add_request(rid, prompt, params, priority=priority())
         for out in engine.step():
             if out.finished:
                 assert out.request_id not in final

@@ -13,7 +13,8 @@ from orca_compile.runtime.block_manager import KVBlockManager
 from orca_compile.runtime.policy import MLFQ
 from orca_compile.runtime.request import Request
 from orca_compile.runtime.scheduler import Scheduler
-from tests.acceptance.test_engine_vs_hf import assert_drained, check_against_hf, hf_generate, random_workload
+from tests.acceptance.test_engine_vs_hf import (assert_drained, check_against_hf, hf_generate, random_workload,
+                                                serve)
 from tests.conftest import compiled_preset
 
 
@@ -36,15 +37,21 @@ class Sim:
         self.s.add(req)
 
     def step(self):
-        out = self.s.schedule()
+        self.complete(self.s.schedule())
+        self.iteration += 1
+
+    def complete(self, out):
+        """The iteration ``out`` ran: every request that samples gets token 7."""
         self.ran.append(list(out.request_ids))
         for req, _ in self.s.update(out, [7] * sum(out.sample), None):
             if req.status.finished:
                 self.finished[req.request_id] = self.iteration
-        self.iteration += 1
+
+    def busy(self) -> bool:
+        return self.s.has_unfinished()
 
     def drain(self, limit=5000):
-        while self.s.has_unfinished():
+        while self.busy():
             self.step()
             assert self.iteration < limit, "no progress"
         assert self.s.num_kv_blocks_used == 0
@@ -180,17 +187,7 @@ def test_every_policy_gives_hf_tokens_under_kv_pressure(policy, mode):
                                    num_kv_blocks=-(-longest // 4) + 3, policy=policy, policy_options=options,
                                    preemption_mode=mode)
     rng = random.Random(0)
-    final, pending, iteration = {}, sorted(work, key=lambda w: w[3]), 0
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][3] <= iteration:
-            rid, prompt, params, _ = pending.pop(0)
-            engine.add_request(rid, prompt, params, priority=rng.randint(0, 3))
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in final
-                final[out.request_id] = out
-        iteration += 1
-        assert iteration < 3000, "no progress"
+    final = serve(engine, work, priority=lambda: rng.randint(0, 3))
     check_against_hf(model, work, final)
     stats = engine.stats()
     if policy != "static":
@@ -384,19 +381,11 @@ class PipelinedSim(Sim):
             self.decisions.append(out)
             self.queue.append(out)
         if self.queue:
-            out = self.queue.pop(0)
-            self.ran.append(list(out.request_ids))
-            for req, _ in self.s.update(out, [7] * sum(out.sample), None):
-                if req.status.finished:
-                    self.finished[req.request_id] = self.iteration
+            self.complete(self.queue.pop(0))
         self.iteration += 1
 
-    def drain(self, limit=5000):
-        while self.s.has_unfinished() or self.queue:
-            self.step()
-            assert self.iteration < limit, "no progress"
-        assert self.s.num_kv_blocks_used == 0
-        self.s.block_manager.check()
+    def busy(self) -> bool:
+        return self.s.has_unfinished() or bool(self.queue)
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
