@@ -13,7 +13,9 @@ preempting and the ``SchedulerOutput``. A policy owns the choices, asked at each
   ``EngineConfig.preemption_mode``, not the policy's);
 * ``decodes_first``: True serves running decodes before prefill chunks and admits waiting
   requests after both (Orca's Algorithm 1 with Sarathi's chunks); False serves every request,
-  running or waiting, strictly in key order, so a better-placed newcomer runs before a resident;
+  running or waiting, strictly in key order, so a better-placed newcomer runs before a resident
+  (the budget holds back a token for each decode among the iteration's members, so prefill
+  chunks never crowd those out: ``Scheduler._by_key``);
 * ``displaces``: a waiting request may preempt a resident with a larger key to get a slot or KV
   blocks (only with ``decodes_first=False``);
 * ``max_resident(config)``: how many requests hold KV blocks at once (``max_num_seqs`` bounds the

@@ -280,20 +280,40 @@ class Scheduler:
         requests), the decision stops there: no worse request takes the blocks it waits for, so
         the best request always progresses. Residents past the first ``cap`` pause with their
         blocks kept. Whatever has a larger key than the request at hand has not been chosen yet,
-        so no chosen work is ever undone."""
+        so no chosen work is ever undone.
+
+        Decodes keep their token, as under Orca's order: the token budget holds back one token for
+        each decode among the first ``cap`` requests in the order (the iteration's members) that
+        comes later in it, so a better request's prefill chunk is a few tokens shorter rather than
+        crowding those decodes out of the iteration. A decode's token costs the iteration next to
+        nothing (the weights stream for the batch anyway), while waiting for an iteration without
+        a full prefill costs its request a whole one: without the reserve, MLFQ's short prompts
+        filled every budget and its mean JCT was 1.5-4x FCFS's at 5-8 requests/s
+        (docs/benchmarks.md)."""
         chosen: dict[str, tuple[Request, int]] = {}
         preempted: list[str] = []
         max_resident = self.policy.max_resident(self.config)
         key, blocks = self._key, self.block_manager
-        for req in sorted(ready + self.waiting, key=key):
+        order = sorted(ready + self.waiting, key=key)
+        members = {id(r) for r in order[:cap] if r.status is RequestStatus.RUNNING and r.num_pending_tokens == 1}
+        reserve = len(members)  # tokens held back for the members' decodes still to come
+        held = False  # a request was held back for the decodes: no worse one but those decodes may run
+        for req in order:
             if budget == 0 or len(chosen) >= cap:
                 break
-            if req.request_id in preempted:  # preempted earlier in this loop: not again this iteration
+            decode = id(req) in members
+            reserve -= decode
+            if req.request_id in preempted or (held and not decode):  # preempted earlier in this loop
                 continue
             admitting = req.status is RequestStatus.WAITING
-            n = min(req.num_pending_tokens, budget)
-            if admitting and n < req.num_pending_tokens and not self.config.chunked_prefill:
+            available = budget if decode else budget - reserve
+            if available <= 0 or (admitting and available < req.num_pending_tokens
+                                   and not self.config.chunked_prefill):
+                # what is left is the decodes'; what they leave goes to this request next time
+                # (a worse one taking it now could keep the reserve up for ever: it decodes next)
+                held = held or req.num_pending_tokens <= budget or self.config.chunked_prefill
                 continue
+            n = min(req.num_pending_tokens, available)
             need = req.max_kv_tokens if admitting and self.config.kv_mode == "reserve" else req.num_computed_tokens + n
             worse = [r for r in self.running if r.request_id not in busy and r is not req and key(r) > key(req)]
             wants_slot = admitting and len(self.running) >= max_resident

@@ -469,3 +469,44 @@ def test_two_streams_read_together_and_steps_by_others_lose_nothing():
         rest = list(c)
         assert len(rest) == 1 and rest[0].finish_reason == "abort"
         assert not engine.has_unfinished_requests() and engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("policy", ["priority", "mlfq"])
+def test_a_better_requests_prefill_does_not_crowd_out_the_decodes(policy):
+    # two residents decoding, then a better request with a prompt longer than the budget: its
+    # chunks run in every iteration, and so does each resident's decode (the budget holds a token
+    # back for each), as under fcfs's decodes-first order
+    sim = Sim(max_num_seqs=4, max_num_batched_tokens=16, policy=policy)
+    sim.add("a", 4, 100, priority=1)
+    sim.add("b", 4, 100, priority=1)
+    # mlfq: they use queue 0's and queue 1's quanta (16 + 32 tokens), the newcomer's prompt of 30
+    # skip-joins queue 1
+    for _ in range(50 if policy == "mlfq" else 2):
+        sim.step()
+    sim.add("urgent", 30, 2, priority=0)
+    while "urgent" not in sim.finished:
+        sim.step()
+        out = sim.ran[-1]
+        assert out[0] == "urgent" and {"a", "b"} <= set(out), out
+    # the prompt ran in chunks of 16 - 2 tokens: ceil(30 / 14) = 3 iterations, then its decode
+    assert sum("urgent" in r for r in sim.ran) == 4
+    sim.drain()
+
+
+def test_without_chunking_the_decode_reserve_does_not_starve_the_best_request():
+    # a prompt as long as the whole budget cannot run while decodes hold tokens back; worse short
+    # requests must not take what is left and become decodes in turn (keeping the reserve up for
+    # ever): they wait behind it, and it runs once the residents' decodes are done
+    sim = Sim(max_num_seqs=8, max_num_batched_tokens=16, policy="priority", chunked_prefill=False)
+    sim.add("a", 4, 12, priority=1)
+    sim.add("b", 4, 12, priority=1)
+    sim.step()
+    sim.add("urgent", 16, 2, priority=0)
+    for i in range(40):
+        sim.add(f"worse{i}", 2, 30, priority=2)
+        sim.step()
+        if "urgent" in sim.finished:
+            break
+    assert "urgent" in sim.finished and sim.finished["urgent"] <= 14, sim.finished
+    assert not any(rid.startswith("worse") for ran in sim.ran[:sim.finished["urgent"]] for rid in ran)
+    sim.drain()
