@@ -222,6 +222,8 @@ def cmd_bench(args) -> int:
 
     from orca_compile import bench
 
+    if args.workload in bench.online.SUITES:
+        return _bench_online(args)
     systems = tuple(s.strip() for s in args.systems.split(","))
     report = bench.run(args.workload, systems=systems, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend, threads=args.threads,
@@ -231,6 +233,38 @@ def cmd_bench(args) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_online(args) -> int:
+    import json
+
+    from orca_compile.bench import online
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    ignored = [flag for flag, value, default in (
+        ("--systems", args.systems, "engine,hf-static,hf-continuous"), ("--max-num-seqs", args.max_num_seqs, None),
+        ("--max-num-batched-tokens", args.max_num_batched_tokens, None), ("--repeat", args.repeat, 1),
+        ("--tp", args.tp, 1), ("--pp", args.pp, 1)) if value != default]
+    if ignored:
+        raise ValueError(f"bench {args.workload} takes --rates, --requests, --plot-dir, --json, --backend and "
+                         f"--threads; not {', '.join(ignored)} (its experiments fix their policies and sizing)")
+    try:
+        rates = None if args.rates is None else [float(r) for r in args.rates.split(",")]
+    except ValueError:
+        raise ValueError(f"--rates takes requests per second, comma-separated, got {args.rates!r}") from None
+    report = online.run(online.SUITES[args.workload], rates=rates, num_requests=args.requests, backend=args.backend)
+    full = {"experiments": report, "comparisons": online.compare(report)}
+    if args.json:  # first: a plot that fails loses nothing of the run
+        with open(args.json, "w") as f:
+            json.dump(full, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot_dir:
+        for path in online.plot(report, args.plot_dir):
+            print(f"wrote {path}")
     return 0
 
 
@@ -330,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="serving benchmark: the engine against HF baselines in the same run")
     p.add_argument("workload", nargs="?", default="w1",
-                   help="w1 (GPT-2-small shape, issue 3), w1-moe (W1's requests, Mixtral-shaped) or w1-tiny")
+                   help="w1 (GPT-2-small shape, issue 3), w1-moe (W1's requests, Mixtral-shaped) or w1-tiny; "
+                        "orca: online serving under the static, fcfs and mlfq policies, Poisson arrivals at several "
+                        "rates (Orca's and FastServe's experiments, docs/benchmarks.md); orca-tiny: the same in seconds")
     p.add_argument("--systems", default="engine,hf-static,hf-continuous")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the workload's")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the workload's")
@@ -347,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="the engine system's tensor-parallel ranks (a process each)")
     p.add_argument("--pp", type=int, default=1, help="the engine system's pipeline stages (a process each)")
     p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument("--rates", default=None, help="orca: arrival rates in requests/s, comma-separated "
+                                                 "(default: each experiment's)")
+    p.add_argument("--requests", type=int, default=None, help="orca: requests per point (default: each experiment's)")
+    p.add_argument("--plot-dir", default=None, help="orca: write PNG plots here (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="choose tp x pp, the stage cuts and what to shard, for a device count "

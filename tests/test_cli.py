@@ -141,6 +141,8 @@ def test_generate_prints_tokens_and_logprobs(capsys):
     (["generate", "tiny-llama"], "at least one --prompt"),
     (["bench", "w9"], "unknown workload"),
     (["bench", "w1-tiny", "--systems", "engine,vllm"], "unknown system 'vllm'"),
+    (["bench", "orca-tiny", "--tp", "2", "--repeat", "3"], "not --repeat, --tp"),
+    (["bench", "orca-tiny", "--rates", "1,x"], "--rates takes requests per second"),
     (["demo", "--requests", "0"], "at least 1 request"),
     (["generate", "tiny-llama", "--prompt-ids", "1 2", "--stream"], "this model has no tokenizer"),
     (["generate", "tiny-llama", "--prompt-ids", "1", "--prompt-ids", "2", "--stream"], "got 2 prompts"),
