@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test bench bench-compile clean
+.PHONY: install demo test bench bench-compile bench-orca bench-w2 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ bench-compile: install
 # docs/benchmarks.md: workload W1, the engine against HF static and continuous batching
 bench: install
 	$(BIN)/orca-compile bench w1 --json benchmarks/results/w1.json
+
+# docs/benchmarks.md: Orca's and FastServe's experiments (static, fcfs, mlfq under Poisson arrivals)
+bench-orca: install
+	$(BIN)/orca-compile bench orca --plot-dir docs --json benchmarks/results/orca.json
+
+# docs/benchmarks.md: workload W2, a bfloat16 checkpoint of Qwen2.5-0.5B's shape
+bench-w2: install
+	$(BIN)/orca-compile bench w2 --systems engine,engine-fp32,hf-continuous,hf-continuous-fp32 \
+		--json benchmarks/results/w2.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

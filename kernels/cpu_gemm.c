@@ -1,11 +1,14 @@
 /* Linear layers for the CPU: C[M, N] = act(A[M, K] @ W[N, K]^T + bias), float32 and float64, with W
- * packed once. Aimed at the decode iterations of serving, where M (the tokens of the iteration) is
- * small and every weight streams from DRAM; large M runs at the same rate as oneDNN.
+ * packed once; W may also be bfloat16 or float16 under float32 A, C and arithmetic (load_bf16).
+ * Aimed at the decode iterations of serving, where M (the tokens of the iteration) is small and
+ * every weight streams from DRAM; large M runs at the same rate as oneDNN.
  *
  * Built and loaded by kernels/gemm_cpu.py (the system C compiler, ctypes; no torch headers).
  *
  * Layout. W is packed into panels of NR output columns, NR = 16 floats or 8 doubles (64 bytes, one
- * cache line, per k): panel p holds W[NR p .. NR p + NR - 1, :] as [K][NR], zero-padded past N.
+ * cache line, per k; 16 16-bit weights are 32 bytes, half a line, and the prefetch below then asks
+ * for each line twice, a few spare instructions not worth a second code path): panel p holds
+ * W[NR p .. NR p + NR - 1, :] as [K][NR], zero-padded past N.
  * The micro-kernel holds an R x NR block of C in registers (R <= 6: 12 accumulators of one AVX2
  * register each, two for the line of W, one for the broadcast A value: 15 of the 16 registers) and
  * runs over k: per k, one line of W, R broadcasts, 2R fused multiply-adds.
@@ -97,10 +100,12 @@ static inline v4d act_f64(v4d x, int act) {
  *
  * An FMA's result is ready 4 cycles after it issues and two issue a cycle, so the FMA units stay
  * busy only with 8 or more independent accumulators. R rows give 2R; blocks of 1-3 rows therefore
- * can keep U sets of accumulators, one per k modulo U, summed at the end (the driver picks U). */
-#define DEFINE_KERNEL(S, T, V, L, R, U)                                                             \
-static void kernel_##S##_##R##_##U(int64_t K, const T *a, int64_t lda, const T *b, const T *bias, T *c, \
-                                   int64_t ldc, int64_t cols, const T *pf, int pf_shift, int act) { \
+ * can keep U sets of accumulators, one per k modulo U, summed at the end (the driver picks U).
+ * WS, TW: the weights' load suffix and element (f32/float, f64/double, bf16 or f16/uint16_t: a
+ * 16-bit line is widened to two float32 vectors as it is loaded). */
+#define DEFINE_KERNEL(S, T, V, L, WS, TW, R, U)                                                     \
+static void kernel_##WS##_##R##_##U(int64_t K, const T *a, int64_t lda, const TW *b, const T *bias, T *c, \
+                                   int64_t ldc, int64_t cols, const TW *pf, int pf_shift, int act) { \
     V acc0[U][R], acc1[U][R];                                                                       \
     for (int u = 0; u < U; u++)                                                                     \
         for (int r = 0; r < R; r++) { acc0[u][r] = splat_##S(0); acc1[u][r] = splat_##S(0); }       \
@@ -111,7 +116,7 @@ static void kernel_##S##_##R##_##U(int64_t K, const T *a, int64_t lda, const T *
         for (int u = 0; u < U; u++) {                                                               \
             const int64_t kk = k + u;                                                               \
             if (!(kk & pf_mask)) __builtin_prefetch(pf + (kk >> pf_shift) * 2 * L, 0, 2);           \
-            V b0 = load_##S(b + kk * 2 * L), b1 = load_##S(b + kk * 2 * L + L);                     \
+            V b0 = load_##WS(b + kk * 2 * L), b1 = load_##WS(b + kk * 2 * L + L);                   \
             if (R >= 4 || U > 1) { IN_REGISTER(b0); IN_REGISTER(b1); }                              \
             for (int r = 0; r < R; r++) {                                                           \
                 const V x = splat_##S(a[r * lda + kk]);                                             \
@@ -121,7 +126,7 @@ static void kernel_##S##_##R##_##U(int64_t K, const T *a, int64_t lda, const T *
         }                                                                                           \
     for (; k < K; k++) {                                                                            \
         if (!(k & pf_mask)) __builtin_prefetch(pf + (k >> pf_shift) * 2 * L, 0, 2);                 \
-        V b0 = load_##S(b + k * 2 * L), b1 = load_##S(b + k * 2 * L + L);                           \
+        V b0 = load_##WS(b + k * 2 * L), b1 = load_##WS(b + k * 2 * L + L);                         \
         for (int r = 0; r < R; r++) {                                                               \
             const V x = splat_##S(a[r * lda + k]);                                                  \
             acc0[0][r] += x * b0;                                                                   \
@@ -165,24 +170,24 @@ static void kernel_##S##_##R##_##U(int64_t K, const T *a, int64_t lda, const T *
  * on GPT-2 small's 49 GEMMs): a burst that size overruns the core's outstanding-miss
  * slots, so prefetches are dropped and the next group's first pass waits on DRAM. Calls of at most
  * PREFETCH_ABOVE rows issue none (see there). */
-#define DEFINE_GEMM(S, T, V, L)                                                                     \
-DEFINE_KERNEL(S, T, V, L, 1, 1)                                                                     \
-DEFINE_KERNEL(S, T, V, L, 2, 1)                                                                     \
-DEFINE_KERNEL(S, T, V, L, 3, 1)                                                                     \
-DEFINE_KERNEL(S, T, V, L, 1, 4)                                                                     \
-DEFINE_KERNEL(S, T, V, L, 2, 2)                                                                     \
-DEFINE_KERNEL(S, T, V, L, 3, 2)                                                                     \
-DEFINE_KERNEL(S, T, V, L, 4, 1)                                                                     \
-DEFINE_KERNEL(S, T, V, L, 5, 1)                                                                     \
-DEFINE_KERNEL(S, T, V, L, 6, 1)                                                                     \
-typedef void (*kernel_##S##_t)(int64_t, const T *, int64_t, const T *, const T *, T *, int64_t, int64_t, \
-                               const T *, int, int);                                                \
-static const kernel_##S##_t KERNELS_##S[2][R_MAX + 1] = {                                           \
-    {0, kernel_##S##_1_1, kernel_##S##_2_1, kernel_##S##_3_1, kernel_##S##_4_1, kernel_##S##_5_1, kernel_##S##_6_1}, \
-    {0, kernel_##S##_1_4, kernel_##S##_2_2, kernel_##S##_3_2, kernel_##S##_4_1, kernel_##S##_5_1, kernel_##S##_6_1}}; \
-static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T *c, int64_t ldc,     \
+#define DEFINE_GEMM(S, T, V, L, WS, TW)                                                             \
+DEFINE_KERNEL(S, T, V, L, WS, TW, 1, 1)                                                                     \
+DEFINE_KERNEL(S, T, V, L, WS, TW, 2, 1)                                                                     \
+DEFINE_KERNEL(S, T, V, L, WS, TW, 3, 1)                                                                     \
+DEFINE_KERNEL(S, T, V, L, WS, TW, 1, 4)                                                                     \
+DEFINE_KERNEL(S, T, V, L, WS, TW, 2, 2)                                                                     \
+DEFINE_KERNEL(S, T, V, L, WS, TW, 3, 2)                                                                     \
+DEFINE_KERNEL(S, T, V, L, WS, TW, 4, 1)                                                                     \
+DEFINE_KERNEL(S, T, V, L, WS, TW, 5, 1)                                                                     \
+DEFINE_KERNEL(S, T, V, L, WS, TW, 6, 1)                                                                     \
+typedef void (*kernel_##WS##_t)(int64_t, const T *, int64_t, const TW *, const T *, T *, int64_t, int64_t, \
+                               const TW *, int, int);                                                \
+static const kernel_##WS##_t KERNELS_##WS[2][R_MAX + 1] = {                                           \
+    {0, kernel_##WS##_1_1, kernel_##WS##_2_1, kernel_##WS##_3_1, kernel_##WS##_4_1, kernel_##WS##_5_1, kernel_##WS##_6_1}, \
+    {0, kernel_##WS##_1_4, kernel_##WS##_2_2, kernel_##WS##_3_2, kernel_##WS##_4_1, kernel_##WS##_5_1, kernel_##WS##_6_1}}; \
+static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, T *c, int64_t ldc,     \
                      int64_t M, int64_t N, int64_t K, int act, int num_threads) {                   \
-    const int64_t nr = 2 * L, panels = (N + nr - 1) / nr, panel_bytes = K * nr * (int64_t)sizeof(T); \
+    const int64_t nr = 2 * L, panels = (N + nr - 1) / nr, panel_bytes = K * nr * (int64_t)sizeof(TW); \
     const int64_t group = panel_bytes > 0 && GROUP_BYTES / panel_bytes > 1 ? GROUP_BYTES / panel_bytes : 1; \
     if (num_threads > panels) num_threads = (int)panels;                                            \
     if (num_threads < 1) num_threads = 1;                                                           \
@@ -192,7 +197,7 @@ static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T 
         OMP_IDS(t, nt);                                                                             \
         const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;                             \
         const int64_t blocks = (M + R_MAX - 1) / R_MAX;                                             \
-        const kernel_##S##_t *kernels = KERNELS_##S[M >= PACED_BELOW];                              \
+        const kernel_##WS##_t *kernels = KERNELS_##WS[M >= PACED_BELOW];                              \
         int shift = 0;                                                                              \
         while (((int64_t)1 << (shift + 1)) <= blocks && shift < 20) shift++;                         \
         const int64_t slice = (K + ((int64_t)1 << shift) - 1) >> shift;                             \
@@ -203,10 +208,10 @@ static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T 
                 /* 7 or 8 paced rows as 4 + 3 or 4 + 4, not 6 + 1 or 6 + 2: see SPLIT_TAIL */     \
                 rows = M < PACED_BELOW && M - i > R_MAX ? (M - i) / 2 : M - i < R_MAX ? M - i : R_MAX; \
                 for (int64_t p = g0; p < g1; p++) {                                                 \
-                    const T *b = packed + p * K * nr;                                               \
+                    const TW *b = packed + p * K * nr;                                               \
                     const int64_t cols = N - p * nr < nr ? N - p * nr : nr;                         \
                     const int64_t first = (blk * (g1 - g0) + (p - g0)) * slice;                     \
-                    const T *pf = M > PREFETCH_ABOVE && first + slice <= next_lines ? packed + (g1 * K + first) * nr : NULL; \
+                    const TW *pf = M > PREFETCH_ABOVE && first + slice <= next_lines ? packed + (g1 * K + first) * nr : NULL; \
                     kernels[rows](K, a + i * lda, lda, b, bias ? bias + p * nr : NULL,          \
                                       c + i * ldc + p * nr, ldc, cols, pf, shift, act);             \
                 }                                                                                   \
@@ -221,18 +226,46 @@ static void gemm_##S(const T *a, int64_t lda, const T *packed, const T *bias, T 
 #define OMP_IDS(t, nt) do { } while (0)
 #endif
 
-DEFINE_GEMM(f32, float, v8f, 8)
-DEFINE_GEMM(f64, double, v4d, 4)
+/* 16-bit weights, float32 arithmetic: a line of 16 weights is 32 bytes (half the float32 line's
+ * DRAM traffic), widened to two float32 vectors in registers as it is read. bfloat16 is the top
+ * half of a float32: zero-extend and shift. float16 goes through _Float16 (F16C's vcvtph2ps with
+ * -march=native on x86); where the compiler lacks _Float16 the float16 path is not built. */
+typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+static inline v8f load_bf16(const uint16_t *p) {
+    return (v8f)(__builtin_convertvector(*(const v8u16 *)p, v8u32) << 16);
+}
+#ifdef __FLT16_MAX__
+#define HAVE_F16 1
+typedef _Float16 v8h __attribute__((vector_size(16), aligned(2), may_alias));
+static inline v8f load_f16(const uint16_t *p) { return __builtin_convertvector(*(const v8h *)p, v8f); }
+#else
+#define HAVE_F16 0
+#endif
 
-/* dtype: 0 float32, 1 float64. a: [M, K], row stride lda; packed: [ceil(N / NR), K, NR] with
- * NR = 16 (float32) or 8 (float64); bias: [N] or NULL; c: [M, N], row stride ldc; act: ACT_*.
- * Returns 0, or -1 for an unknown dtype or activation. */
+DEFINE_GEMM(f32, float, v8f, 8, f32, float)
+DEFINE_GEMM(f64, double, v4d, 4, f64, double)
+DEFINE_GEMM(f32, float, v8f, 8, bf16, uint16_t)
+#if HAVE_F16
+DEFINE_GEMM(f32, float, v8f, 8, f16, uint16_t)
+#endif
+
+/* Whether this build takes orca_gemm's ``dtype`` (float16 weights need the compiler's _Float16). */
+int orca_gemm_supports(int dtype) { return dtype == 0 || dtype == 1 || dtype == 2 || (dtype == 3 && HAVE_F16); }
+
+/* dtype: 0 float32, 1 float64, 2 float32 with bfloat16 weights, 3 float32 with float16 weights.
+ * a: [M, K] (float32 or float64), row stride lda; packed: [ceil(N / NR), K, NR] with NR = 16
+ * (float32 and the 16-bit weights) or 8 (float64); bias: [N] of a's dtype, or NULL; c: [M, N] of
+ * a's dtype, row stride ldc; act: ACT_*. Returns 0, or -1 for a dtype or activation not taken. */
 int orca_gemm(int dtype, const void *a, int64_t lda, const void *packed, const void *bias, void *c, int64_t ldc,
               int64_t M, int64_t N, int64_t K, int act, int num_threads) {
-    if (act < ACT_NONE || act > ACT_SIGMOID) return -1;
+    if (act < ACT_NONE || act > ACT_SIGMOID || !orca_gemm_supports(dtype)) return -1;
     if (dtype == 0) gemm_f32(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
     else if (dtype == 1) gemm_f64(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
-    else return -1;
+    else if (dtype == 2) gemm_bf16(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
+#if HAVE_F16
+    else gemm_f16(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
+#endif
     return 0;
 }
 

@@ -33,6 +33,9 @@ class CaptureInfo:
     module_paths: dict = dataclasses.field(default_factory=dict)  # qualified name -> nn.Module
     export_seconds: float = 0.0
     positions_in_attention: bool = False  # exported without position_ids (ALiBi): split_attention checks
+    # the 16-bit dtype (bfloat16, float16) a float32 graph's weights came from: the C GEMM keeps
+    # its linear weights in it (float32 arithmetic on 16-bit weights); None: the graph's own dtype
+    weight_storage: object = None
 
 
 def check_supported(model: torch.nn.Module) -> None:

@@ -9,6 +9,7 @@ module imports nothing of the runtime.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 # that applies, else "eager".
 BACKENDS = ("auto", "eager", "cpu", "onednn", "inductor")
 _KERNEL = {"cpu": "orca", "onednn": "onednn"}  # backend -> lower_cpu's kernel
+# the backends that run a 16-bit CPU model as a float32 graph (the CPU lowerings): ``cpu`` keeps its
+# linear weights in 16 bits, ``onednn`` takes them as float32
+WIDENS_SIXTEEN_BIT = ("auto", "cpu", "onednn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +140,11 @@ def resolve_backend(backend: str, gm: torch.fx.GraphModule) -> str:
                 return name
             reasons[name] = why
         on_cpu = all(t.device.type == "cpu" for t in gm.parameters())
-        (log.warning if on_cpu else log.info)(
+        dtypes = {t.dtype for t in gm.parameters() if t.is_floating_point()}
+        native = on_cpu and len(dtypes) == 1 and native_sixteen_bit_matmul(next(iter(dtypes)))
+        (log.warning if on_cpu and not native else log.info)(
             "backend auto -> eager (the rewritten graph on ATen's kernels%s): %s",
-            ", the slow path on a CPU" if on_cpu else "",
+            ", which use this CPU's 16-bit matrix units" if native else ", the slow path on a CPU" if on_cpu else "",
             "; ".join(f"{name} cannot apply: {why}" for name, why in reasons.items()))
         return "eager"
     why = lower_cpu.unmet(gm, _KERNEL[backend]) if backend in _KERNEL else None
@@ -156,7 +162,8 @@ def lowering_pipeline(backend: str) -> list:
 def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool = True,
             max_tokens: int | None = None, tensor_parallel_size: int = 1, rank: int = 0,
             pipeline_parallel_size: int = 1, stage: int = 0, cuts=None, replicated=(),
-            vocab_parallel_head: bool = False, materialize=None) -> CompiledModel:
+            vocab_parallel_head: bool = False, materialize=None, weight_storage: torch.dtype | None = None
+            ) -> CompiledModel:
     """Capture ``model`` (an HF causal LM), rewrite it into selective-batching form and lower it
     for ``backend``. The default, ``eager``, leaves the portable graph (what a person inspects,
     and any device runs); ``optimize()`` asks for ``auto``, the fastest backend that applies here.
@@ -171,15 +178,35 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
     yours): the first layer of each stage then the layer count, the blocks ``(kind, layer)`` kept
     whole on every rank, and the LM head sharded by vocabulary. ``materialize``: a function that
     fills the partitioned graph's meta tensors in place (a model built on meta tensors: the rank
-    reads only its shard, ``orca_compile/materialize.py``), run before the lowering."""
+    reads only its shard, ``orca_compile/materialize.py``), run before the lowering.
+
+    16-bit weights on the CPU (``backend`` ``auto``, ``cpu`` or ``onednn``; every floating
+    parameter bfloat16, or every one float16): the graph is captured from a float32 copy of the
+    model, and the C GEMM keeps the linear weights in their 16 bits (``weight_storage``, which a
+    caller that loaded the checkpoint in float32 itself passes): float32 arithmetic, half the bytes
+    a decode streams (oneDNN takes them as float32). ``eager`` and ``inductor`` run the model in
+    its own dtype instead."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    if weight_storage not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"weight_storage must be None, torch.bfloat16 or torch.float16, got {weight_storage!r}")
+    if weight_storage is None and backend in WIDENS_SIXTEEN_BIT:
+        weight_storage = sixteen_bit_cpu_weights(model)
+        if weight_storage is not None and not widens_sixteen_bit(backend, weight_storage):
+            log.info("%s weights on a CPU with %s matrix units: the model runs in its own dtype on ATen's kernels",
+                     weight_storage, weight_storage)
+            weight_storage = None
+        if weight_storage is not None:
+            log.info("%s weights on the CPU: float32 arithmetic, the linear weights kept in %s", weight_storage,
+                     weight_storage)
+            model = copy.deepcopy(model).float()  # the caller's model stays as it is
     start = time.perf_counter()
     gm = capture(model, max_tokens=max_tokens)
     capture_seconds = time.perf_counter() - start
     manager = PassManager(DEFAULT_PIPELINE, keep_stages=keep_stages)
     final = manager.run(gm)
     info = final.meta["orca"]
+    info.weight_storage = weight_storage if backend in WIDENS_SIXTEEN_BIT else None
     info.module_paths = {}  # only the passes read HF's modules; keep none reachable from the result
     if tensor_parallel_size != 1 or rank != 0 or pipeline_parallel_size != 1:
         steps = []
@@ -207,6 +234,41 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
         manager.stages.pop("pipelined", None)
     return CompiledModel(lowered, manager.stages, manager.records, capture_seconds, info.config, info.model_class,
                          backend=resolved, eos_token_ids=eos_token_ids(model), device=device)
+
+
+def native_sixteen_bit_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware that ATen (oneDNN) uses: AMX tiles
+    for bfloat16 (Intel Sapphire Rapids and later), AMX-FP16 for float16. There, ATen's 16-bit
+    GEMMs run a prefill ~12x faster than float32 FMAs (docs/benchmarks.md, W2)."""
+    probe = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
+    try:
+        return bool(probe and getattr(torch.cpu, probe)())
+    except Exception:  # a private probe of torch's: absent or failing means no
+        return False
+
+
+def widens_sixteen_bit(backend: str, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``backend`` runs a 16-bit CPU model of ``dtype`` as a float32 graph with 16-bit
+    weights: ``cpu`` and ``onednn`` do when their kernel is available; ``auto`` does when either is,
+    unless this CPU has native ``dtype`` matrix units (``native_sixteen_bit_matmul``): then the
+    model runs in its own dtype on ATen's kernels, which use them (the faster choice there)."""
+    if backend not in WIDENS_SIXTEEN_BIT:
+        return False
+    if backend == "auto" and dtype is not None and native_sixteen_bit_matmul(dtype):
+        return False
+    kernels = ("orca", "onednn") if backend == "auto" else (_KERNEL[backend],)
+    return any(lower_cpu.available(k) for k in kernels)
+
+
+def sixteen_bit_cpu_weights(model: torch.nn.Module) -> torch.dtype | None:
+    """bfloat16 or float16 when every floating parameter of ``model`` is that dtype and on the CPU
+    (or on meta tensors, for a rank that reads its shard later), else None. Buffers do not count:
+    HF keeps some float32 in a 16-bit model (RoPE's inverse frequencies)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    devices = {p.device.type for p in model.parameters()}
+    if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16} and devices <= {"cpu", "meta"}:
+        return dtypes.pop()
+    return None
 
 
 def lower(compiled: CompiledModel, backend: str, keep_stages: bool | None = None) -> CompiledModel:
@@ -318,7 +380,12 @@ class ModelSpec:
                     log.warning("rank %d reads the whole checkpoint (%s)", self.rank, exc)
             from orca_compile.presets import load_model
 
-            src = load_model(os.fspath(src), dtype=self.dtype, device=self.device)
+            dtype, storage = self.dtype, self._checkpoint_sixteen_bit(os.fspath(src))
+            if storage is not None:  # read it as float32 (exactly), no 16-bit copy on the side
+                dtype = torch.float32
+            src = load_model(os.fspath(src), dtype=dtype, device=self.device)
+        else:
+            storage = None
         if not isinstance(src, torch.nn.Module):
             raise ValueError(f"a model is an HF model, a CompiledModel or a checkpoint path, got {type(src).__name__}")
         # keep_stages=False: the lowered graph holds the only copy of each packed weight once the
@@ -326,7 +393,32 @@ class ModelSpec:
         tp = self.tensor_parallel_size
         return compile(src, backend=self.backend, keep_stages=False, tensor_parallel_size=tp, rank=self.rank % tp,
                        pipeline_parallel_size=self.pipeline_parallel_size, stage=self.rank // tp, cuts=self.cuts,
-                       replicated=self.replicated, vocab_parallel_head=self.vocab_parallel_head)
+                       replicated=self.replicated, vocab_parallel_head=self.vocab_parallel_head,
+                       weight_storage=storage)
+
+    def _checkpoint_sixteen_bit(self, path: str) -> torch.dtype | None:
+        """bfloat16 or float16 when the checkpoint directory or hub id ``path`` is to run with 16-bit
+        weights under float32 arithmetic (its dtype, or the one asked for, is 16-bit; the CPU; a
+        backend that keeps them: ``compile``'s rule), else None. Presets are built in memory, not
+        read: ``compile`` widens those itself."""
+        from orca_compile.presets import preset_names
+
+        if (self.backend not in WIDENS_SIXTEEN_BIT or torch.device(self.device or "cpu").type != "cpu"
+                or path in preset_names()):
+            return None
+        from transformers import AutoConfig
+
+        from orca_compile.planning import config_dtype
+
+        try:
+            stored = config_dtype(AutoConfig.from_pretrained(path))
+        except (OSError, ValueError):  # load_model says what is wrong with the path
+            return None
+        # another dtype asked for: HF converts every weight to it, and compile widens that model
+        asked = config_dtype(None, self.dtype) if self.dtype else stored
+        if stored not in (torch.bfloat16, torch.float16) or asked != stored:
+            return None
+        return stored if widens_sixteen_bit(self.backend, stored) else None
 
     def _build_shard(self, directory: str) -> CompiledModel:
         """This rank's graph from a checkpoint directory, reading only its shard's bytes: the
@@ -341,13 +433,17 @@ class ModelSpec:
         probe = CheckpointReader(directory)
         # as from_pretrained(dtype="auto"): the config's dtype, else the checkpoint's
         dtype = config_dtype(config, self.dtype) if self.dtype or model_dtype else probe.dtype()
+        storage = None
+        if (dtype in (torch.bfloat16, torch.float16) and dtype == probe.dtype() and widens_sixteen_bit(self.backend, dtype)
+                and torch.device(self.device or "cpu").type == "cpu"):  # compile's rule for 16-bit weights
+            storage, dtype = dtype, torch.float32  # filled in float32 (exactly), packed back to 16 bits
         model, buffers, aliases, prefix = empty_model(directory, dtype)
         reader = CheckpointReader(directory, aliases, prefix)
         tp = self.tensor_parallel_size
         compiled = compile(model, backend=self.backend, keep_stages=False, tensor_parallel_size=tp,
                            rank=self.rank % tp, pipeline_parallel_size=self.pipeline_parallel_size,
                            stage=self.rank // tp, cuts=self.cuts, replicated=self.replicated,
-                           vocab_parallel_head=self.vocab_parallel_head,
+                           vocab_parallel_head=self.vocab_parallel_head, weight_storage=storage,
                            materialize=lambda gm: materialize(gm, reader, buffers, dtype, self.device or "cpu"))
         compiled.bytes_read = reader.bytes_read
         return compiled

@@ -55,6 +55,13 @@ def _configs():
                                                          num_attention_heads=8, num_key_value_heads=2,
                                                          num_local_experts=8, num_experts_per_tok=2,
                                                          vocab_size=32000, max_position_embeddings=1024),
+        # Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864, tied
+        # embeddings, vocab 151936) with random weights: workload w2's model, saved in bfloat16
+        "qwen2.5-0.5b-random": lambda: tf.Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                                      num_attention_heads=14, num_key_value_heads=2,
+                                                      vocab_size=151936, tie_word_embeddings=True,
+                                                      max_position_embeddings=32768, rope_theta=1000000.0,
+                                                      rms_norm_eps=1e-6),
     }
 
 

@@ -55,6 +55,7 @@ Before / after (GPT-2 MLP, ``kernel="orca"``)::
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.fx
@@ -64,6 +65,7 @@ from orca_compile.passes import fuse_norms as norm_fusion
 from orca_compile.passes import fuse_rope as rope_fusion
 from orca_compile.passes.graph_utils import fetch_attr
 
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
 PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise.default
 PACK_ROWS_HINT = 32  # the row count oneDNN tunes the packed layout for; any count runs (measured: 1-512 within 10%)
@@ -111,7 +113,10 @@ def unmet(gm: torch.fx.GraphModule, kernel: str = "onednn") -> str | None:
     ok = [["torch.float32 on cpu"]] + ([["torch.float64 on cpu"]] if kernel == "orca" else [])
     if kinds not in ok:
         need = "float32 or float64 weights (one dtype)" if kernel == "orca" else "float32 weights"
-        return f"it needs {need} on the CPU; this model has {', '.join(kinds)}"
+        hint = ("; a 16-bit model compiled with backend='auto' (as optimize() compiles a model) runs its 16-bit "
+                "weights with float32 arithmetic" if any(k.startswith(("torch.bfloat16", "torch.float16"))
+                                                          for k in kinds) else "")
+        return f"it needs {need} on the CPU; this model has {', '.join(kinds)}{hint}"
     return None
 
 
@@ -130,6 +135,7 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out.meta.update(gm.meta)
     graph = out.graph
+    storage = _weight_storage(gm, kernel)
     packed: dict[tuple[int, bool], str] = {}  # (id(weight), stored [in, out]) -> attribute of its packed copy
     fused = {}
     for node, weight, weight_is_in_out in _linears(out):
@@ -139,7 +145,10 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
             name = "_packed_" + _attr_name(node, weight_is_in_out)
             while hasattr(out, name):
                 name += "_"
-            w = gemm_cpu.pack(w) if kernel == "orca" else torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
+            if kernel == "orca":
+                w = gemm_cpu.pack(w, storage if _exact_in(w, storage) else None)
+            else:
+                w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
             out.register_buffer(name, w, persistent=False)
             packed[key] = name
         out_features = weight.shape[1] if weight_is_in_out else weight.shape[0]
@@ -170,14 +179,73 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
             fused[act] = fused.get(act, 0) + 1
     graph.eliminate_dead_code()
     experts = _lay_out_experts(out)
+    tables = _narrow_embeddings(out, storage) if storage is not None else 0
     dropped = _drop_unreferenced(out)
     # every count of the lowering, zero until the pass that does it says otherwise
     _counts(out).update(kernel=kernel, packed_weights=len(packed), fused_activations=fused, dropped_weights=dropped,
-                        experts_laid_out=experts, direct_attention=0, fused_norms=0, norms_in_place=0, fused_rope=0)
+                        experts_laid_out=experts, weight_storage=str(storage or "").removeprefix("torch."),
+                        narrow_embeddings=tables, direct_attention=0, fused_norms=0, norms_in_place=0, fused_rope=0)
     check_linears(out)
     graph.lint()
     out.recompile()
     return out
+
+
+def _weight_storage(gm: torch.fx.GraphModule, kernel: str) -> torch.dtype | None:
+    """The 16-bit dtype to keep a float32 graph's linear weights in (``CaptureInfo.weight_storage``,
+    set by ``compile`` for a 16-bit checkpoint), when the C GEMM takes it; else None (float32, and
+    the log says why where a 16-bit dtype was asked for)."""
+    info = gm.meta.get("orca")
+    storage = getattr(info, "weight_storage", None)
+    if storage is None:
+        return None
+    if kernel != "orca":
+        log.warning("%s weights run as float32 weights on oneDNN (twice the bytes a decode streams); the cpu "
+                    "backend keeps them in 16 bits", storage)
+        return None
+    if not gemm_cpu.supports(storage):
+        log.warning("this build of the C GEMM takes no %s weights (the C compiler lacks _Float16): they run as "
+                    "float32 weights (twice the bytes a decode streams)", storage)
+        return None
+    return storage
+
+
+def _exact_in(t: torch.Tensor, storage: torch.dtype | None) -> bool:
+    """A float32 tensor whose every value ``storage`` holds exactly: the weights of a 16-bit
+    checkpoint read in float32 are, and only those are kept in 16 bits, so that the lowering never
+    rounds a weight (a checkpoint may keep some modules in float32)."""
+    return (storage is not None and t.dtype == torch.float32
+            and torch.equal(t.detach().to(storage).to(torch.float32), t.detach()))
+
+
+def _narrow_embeddings(gm: torch.fx.GraphModule, storage: torch.dtype) -> int:
+    """Each ``aten.embedding`` on a float32 weight of the graph that ``storage`` holds exactly
+    gathers from a ``storage`` copy of the table and widens the gathered rows: the table is read a
+    few rows an iteration, so its float32 copy was only memory (a tied LM head keeps its own packed
+    copy). Returns how many tables were narrowed."""
+    done: dict[int, str] = {}
+    for node in list(gm.graph.find_nodes(op="call_function", target=aten.embedding.default)):
+        weight = node.args[0]
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            continue
+        t = fetch_attr(gm, weight.target)
+        if id(t) not in done and not _exact_in(t, storage):
+            continue
+        if id(t) not in done:
+            name = "_narrow_" + weight.target.replace(".", "_")
+            while hasattr(gm, name):
+                name += "_"
+            gm.register_buffer(name, t.detach().to(storage), persistent=False)
+            done[id(t)] = name
+        with gm.graph.inserting_before(node):
+            table = gm.graph.get_attr(done[id(t)])
+            gathered = gm.graph.call_function(aten.embedding.default, (table, *node.args[1:]), dict(node.kwargs))
+            widened = gm.graph.call_function(aten._to_copy.default, (gathered,), {"dtype": torch.float32})
+        gathered.meta = {"val": node.meta["val"].to(storage)} if "val" in node.meta else {}
+        widened.meta = dict(node.meta)
+        node.replace_all_uses_with(widened)
+        gm.graph.erase_node(node)
+    return len(done)
 
 
 def _lay_out_experts(gm: torch.fx.GraphModule) -> int:

@@ -121,3 +121,46 @@ def test_the_tensor_parallel_and_pipelined_engines_are_systems_of_their_own():
     assert "pp=2, 2 in flight" in stages["system"] and stages["useful_tokens"] == one["useful_tokens"]
     assert sum("same tokens for 100% of requests" in line for line in lines) == 2
     assert not multiprocessing.active_children()  # the ranks went with the run
+
+
+def test_w2_loads_a_bfloat16_checkpoint_by_path_and_compares_16_and_32_bit_weights(setenv, tmp_path, monkeypatch):
+    # W2's set-up on the tiny model: the preset saved in bfloat16 under the cache directory, the
+    # engine reading it by path with default options, the same engine told dtype="float32", and HF
+    # continuous batching on the checkpoint read in float32 (the same weights, the same arithmetic)
+    import json
+
+    import torch
+
+    from orca_compile import compiler
+
+    setenv("ORCA_CACHE_DIR", str(tmp_path))
+    # as on a CPU without 16-bit matrix units (AMX), where the default takes the 16-bit weights path
+    monkeypatch.setattr(compiler, "native_sixteen_bit_matmul", lambda dtype: False)
+    lines = []
+    report = bench.run("w2-tiny", systems=("engine", "engine-fp32", "hf-continuous-fp32"), log=lines.append)
+    path = tmp_path / "checkpoints" / "tiny-llama-bfloat16"
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    eng, fp32, hf = report["results"]
+    assert eng["system"] == fp32["system"] == "orca-compile engine (cpu)"
+    assert eng["useful_tokens"] == fp32["useful_tokens"] == hf["useful_tokens"]
+    # the linear weights stream in 16 bits: about half the bytes (the float32 norms are a sliver)
+    ratio = eng["extra"]["streamed_weight_bytes"] / fp32["extra"]["streamed_weight_bytes"]
+    assert 0.5 <= ratio < 0.52, ratio
+    assert report["same_tokens_as_hf-continuous-fp32"] == 1.0 and report["same_tokens_as_engine-fp32"] == 1.0
+    assert 0 < report["engine_decode_over_weight_stream"] and "decode_iteration_engine-fp32_over_engine" in report
+    assert any("of weights at the measured" in line for line in lines)
+    model = bench.load_model(str(path))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_the_engines_tp_option_has_its_workers_load_the_model_themselves(monkeypatch):
+    # `bench --tp 2`: the engine system's ranks read the workload's model by name, as the engine's
+    # own variants do; no model object is built for it in the harness's process or sent over a pipe
+    import multiprocessing
+
+    sent = []
+    real = systems.prepare_engine
+    monkeypatch.setattr(systems, "prepare_engine", lambda model, reqs, **kw: sent.append(model) or real(model, reqs, **kw))
+    report = bench.run("w1-tiny", systems=("engine",), tensor_parallel_size=2)
+    assert sent == ["tiny-llama"] and "tp=2" in report["results"][0]["system"]
+    assert not multiprocessing.active_children()

@@ -45,13 +45,14 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
         torch.set_num_threads(threads)
     import orca_compile
 
-    model = load_model(w.model, dtype=w.dtype)
+    model = load_model(w.source(), dtype=w.dtype)
     compiled = orca_compile.compile(model, keep_stages=False)
     reqs = w.requests(compiled.vocab_size)
-    rate = matmul_rate(parse_dtype(w.dtype))
+    # the rate of the engine's arithmetic: float32 for a 16-bit checkpoint on the CPU (compile's rule)
+    rate = matmul_rate(parse_dtype(w.dtype or "float32"))
     flops = workload_flops(compiled, reqs)
     floor = flops / rate
-    log(f"workload {w.name}: {w.model} {w.dtype}, {len(reqs)} requests, prompts {sum(len(p) for p, _ in reqs)} "
+    log(f"workload {w.name}: {w.model} {w.dtype or w.checkpoint_dtype + ' checkpoint'}, {len(reqs)} requests, prompts {sum(len(p) for p, _ in reqs)} "
         f"tokens, outputs {sum(n for _, n in reqs)} tokens; torch threads {torch.get_num_threads()}")
     log(f"compute floor: {flops / 1e9:.1f} GFLOP / {rate / 1e9:.1f} GFLOP/s measured matmul rate = {floor:.2f} s")
 

@@ -12,7 +12,6 @@ import torch
 
 from orca_compile.bench import systems
 from orca_compile.bench.workloads import WORKLOADS
-from orca_compile.presets import load_model
 
 
 def _system_worker(conn, workload, system, reqs, engine_kwargs, threads):
@@ -21,11 +20,8 @@ def _system_worker(conn, workload, system, reqs, engine_kwargs, threads):
     if threads:
         torch.set_num_threads(threads)
     w = WORKLOADS[workload]
-    # a multi-process engine's workers load the model themselves
-    options = {**engine_kwargs, **systems.ENGINE_VARIANTS.get(system, {})}
-    ranks = options.get("tensor_parallel_size", 1) * options.get("pipeline_parallel_size", 1)
-    model = None if ranks > 1 else load_model(w.model, dtype=w.dtype)
-    timed = systems.prepare(system, model, reqs, engine_kwargs, workload=w)
+    # a multi-process engine's workers, or an engine given a checkpoint path, load the model themselves
+    timed = systems.prepare(system, systems.load_for(system, w, engine_kwargs), reqs, engine_kwargs, workload=w)
     conn.send("ready")
     try:
         while conn.recv() is not None:

@@ -37,6 +37,7 @@ def build(w, systems, rounds, tokens, *, flops, rate, floor, bandwidth, threads,
         ratio = stats.median_ratio(ratios)
         spread = f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if repeat > 1 else ""
         same = stats.agreement(tokens["engine"], tokens[other])
+        report[f"same_tokens_as_{other}"] = same
         if other in ENGINE_VARIANTS:
             report[f"engine_over_{other}"] = ratio
             log(f"engine ({eng.system}) is {ratio:.2f}x {res.system}'s speed{spread}; same tokens for "
@@ -46,6 +47,20 @@ def build(w, systems, rounds, tokens, *, flops, rate, floor, bandwidth, threads,
         if repeat > 1:
             report[f"speedup_over_{other}_rounds"] = ratios
         log(f"engine speed-up over {res.system}: {ratio:.2f}x{spread}; same tokens for {same:.0%} of requests")
+    if eng.extra.get("streamed_weight_bytes") and "decode_iteration_ms" in eng.extra:
+        x = eng.extra
+        stream_ms = 1e3 * x["streamed_weight_bytes"] / bandwidth[0]
+        report["engine_decode_over_weight_stream"] = x["decode_iteration_ms"] / stream_ms
+        log(f"engine decode iterations: median {x['decode_iteration_ms']:.1f} ms (median batch "
+            f"{x['decode_batch_median']:g}, {x['decode_iterations']} iterations); its "
+            f"{x['streamed_weight_bytes'] / 1e6:.0f} MB of weights at the measured {bandwidth[0] / 1e9:.1f} GB/s take "
+            f"{stream_ms:.1f} ms: {report['engine_decode_over_weight_stream']:.2f}x")
+    for other, res in zip(systems, results):  # another engine's decode steps against the engine's
+        if other in ENGINE_VARIANTS and "decode_iteration_ms" in res.extra and "decode_iteration_ms" in eng.extra:
+            ratio = res.extra["decode_iteration_ms"] / eng.extra["decode_iteration_ms"]
+            report[f"decode_iteration_{other}_over_engine"] = ratio
+            log(f"{other}'s decode iterations take {ratio:.2f}x the engine's ({res.extra['decode_iteration_ms']:.1f} "
+                f"ms against {eng.extra['decode_iteration_ms']:.1f} ms)")
     if "full_batch_overhead_share" in eng.extra:
         x = eng.extra
         log(f"engine iterations: {x['iterations']}; decode-only with all {min(max_num_seqs, w.num_requests)} requests "

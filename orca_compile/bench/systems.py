@@ -4,6 +4,7 @@ from the timed part and reported apart."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 import time
 
@@ -11,16 +12,39 @@ import torch
 
 from orca_compile.config import DEFAULT_BACKEND, DEFAULTS
 from orca_compile.host_probes import cpu_steal_seconds, since
+from orca_compile.passes.graph_utils import fetch_attr
+from orca_compile.presets import load_model, parse_dtype
 
 SYSTEMS = ("engine", "engine-onednn", "engine-eager", "engine-inductor", "engine-tp2", "engine-pp2",
-           "engine-pp2-serial", "hf-static", "hf-continuous")
+           "engine-pp2-serial", "engine-fp32", "hf-static", "hf-continuous", "hf-continuous-fp32")
 # the engine with other options: another backend, two tensor-parallel ranks or two pipeline stages
 # (a process each, one thread each on a 2-core machine, against the one-process engine's two
 # threads); pp2 keeps an iteration in flight per stage (Orca's pipelining), pp2-serial one at a time
 ENGINE_VARIANTS = {"engine-onednn": {"backend": "onednn"}, "engine-eager": {"backend": "eager"},
                    "engine-inductor": {"backend": "inductor"}, "engine-tp2": {"tensor_parallel_size": 2},
                    "engine-pp2": {"pipeline_parallel_size": 2},
-                   "engine-pp2-serial": {"pipeline_parallel_size": 2, "max_in_flight": 1}}
+                   "engine-pp2-serial": {"pipeline_parallel_size": 2, "max_in_flight": 1},
+                   # a 16-bit checkpoint (W2) read in float32: float32 weights instead of 16-bit ones
+                   "engine-fp32": {"dtype": "float32"}}
+# HF on the workload's model in another dtype than the workload's (W2: the checkpoint read in float32)
+HF_DTYPES = {"hf-continuous-fp32": "float32"}
+
+
+def reads_the_model_itself(system: str, w, engine_kwargs: dict) -> bool:
+    """Whether ``system`` loads workload ``w``'s model by name or path itself: a multi-process
+    engine (its workers do: a worker never receives a model over a pipe), or the engine on a
+    workload saved as a checkpoint (W2). ``engine_kwargs``: the run's engine options (``--tp``)."""
+    options = dict(engine_kwargs) | ENGINE_VARIANTS.get(system, {})
+    return (system == "engine" or system in ENGINE_VARIANTS) and (
+        w.checkpoint_dtype is not None or options.get("tensor_parallel_size", 1) > 1
+        or options.get("pipeline_parallel_size", 1) > 1)
+
+
+def load_for(system: str, w, engine_kwargs: dict):
+    """The model object ``system`` runs on for workload ``w`` (None: it reads the model itself)."""
+    if reads_the_model_itself(system, w, engine_kwargs):
+        return None
+    return load_model(w.source(), dtype=HF_DTYPES.get(system, w.dtype))
 
 
 @dataclasses.dataclass
@@ -48,8 +72,8 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
                    pipeline_parallel_size=1, max_in_flight=None, dtype=None):
     """The engine, set up once: compiled, lowered, and run over the whole workload untimed.
     Returns a function that times one more pass (a ``Result`` and the tokens); every call of it
-    carries the same set-up seconds. With ``tensor_parallel_size`` or ``pipeline_parallel_size``
-    > 1, ``model`` is a name the workers load (with ``dtype``) themselves."""
+    carries the same set-up seconds. ``model`` may be a name or path the engine loads (with
+    ``dtype``) itself; so it is with ``tensor_parallel_size`` or ``pipeline_parallel_size`` > 1."""
     import orca_compile
     from orca_compile import SamplingParams
 
@@ -57,7 +81,7 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
     blocks = sum(-(-(len(p) + n) // block_size) for p, n in reqs) + 1
     sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                  num_kv_blocks=blocks, backend=backend)
-    if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
+    if not isinstance(model, torch.nn.Module) or tensor_parallel_size > 1 or pipeline_parallel_size > 1:
         engine = orca_compile.optimize(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                                        pipeline_parallel_size=pipeline_parallel_size, max_in_flight=max_in_flight,
                                        **sizes)
@@ -70,6 +94,8 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
     # breaks a guard of the ones it has (3 graphs on W1), and those compiles belong to set-up.
     engine.generate(prompts, params)
     setup = time.perf_counter() - t0
+    runner = getattr(engine.executor, "runner", None)  # the in-process executor's: its graph is here
+    weight_bytes = streamed_weight_bytes(runner.model.graph_module) if runner is not None else 0
 
     def timed() -> tuple[Result, list[list[int]]]:
         engine.iteration_stats.clear()
@@ -89,6 +115,13 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
             "cpu_steal_seconds": steal,
             "collective_seconds": sum(it.collective_seconds for it in its),  # all-reduces (rank 0's wait)
         }
+        decodes = [it for it in its if not it.num_prefill_tokens]
+        if decodes:  # every decode-only iteration, whatever its batch: what streams the weights most
+            extra |= {"decode_iteration_ms": 1e3 * statistics.median(it.seconds for it in decodes),
+                      "decode_iterations": len(decodes),
+                      "decode_batch_median": statistics.median(len(it.request_ids) for it in decodes)}
+        if weight_bytes:
+            extra["streamed_weight_bytes"] = weight_bytes
         if full:
             extra |= {
                 "full_batch_iteration_ms": 1e3 * statistics.median(it.seconds for it in full),
@@ -108,6 +141,35 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
 
     timed.shutdown = engine.shutdown  # the harness releases the engine when the run ends
     return timed
+
+
+def streamed_weight_bytes(gm: torch.fx.GraphModule) -> int:
+    """Bytes of the weights an iteration reads whole: the weights of the lowered linear layers (C
+    GEMM, oneDNN, experts) and every 1-D weight (norms, biases); not the tables an iteration
+    gathers a few rows of (embeddings, rotary tables). A graph with no lowered linear layer
+    (eager, inductor): every parameter and buffer but the embedding tables."""
+    from orca_compile.kernels import gemm_cpu
+    from orca_compile.ops import EXPERT_LINEAR
+    from orca_compile.passes.lower_cpu import PACKED_LINEAR
+
+    def attr(node):
+        return fetch_attr(gm, node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+    streamed = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        for user in node.users:
+            if user.op == "call_function" and user.target in (gemm_cpu.linear, PACKED_LINEAR, EXPERT_LINEAR):
+                t = attr(node)
+                streamed[id(t)] = t
+    if streamed:
+        for t in itertools.chain(gm.parameters(), gm.buffers()):
+            if t.dim() == 1:
+                streamed[id(t)] = t
+        return sum(t.numel() * t.element_size() for t in streamed.values())
+    tables = {id(attr(n.args[0])) for n in gm.graph.find_nodes(
+        op="call_function", target=torch.ops.aten.embedding.default)}
+    seen = {id(t): t for t in itertools.chain(gm.parameters(), gm.buffers()) if id(t) not in tables}
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def run_hf_static(model, reqs, batch_size=8) -> tuple[Result, list[list[int]]]:
@@ -165,14 +227,16 @@ def run_hf_continuous(model, reqs) -> tuple[Result, list[list[int]]]:
                   {"cpu_steal_seconds": steal}), tokens
 
 
-def prepare(system: str, model, reqs, engine_kwargs: dict, compiled=None, workload=None):
+def prepare(system: str, model, reqs, engine_kwargs: dict, *, workload, compiled=None):
     """``system`` set up on ``model``: a function that times one pass (a ``Result`` and the tokens)."""
     if system == "engine" or system in ENGINE_VARIANTS:
         kwargs = dict(engine_kwargs) | ENGINE_VARIANTS.get(system, {})
-        if kwargs.get("tensor_parallel_size", 1) > 1 or kwargs.get("pipeline_parallel_size", 1) > 1:
-            # the workers load the workload's model themselves
-            return prepare_engine(workload.model, reqs, dtype=workload.dtype, **kwargs)
-        return prepare_engine(model, reqs, compiled=compiled, **kwargs)
+        if reads_the_model_itself(system, workload, engine_kwargs):
+            kwargs.setdefault("dtype", workload.dtype)
+            return prepare_engine(workload.source(), reqs, **kwargs)
+        return prepare_engine(model, reqs, compiled=compiled if "dtype" not in kwargs else None, **kwargs)
+    if system in HF_DTYPES and (model is None or model.dtype != parse_dtype(HF_DTYPES[system])):
+        model = load_for(system, workload, engine_kwargs)  # not the workload's dtype: its own copy
     if system == "hf-static":
         return lambda: run_hf_static(model, reqs)
     return lambda: run_hf_continuous(model, reqs)

@@ -142,8 +142,67 @@ def test_pack_layout():
     assert torch.equal(p[0, :, 5], w[5]) and torch.equal(p[1, :, 3], w[19])
     assert p[1, :, 4:].eq(0).all()  # padding past the 20 outputs
     assert gemm_cpu.pack(w.double()).shape == (3, 3, 8)
-    with pytest.raises(ValueError, match="2-D float32/float64 CPU weight"):
-        gemm_cpu.pack(w.half())
+    with pytest.raises(ValueError, match="2-D float32/float64/bfloat16/float16 CPU weight"):
+        gemm_cpu.pack(w.long())
+    with pytest.raises(ValueError, match="float64 as float64"):
+        gemm_cpu.pack(w.double(), torch.bfloat16)
+    # 16-bit storage: the same layout, each weight rounded to nearest as torch rounds it
+    w = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    for storage in (torch.bfloat16, torch.float16):
+        p = gemm_cpu.pack(w, storage)
+        assert p.dtype == storage and p.shape == (2, 3, 16)
+        assert torch.equal(p[0, :, 5], w[5].to(storage)) and torch.equal(p[1, :, 3], w[19].to(storage))
+        assert torch.equal(gemm_cpu.pack(w.to(storage)), p)
+
+
+# float16 weights need the C compiler's _Float16 (GCC 12+, Clang): the CI's has it
+SIXTEEN_BIT = [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.skipif(
+    not gemm_cpu.supports(torch.float16), reason="this C compiler has no _Float16"))]
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("storage", SIXTEEN_BIT)
+@pytest.mark.parametrize("n,k", [(16, 8), (37, 19), (5, 3), (64, 768), (4000, 96),
+                                 # Qwen2.5-0.5B's projections (hidden 896, MLP 4864, 2 KV heads of 64)
+                                 # and an LM head of an odd vocabulary size
+                                 (128, 896), (4864, 896), (896, 4864), (15193, 896)])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 13, 97])
+def test_sixteen_bit_weights_are_the_float32_product_on_the_rounded_weight(storage, n, k, m):
+    # float32 x and bias, the weight held in 16 bits: the reference is the exact product on the
+    # rounded weight, so the only error left is float32 accumulation (the float32 test's bound,
+    # scaled with K: K * 6e-8 * sum |x||w| ~ 4e-4 at K = 4864, outputs of scale ~70)
+    g = torch.Generator().manual_seed(n * 1000 + k + m)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g)
+    got = gemm_cpu.linear(x, gemm_cpu.pack(w, storage), b, n)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    want = _want(x, w.to(storage), b, "none")
+    torch.testing.assert_close(got.double(), want, atol=2e-4 * max(1, k / 768), rtol=0)
+    # and it is that product, not the float32 weight's: 10x closer to it than to the other (the
+    # rounding moves outputs by ~2^-9 (bfloat16) or 2^-11 (float16) relative, float32 sums by ~2^-24)
+    off = (got.double() - want).abs().max()
+    assert (got.double() - _want(x, w, b, "none")).abs().max() > 10 * off
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("storage", SIXTEEN_BIT)
+@pytest.mark.parametrize("act", list(gemm_cpu.ACTIVATIONS))
+def test_sixteen_bit_weights_with_fused_activations(storage, act):
+    g = torch.Generator().manual_seed(5)
+    n, k, m = 45, 33, 11
+    w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(m, k, generator=g)
+    got = gemm_cpu.linear(x, gemm_cpu.pack(w, storage), b, n, gemm_cpu.ACTIVATIONS[act])
+    torch.testing.assert_close(got.double(), _want(x, w.to(storage), b, act), atol=2e-4, rtol=0)
+
+
+@pytestmark_kernel
+def test_sixteen_bit_weights_refuse_float64_activations():
+    p = gemm_cpu.pack(torch.randn(20, 8), torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 with bfloat16/float16 weights"):
+        gemm_cpu.linear(torch.randn(3, 8, dtype=torch.float64), p, None, 20)
+    assert gemm_cpu.supports(torch.bfloat16) and gemm_cpu.supports(torch.float32)
+    assert not gemm_cpu.supports(torch.int8)
 
 
 @pytestmark_kernel
