@@ -113,9 +113,9 @@ def unmet(gm: torch.fx.GraphModule, kernel: str = "onednn") -> str | None:
     ok = [["torch.float32 on cpu"]] + ([["torch.float64 on cpu"]] if kernel == "orca" else [])
     if kinds not in ok:
         need = "float32 or float64 weights (one dtype)" if kernel == "orca" else "float32 weights"
-        hint = ("; a 16-bit model compiled with backend='auto' (as optimize() compiles a model) runs its 16-bit "
-                "weights with float32 arithmetic" if any(k.startswith(("torch.bfloat16", "torch.float16"))
-                                                          for k in kinds) else "")
+        hint = ("; a 16-bit model compiled with backend='cpu' runs its 16-bit weights with float32 arithmetic "
+                "(compile the model itself: this graph has the 16-bit casts in it)"
+                if any(k.startswith(("torch.bfloat16", "torch.float16")) for k in kinds) else "")
         return f"it needs {need} on the CPU; this model has {', '.join(kinds)}{hint}"
     return None
 

@@ -22,12 +22,23 @@ def test_the_package_is_quiet_by_default():
     assert not [h for h in handlers if getattr(h, "_orca", False)]  # ORCA_LOG_LEVEL is unset in the tests
 
 
-def test_auto_logs_its_choice_and_warns_on_the_slow_path(caplog):
+def test_auto_logs_its_choice_and_warns_on_the_slow_path(caplog, monkeypatch):
+    from orca_compile import compiler
+
     caplog.set_level(logging.INFO, logger=LOGGER)
-    orca_compile.compile(load_model("tiny-llama", dtype=torch.bfloat16), backend="auto", keep_stages=False)
+    # a model no CPU lowering takes (mixed 16- and 32-bit weights): eager, the slow path, a warning
+    mixed = load_model("tiny-llama", dtype=torch.bfloat16)
+    mixed.lm_head.to(torch.float32)
+    orca_compile.compile(mixed, backend="auto", keep_stages=False)
     (slow,) = [r for r in caplog.records if "backend auto ->" in r.getMessage()]
     assert slow.levelno == logging.WARNING and "-> eager" in slow.getMessage()
     assert "the slow path on a CPU" in slow.getMessage() and "torch.bfloat16" in slow.getMessage()
+    # a bfloat16 model on a CPU with bfloat16 matrix units: its own dtype on ATen's kernels, said at INFO
+    caplog.clear()
+    monkeypatch.setattr(compiler, "native_sixteen_bit_matmul", lambda dtype: True)
+    orca_compile.compile(load_model("tiny-llama", dtype=torch.bfloat16), backend="auto", keep_stages=False)
+    (native,) = [r for r in caplog.records if "backend auto ->" in r.getMessage()]
+    assert native.levelno == logging.INFO and "16-bit matrix units" in native.getMessage()
     caplog.clear()
     cm = orca_compile.compile(load_model("tiny-llama", dtype=torch.float32), backend="auto", keep_stages=False)
     (chosen,) = [r for r in caplog.records if "backend auto ->" in r.getMessage()]
