@@ -239,7 +239,7 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
 def native_sixteen_bit_matmul(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` matrices in hardware that ATen (oneDNN) uses: AMX tiles
     for bfloat16 (Intel Sapphire Rapids and later), AMX-FP16 for float16. There, ATen's 16-bit
-    GEMMs run a prefill ~12x faster than float32 FMAs (docs/benchmarks.md, W2)."""
+    GEMMs run a prefill 5-12x faster than the float32 C GEMM (docs/benchmarks.md, W2)."""
     probe = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
     try:
         return bool(probe and getattr(torch.cpu, probe)())

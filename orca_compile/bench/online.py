@@ -30,7 +30,7 @@ import time
 
 from orca_compile.config import DEFAULTS
 
-# FastServe's skip-join MLFQ with its defaults (runtime/policy.py), as the policy runs by default
+# Orca's baseline, Orca, FastServe's skip-join MLFQ (its defaults, runtime/policy.py)
 ONLINE_POLICIES = ("static", "fcfs", "mlfq")
 
 
