@@ -36,6 +36,9 @@ class CaptureInfo:
     # the 16-bit dtype (bfloat16, float16) a float32 graph's weights came from: the C GEMM keeps
     # its linear weights in it (float32 arithmetic on 16-bit weights); None: the graph's own dtype
     weight_storage: object = None
+    # the dtype the linears of such a graph multiply in (oneDNN's 16-bit GEMM); None: float32
+    # arithmetic (orca_compile/sixteen_bit.py)
+    matmul_dtype: object = None
 
 
 def check_supported(model: torch.nn.Module) -> None:

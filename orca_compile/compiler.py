@@ -19,6 +19,7 @@ import time
 import torch
 import torch.fx
 
+from orca_compile import sixteen_bit
 from orca_compile.capture import capture
 from orca_compile.ops import ATTENTION
 from orca_compile.passes import lower_cpu
@@ -36,9 +37,6 @@ log = logging.getLogger(__name__)
 # that applies, else "eager".
 BACKENDS = ("auto", "eager", "cpu", "onednn", "inductor")
 _KERNEL = {"cpu": "orca", "onednn": "onednn"}  # backend -> lower_cpu's kernel
-# the backends that run a 16-bit CPU model as a float32 graph (the CPU lowerings): ``cpu`` keeps its
-# linear weights in 16 bits, ``onednn`` takes them as float32
-WIDENS_SIXTEEN_BIT = ("auto", "cpu", "onednn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +139,7 @@ def resolve_backend(backend: str, gm: torch.fx.GraphModule) -> str:
             reasons[name] = why
         on_cpu = all(t.device.type == "cpu" for t in gm.parameters())
         dtypes = {t.dtype for t in gm.parameters() if t.is_floating_point()}
-        native = on_cpu and len(dtypes) == 1 and native_sixteen_bit_matmul(next(iter(dtypes)))
+        native = on_cpu and len(dtypes) == 1 and sixteen_bit.native_sixteen_bit_matmul(next(iter(dtypes)))
         (log.warning if on_cpu and not native else log.info)(
             "backend auto -> eager (the rewritten graph on ATen's kernels%s): %s",
             ", which use this CPU's 16-bit matrix units" if native else ", the slow path on a CPU" if on_cpu else "",
@@ -162,8 +160,8 @@ def lowering_pipeline(backend: str) -> list:
 def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool = True,
             max_tokens: int | None = None, tensor_parallel_size: int = 1, rank: int = 0,
             pipeline_parallel_size: int = 1, stage: int = 0, cuts=None, replicated=(),
-            vocab_parallel_head: bool = False, materialize=None, weight_storage: torch.dtype | None = None
-            ) -> CompiledModel:
+            vocab_parallel_head: bool = False, materialize=None, weight_storage: torch.dtype | None = None,
+            native_sixteen_bit: bool | None = None) -> CompiledModel:
     """Capture ``model`` (an HF causal LM), rewrite it into selective-batching form and lower it
     for ``backend``. The default, ``eager``, leaves the portable graph (what a person inspects,
     and any device runs); ``optimize()`` asks for ``auto``, the fastest backend that applies here.
@@ -182,31 +180,33 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
 
     16-bit weights on the CPU (``backend`` ``auto``, ``cpu`` or ``onednn``; every floating
     parameter bfloat16, or every one float16): the graph is captured from a float32 copy of the
-    model, and the C GEMM keeps the linear weights in their 16 bits (``weight_storage``, which a
-    caller that loaded the checkpoint in float32 itself passes): float32 arithmetic, half the bytes
-    a decode streams (oneDNN takes them as float32). ``eager`` and ``inductor`` run the model in
-    its own dtype instead."""
+    model (``weight_storage``: the 16-bit dtype, which a caller that loaded the checkpoint in
+    float32 itself passes), and its linears either multiply in the 16-bit dtype on oneDNN's packed
+    weights or in float32 on the C GEMM's 16-bit weights (``native_sixteen_bit``; None: the former
+    where the CPU has 16-bit matrix units): ``orca_compile/sixteen_bit.py``. ``eager`` and
+    ``inductor`` run the model in its own dtype instead."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     if weight_storage not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"weight_storage must be None, torch.bfloat16 or torch.float16, got {weight_storage!r}")
-    if weight_storage is None and backend in WIDENS_SIXTEEN_BIT:
-        weight_storage = sixteen_bit_cpu_weights(model)
-        if weight_storage is not None and not widens_sixteen_bit(backend, weight_storage):
-            log.info("%s weights on a CPU with %s matrix units: the model runs in its own dtype on ATen's kernels",
-                     weight_storage, weight_storage)
-            weight_storage = None
+    sixteen_bit.check_native(native_sixteen_bit)
+    if weight_storage is None and sixteen_bit.widens(backend):
+        weight_storage = sixteen_bit.cpu_weights(model)
         if weight_storage is not None:
-            log.info("%s weights on the CPU: float32 arithmetic, the linear weights kept in %s", weight_storage,
-                     weight_storage)
             model = copy.deepcopy(model).float()  # the caller's model stays as it is
+    matmul_dtype = sixteen_bit.matmul_dtype(weight_storage, native_sixteen_bit) if backend in sixteen_bit.WIDENS else None
+    if weight_storage is not None and backend in sixteen_bit.WIDENS:
+        log.info("%s weights on the CPU: %s", weight_storage,
+                 f"the linears multiply in {weight_storage} on oneDNN (float32 between them)" if matmul_dtype
+                 else f"float32 arithmetic, the linear weights kept in {weight_storage}")
     start = time.perf_counter()
     gm = capture(model, max_tokens=max_tokens)
     capture_seconds = time.perf_counter() - start
     manager = PassManager(DEFAULT_PIPELINE, keep_stages=keep_stages)
     final = manager.run(gm)
     info = final.meta["orca"]
-    info.weight_storage = weight_storage if backend in WIDENS_SIXTEEN_BIT else None
+    info.weight_storage = weight_storage if backend in sixteen_bit.WIDENS else None
+    info.matmul_dtype = matmul_dtype
     info.module_paths = {}  # only the passes read HF's modules; keep none reachable from the result
     if tensor_parallel_size != 1 or rank != 0 or pipeline_parallel_size != 1:
         steps = []
@@ -234,41 +234,6 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
         manager.stages.pop("pipelined", None)
     return CompiledModel(lowered, manager.stages, manager.records, capture_seconds, info.config, info.model_class,
                          backend=resolved, eos_token_ids=eos_token_ids(model), device=device)
-
-
-def native_sixteen_bit_matmul(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies ``dtype`` matrices in hardware that ATen (oneDNN) uses: AMX tiles
-    for bfloat16 (Intel Sapphire Rapids and later), AMX-FP16 for float16. There, ATen's 16-bit
-    GEMMs run a prefill 5-12x faster than the float32 C GEMM (docs/benchmarks.md, W2)."""
-    probe = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
-    try:
-        return bool(probe and getattr(torch.cpu, probe)())
-    except Exception:  # a private probe of torch's: absent or failing means no
-        return False
-
-
-def widens_sixteen_bit(backend: str, dtype: torch.dtype | None = None) -> bool:
-    """Whether ``backend`` runs a 16-bit CPU model of ``dtype`` as a float32 graph with 16-bit
-    weights: ``cpu`` and ``onednn`` do when their kernel is available; ``auto`` does when either is,
-    unless this CPU has native ``dtype`` matrix units (``native_sixteen_bit_matmul``): then the
-    model runs in its own dtype on ATen's kernels, which use them (the faster choice there)."""
-    if backend not in WIDENS_SIXTEEN_BIT:
-        return False
-    if backend == "auto" and dtype is not None and native_sixteen_bit_matmul(dtype):
-        return False
-    kernels = ("orca", "onednn") if backend == "auto" else (_KERNEL[backend],)
-    return any(lower_cpu.available(k) for k in kernels)
-
-
-def sixteen_bit_cpu_weights(model: torch.nn.Module) -> torch.dtype | None:
-    """bfloat16 or float16 when every floating parameter of ``model`` is that dtype and on the CPU
-    (or on meta tensors, for a rank that reads its shard later), else None. Buffers do not count:
-    HF keeps some float32 in a 16-bit model (RoPE's inverse frequencies)."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    devices = {p.device.type for p in model.parameters()}
-    if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16} and devices <= {"cpu", "meta"}:
-        return dtypes.pop()
-    return None
 
 
 def lower(compiled: CompiledModel, backend: str, keep_stages: bool | None = None) -> CompiledModel:
@@ -336,8 +301,10 @@ class ModelSpec:
     cuts: tuple | None = None  # a plan's stage cuts (None: as even as the layers allow)
     replicated: tuple = ()  # a plan's blocks (kind, layer) that every tensor-parallel rank runs whole
     vocab_parallel_head: bool = False
+    native_sixteen_bit: bool | None = None  # a 16-bit checkpoint's linears: see orca_compile/sixteen_bit.py
 
     def __post_init__(self):
+        sixteen_bit.check_native(self.native_sixteen_bit)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; one of {', '.join(BACKENDS)}")
         tp = self.tensor_parallel_size
@@ -394,7 +361,7 @@ class ModelSpec:
         return compile(src, backend=self.backend, keep_stages=False, tensor_parallel_size=tp, rank=self.rank % tp,
                        pipeline_parallel_size=self.pipeline_parallel_size, stage=self.rank // tp, cuts=self.cuts,
                        replicated=self.replicated, vocab_parallel_head=self.vocab_parallel_head,
-                       weight_storage=storage)
+                       weight_storage=storage, native_sixteen_bit=self.native_sixteen_bit)
 
     def _checkpoint_sixteen_bit(self, path: str) -> torch.dtype | None:
         """bfloat16 or float16 when the checkpoint directory or hub id ``path`` is to run with 16-bit
@@ -403,7 +370,7 @@ class ModelSpec:
         read: ``compile`` widens those itself."""
         from orca_compile.presets import preset_names
 
-        if (self.backend not in WIDENS_SIXTEEN_BIT or torch.device(self.device or "cpu").type != "cpu"
+        if (not sixteen_bit.widens(self.backend) or torch.device(self.device or "cpu").type != "cpu"
                 or path in preset_names()):
             return None
         from transformers import AutoConfig
@@ -418,7 +385,7 @@ class ModelSpec:
         asked = config_dtype(None, self.dtype) if self.dtype else stored
         if stored not in (torch.bfloat16, torch.float16) or asked != stored:
             return None
-        return stored if widens_sixteen_bit(self.backend, stored) else None
+        return stored
 
     def _build_shard(self, directory: str) -> CompiledModel:
         """This rank's graph from a checkpoint directory, reading only its shard's bytes: the
@@ -434,7 +401,7 @@ class ModelSpec:
         # as from_pretrained(dtype="auto"): the config's dtype, else the checkpoint's
         dtype = config_dtype(config, self.dtype) if self.dtype or model_dtype else probe.dtype()
         storage = None
-        if (dtype in (torch.bfloat16, torch.float16) and dtype == probe.dtype() and widens_sixteen_bit(self.backend, dtype)
+        if (dtype in (torch.bfloat16, torch.float16) and dtype == probe.dtype() and sixteen_bit.widens(self.backend)
                 and torch.device(self.device or "cpu").type == "cpu"):  # compile's rule for 16-bit weights
             storage, dtype = dtype, torch.float32  # filled in float32 (exactly), packed back to 16 bits
         model, buffers, aliases, prefix = empty_model(directory, dtype)
@@ -444,6 +411,7 @@ class ModelSpec:
                            rank=self.rank % tp, pipeline_parallel_size=self.pipeline_parallel_size,
                            stage=self.rank // tp, cuts=self.cuts, replicated=self.replicated,
                            vocab_parallel_head=self.vocab_parallel_head, weight_storage=storage,
+                           native_sixteen_bit=self.native_sixteen_bit,
                            materialize=lambda gm: materialize(gm, reader, buffers, dtype, self.device or "cpu"))
         compiled.bytes_read = reader.bytes_read
         return compiled

@@ -30,7 +30,8 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
              executor: str = _D.executor, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
              max_in_flight: int | None = _D.max_in_flight,
              plan=None, num_devices: int | None = None, cluster=None, objective: str = "latency",
-             dtype: torch.dtype | str | None = None, device: str | None = None, seed: int = 0) -> Engine:
+             dtype: torch.dtype | str | None = None, device: str | None = None, seed: int = 0,
+             native_sixteen_bit: bool | None = None) -> Engine:
     """Turn an HF causal LM into an iteration-level serving engine (use it in a ``with`` block, or
     call ``shutdown()``, to release it).
 
@@ -54,7 +55,10 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
     (on ``cluster``, a ``Cluster`` or a JSON path; default: this machine, measured) and
     ``objective`` (``latency`` or ``throughput``); a ``Plan`` object runs as it says. The engine's
     ``plan`` is then the plan run, with its predicted cost. ``dtype``/``device`` apply when
-    loading by name.
+    loading by name. ``native_sixteen_bit``: how a bfloat16/float16 model's linears run on the CPU
+    (``orca_compile/sixteen_bit.py``): True, in its 16-bit dtype on oneDNN (AMX); False, in float32
+    on its 16-bit weights (the C GEMM; the numbers of HF on the weights upcast to float32); None
+    (default), True where the CPU has 16-bit matrix units.
     """
     find_tokenizer = None  # the checkpoint's own, looked for once the model has loaded
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -93,7 +97,8 @@ def optimize(model_or_path, *, max_num_seqs: int = _D.max_num_seqs,
                           kv_mode=kv_mode, chunked_prefill=chunked_prefill, max_model_len=max_model_len,
                           executor=executor, max_in_flight=max_in_flight)
     source = model_spec(model_or_path, backend=backend, dtype=dtype, device=device,
-                        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+                        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                        native_sixteen_bit=native_sixteen_bit)
     if chosen is not None:
         source = dataclasses.replace(source, cuts=tuple(chosen.cuts) if chosen.pipeline_parallel_size > 1 else None,
                                      replicated=tuple(map(tuple, chosen.replicated)),
@@ -131,11 +136,13 @@ def _resolve_plan(plan, source, tp, pp, num_devices, cluster, objective, dtype, 
 
 
 def model_spec(model_or_path, *, backend: str = DEFAULT_BACKEND, dtype=None, device: str | None = None,
-               tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> ModelSpec:
+               tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+               native_sixteen_bit: bool | None = None) -> ModelSpec:
     """The model source ``optimize()`` hands its executor (a rank of a torchrun launch that is not
     rank 0 builds the same one, and follows rank 0's engine)."""
     return ModelSpec(model_or_path, backend=backend, dtype=_dtype_name(dtype), device=device,
-                     tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+                     tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                     native_sixteen_bit=native_sixteen_bit)
 
 
 def _dtype_name(dtype) -> str | None:

@@ -135,8 +135,10 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out.meta.update(gm.meta)
     graph = out.graph
+    native = _matmul_dtype(gm)
     storage = _weight_storage(gm, kernel)
-    packed: dict[tuple[int, bool], str] = {}  # (id(weight), stored [in, out]) -> attribute of its packed copy
+    packed: dict[tuple[int, bool], tuple[str, bool]] = {}  # (id(weight), stored [in, out]) -> (packed copy, native)
+    casts: dict[torch.fx.Node, torch.fx.Node] = {}  # an input of native linears -> its one 16-bit copy
     fused = {}
     for node, weight, weight_is_in_out in _linears(out):
         key = (id(weight), weight_is_in_out)  # a tied weight may be used in both orientations
@@ -145,29 +147,41 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
             name = "_packed_" + _attr_name(node, weight_is_in_out)
             while hasattr(out, name):
                 name += "_"
-            if kernel == "orca":
+            is_native = _exact_in(w, native)  # a weight the 16-bit dtype does not hold keeps float32
+            if is_native:
+                w = torch.ops.mkldnn._reorder_linear_weight(w.to(native), PACK_ROWS_HINT)
+            elif kernel == "orca":
                 w = gemm_cpu.pack(w, storage if _exact_in(w, storage) else None)
             else:
                 w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
             out.register_buffer(name, w, persistent=False)
-            packed[key] = name
+            packed[key] = (name, is_native)
+        name, is_native = packed[key]
+        on = "onednn" if is_native else kernel
         out_features = weight.shape[1] if weight_is_in_out else weight.shape[0]
         x, bias = _operands(node)
-        separate_bias = kernel == "orca" and bias is not None and not _plain_bias(out, bias, weight, out_features)
-        chain, act = _activation(node, kernel) if fuse_activations and not separate_bias else (None, None)
+        separate_bias = on == "orca" and bias is not None and not _plain_bias(out, bias, weight, out_features)
+        chain, act = _activation(node, on) if fuse_activations and not separate_bias else (None, None)
+        replaced = chain[-1] if act else node
         with graph.inserting_before(node):
-            w_node = graph.get_attr(packed[key])
-            if kernel == "orca":
+            w_node = graph.get_attr(name)
+            if on == "orca":
                 code = _ACTIVATIONS[act][2] if act else 0
                 new = graph.call_function(gemm_cpu.linear, (x, w_node, None if separate_bias else bias,
                                                             out_features, code))
             else:
                 attr, alg = _ACTIVATIONS[act][1] if act else ("none", "")
+                if is_native:
+                    x = _cast(graph, casts, x, native)
                 new = graph.call_function(PACKED_LINEAR, (x, w_node, bias, attr, [], alg))
-        replaced = chain[-1] if act else node
         new.meta = dict(node.meta)
         new.meta["val"] = replaced.meta.get("val")
         result = new
+        if is_native:  # the 16-bit result widened: float32 from here to the next linear
+            new.meta["val"] = _retyped(new.meta["val"], native)
+            with graph.inserting_after(new):
+                result = graph.call_function(aten._to_copy.default, (new,), {"dtype": torch.float32})
+            result.meta = dict(node.meta, val=replaced.meta.get("val"))
         if separate_bias:  # a bias the kernel cannot read in place: added after, as aten.addmm would
             with graph.inserting_after(new):
                 result = graph.call_function(aten.add.Tensor, (new, bias))
@@ -179,11 +193,14 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
             fused[act] = fused.get(act, 0) + 1
     graph.eliminate_dead_code()
     experts = _lay_out_experts(out)
-    tables = _narrow_embeddings(out, storage) if storage is not None else 0
+    narrow = storage or native
+    tables = _narrow_embeddings(out, narrow) if narrow is not None else 0
     dropped = _drop_unreferenced(out)
     # every count of the lowering, zero until the pass that does it says otherwise
     _counts(out).update(kernel=kernel, packed_weights=len(packed), fused_activations=fused, dropped_weights=dropped,
-                        experts_laid_out=experts, weight_storage=str(storage or "").removeprefix("torch."),
+                        native_linears=sum(is_native for _, is_native in packed.values()),
+                        matmul_dtype=str(native or "float32").removeprefix("torch."),
+                        experts_laid_out=experts, weight_storage=str(narrow or "").removeprefix("torch."),
                         narrow_embeddings=tables, direct_attention=0, fused_norms=0, norms_in_place=0, fused_rope=0)
     check_linears(out)
     graph.lint()
@@ -191,13 +208,19 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
     return out
 
 
+def _matmul_dtype(gm: torch.fx.GraphModule) -> torch.dtype | None:
+    """The 16-bit dtype a float32 graph's linears multiply in on oneDNN (``CaptureInfo.matmul_dtype``,
+    set by ``compile`` for a 16-bit checkpoint on a CPU with 16-bit matrix units), else None."""
+    return getattr(gm.meta.get("orca"), "matmul_dtype", None)
+
+
 def _weight_storage(gm: torch.fx.GraphModule, kernel: str) -> torch.dtype | None:
-    """The 16-bit dtype to keep a float32 graph's linear weights in (``CaptureInfo.weight_storage``,
-    set by ``compile`` for a 16-bit checkpoint), when the C GEMM takes it; else None (float32, and
-    the log says why where a 16-bit dtype was asked for)."""
+    """The 16-bit dtype the C GEMM keeps a float32 graph's linear weights in (``CaptureInfo.weight_storage``,
+    set by ``compile`` for a 16-bit checkpoint) when they multiply in float32, if it takes that
+    dtype; else None (float32, and the log says why where a 16-bit dtype was asked for)."""
     info = gm.meta.get("orca")
     storage = getattr(info, "weight_storage", None)
-    if storage is None:
+    if storage is None or _matmul_dtype(gm) is not None:
         return None
     if kernel != "orca":
         log.warning("%s weights run as float32 weights on oneDNN (twice the bytes a decode streams); the cpu "
@@ -208,6 +231,21 @@ def _weight_storage(gm: torch.fx.GraphModule, kernel: str) -> torch.dtype | None
                     "float32 weights (twice the bytes a decode streams)", storage)
         return None
     return storage
+
+
+def _cast(graph, casts: dict, x: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
+    """One ``dtype`` copy of the activation ``x`` for every native linear that reads it (Q, K and V
+    share theirs), made right after ``x`` so that it precedes them all."""
+    if x not in casts:
+        with graph.inserting_after(x):
+            cast = graph.call_function(aten._to_copy.default, (x,), {"dtype": dtype})
+        cast.meta = {"val": _retyped(x.meta.get("val"), dtype)}
+        casts[x] = cast
+    return casts[x]
+
+
+def _retyped(val, dtype):
+    return val.to(dtype) if isinstance(val, torch.Tensor) else val
 
 
 def _exact_in(t: torch.Tensor, storage: torch.dtype | None) -> bool:

@@ -131,11 +131,11 @@ def test_w2_loads_a_bfloat16_checkpoint_by_path_and_compares_16_and_32_bit_weigh
 
     import torch
 
-    from orca_compile import compiler
+    from orca_compile import sixteen_bit
 
     setenv("ORCA_CACHE_DIR", str(tmp_path))
-    # as on a CPU without 16-bit matrix units (AMX), where the default takes the 16-bit weights path
-    monkeypatch.setattr(compiler, "native_sixteen_bit_matmul", lambda dtype: False)
+    # as on a CPU without 16-bit matrix units (AMX), where the default multiplies in float32
+    monkeypatch.setattr(sixteen_bit, "native_sixteen_bit_matmul", lambda dtype: False)
     lines = []
     report = bench.run("w2-tiny", systems=("engine", "engine-fp32", "hf-continuous-fp32"), log=lines.append)
     path = tmp_path / "checkpoints" / "tiny-llama-bfloat16"

@@ -23,7 +23,7 @@ def test_the_package_is_quiet_by_default():
 
 
 def test_auto_logs_its_choice_and_warns_on_the_slow_path(caplog, monkeypatch):
-    from orca_compile import compiler
+    from orca_compile import sixteen_bit
 
     caplog.set_level(logging.INFO, logger=LOGGER)
     # a model no CPU lowering takes (mixed 16- and 32-bit weights): eager, the slow path, a warning
@@ -33,12 +33,15 @@ def test_auto_logs_its_choice_and_warns_on_the_slow_path(caplog, monkeypatch):
     (slow,) = [r for r in caplog.records if "backend auto ->" in r.getMessage()]
     assert slow.levelno == logging.WARNING and "-> eager" in slow.getMessage()
     assert "the slow path on a CPU" in slow.getMessage() and "torch.bfloat16" in slow.getMessage()
-    # a bfloat16 model on a CPU with bfloat16 matrix units: its own dtype on ATen's kernels, said at INFO
+    # a bfloat16 model on a CPU with bfloat16 matrix units: a CPU lowering, its linears in
+    # bfloat16 on oneDNN, said at INFO
     caplog.clear()
-    monkeypatch.setattr(compiler, "native_sixteen_bit_matmul", lambda dtype: True)
-    orca_compile.compile(load_model("tiny-llama", dtype=torch.bfloat16), backend="auto", keep_stages=False)
-    (native,) = [r for r in caplog.records if "backend auto ->" in r.getMessage()]
-    assert native.levelno == logging.INFO and "16-bit matrix units" in native.getMessage()
+    monkeypatch.setattr(sixteen_bit, "native_sixteen_bit_matmul", lambda dtype: True)
+    cm = orca_compile.compile(load_model("tiny-llama", dtype=torch.bfloat16), backend="auto", keep_stages=False)
+    assert cm.backend != "eager" or not (lower_cpu.available("orca") or lower_cpu.available("onednn"))
+    if lower_cpu.available("onednn"):
+        (native,) = [r for r in caplog.records if "weights on the CPU" in r.getMessage()]
+        assert native.levelno == logging.INFO and "multiply in torch.bfloat16 on oneDNN" in native.getMessage()
     caplog.clear()
     cm = orca_compile.compile(load_model("tiny-llama", dtype=torch.float32), backend="auto", keep_stages=False)
     (chosen,) = [r for r in caplog.records if "backend auto ->" in r.getMessage()]

@@ -1,0 +1,80 @@
+"""16-bit (bfloat16, float16) checkpoints on the CPU: which path a model takes.
+
+A 16-bit model on the CPU is captured from a float32 copy of itself (``compile``), so that norms,
+softmax, attention, the residual stream and the KV cache run in float32 on the C kernels; what
+differs between the two paths is the linear layers (``CaptureInfo.weight_storage`` and
+``CaptureInfo.matmul_dtype``, read by ``passes/lower_cpu.py``):
+
+* **float32 arithmetic on 16-bit weights** (``matmul_dtype`` None): the C GEMM keeps each weight in
+  its 16 bits and widens it in registers. The same numbers as HF running the checkpoint upcast to
+  float32, half the bytes a decode streams. The path on a CPU without 16-bit matrix units, where a
+  16-bit multiply is emulated and slower than float32.
+* **16-bit multiplies** (``matmul_dtype`` the checkpoint's dtype): each linear runs on oneDNN's
+  packed 16-bit weights, its input rounded to the 16-bit dtype and its result (float32
+  accumulation) rounded once, then widened back. The path on a CPU with 16-bit matrix units (Intel
+  AMX): a prefill's GEMMs 5-12x the float32 C GEMM's rate there (docs/benchmarks.md, W2). Each
+  linear rounds as HF does in the 16-bit dtype; everything between the linears stays float32, so
+  the engine is no farther from the float32 oracle than HF in its own dtype is (tested).
+
+``native`` (``optimize(native_sixteen_bit=)``) chooses: None asks the CPU
+(``native_sixteen_bit_matmul``), True or False forces a path (numerics tests, A/B runs).
+"""
+from __future__ import annotations
+
+import torch
+
+# the backends that run a 16-bit CPU model as a float32 graph (the CPU lowerings)
+WIDENS = ("auto", "cpu", "onednn")
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def native_sixteen_bit_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware that oneDNN uses: AMX tiles for
+    bfloat16 (Intel Sapphire Rapids and later), AMX-FP16 for float16."""
+    probe = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
+    try:
+        return bool(probe and getattr(torch.cpu, probe)())
+    except Exception:  # a private probe of torch's: absent or failing means no
+        return False
+
+
+def widens(backend: str) -> bool:
+    """Whether ``backend`` runs a 16-bit CPU model as a float32 graph: the CPU lowerings do when
+    their kernel is there (``auto`` when either is)."""
+    from orca_compile.passes import lower_cpu
+
+    if backend not in WIDENS:
+        return False
+    kernels = ("orca", "onednn") if backend == "auto" else ({"cpu": "orca", "onednn": "onednn"}[backend],)
+    return any(lower_cpu.available(k) for k in kernels)
+
+
+def matmul_dtype(storage: torch.dtype | None, native: bool | None) -> torch.dtype | None:
+    """The dtype the linears of a graph widened from ``storage`` multiply in: ``storage`` itself on
+    oneDNN when ``native`` (None: this CPU has ``storage`` matrix units) and oneDNN is built in,
+    else None (float32 arithmetic)."""
+    from orca_compile.passes import lower_cpu
+
+    if storage is None:
+        return None
+    if native and not lower_cpu.available("onednn"):
+        raise ValueError("native_sixteen_bit=True needs oneDNN's packed linears; this torch is built without oneDNN")
+    if native is None:
+        native = native_sixteen_bit_matmul(storage) and lower_cpu.available("onednn")
+    return storage if native else None
+
+
+def cpu_weights(model: torch.nn.Module) -> torch.dtype | None:
+    """bfloat16 or float16 when every floating parameter of ``model`` is that dtype and on the CPU
+    (or on meta tensors, for a rank that reads its shard later), else None. Buffers do not count:
+    HF keeps some float32 in a 16-bit model (RoPE's inverse frequencies)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    devices = {p.device.type for p in model.parameters()}
+    if len(dtypes) == 1 and dtypes <= set(SIXTEEN_BIT) and devices <= {"cpu", "meta"}:
+        return dtypes.pop()
+    return None
+
+
+def check_native(native) -> None:
+    if native not in (None, True, False):
+        raise ValueError(f"native_sixteen_bit must be None (ask the CPU), True or False, got {native!r}")
