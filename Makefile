@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test bench bench-compile bench-orca bench-w2 clean
+.PHONY: install demo test bench bench-compile bench-orca bench-w2 gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,21 @@ bench-orca: install
 bench-w2: install
 	$(BIN)/orca-compile bench w2 --systems engine,engine-fp32,hf-continuous,hf-continuous-fp32 \
 		--json benchmarks/results/w2.json
+
+# docs/benchmarks.md, issue 19: the CUDA path proved in one run. On a GPU machine (no venv, nothing
+# fetched; the machine's own python3 holds torch, triton and transformers):
+#   make gpu-check OUT=dir
+# here and in CI, every section at CPU sizes with the project's venv:
+#   make gpu-check ARGS=--dry-run
+OUT ?= gpu-check-out
+ifneq (,$(findstring --dry-run,$(ARGS)))
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py $(ARGS) $(OUT)
+else
+gpu-check:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) benchmarks/gpu_check.py $(ARGS) $(OUT)
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -228,7 +228,8 @@ def cmd_bench(args) -> int:
     report = bench.run(args.workload, systems=systems, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, backend=args.backend, threads=args.threads,
                        repeat=args.repeat, settle_seconds=args.settle, isolate=args.isolate,
-                       tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
+                       tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, device=args.device,
+                       dtype=args.dtype)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -248,7 +249,8 @@ def _bench_online(args) -> int:
     ignored = [flag for flag, value, default in (
         ("--systems", args.systems, "engine,hf-static,hf-continuous"), ("--max-num-seqs", args.max_num_seqs, None),
         ("--max-num-batched-tokens", args.max_num_batched_tokens, None), ("--repeat", args.repeat, 1),
-        ("--tp", args.tp, 1), ("--pp", args.pp, 1)) if value != default]
+        ("--tp", args.tp, 1), ("--pp", args.pp, 1), ("--device", args.device, None),
+        ("--dtype", args.dtype, None)) if value != default]
     if ignored:
         raise ValueError(f"bench {args.workload} takes --rates, --requests, --plot-dir, --json, --backend and "
                          f"--threads; not {', '.join(ignored)} (its experiments fix their policies and sizing)")
@@ -382,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "process-wide settings such as the engine's malloc tuning")
     p.add_argument("--tp", type=int, default=1, help="the engine system's tensor-parallel ranks (a process each)")
     p.add_argument("--pp", type=int, default=1, help="the engine system's pipeline stages (a process each)")
+    p.add_argument("--device", default=None, help="where every system runs, e.g. cuda (default: the CPU)")
+    p.add_argument("--dtype", default=None, help="the workload's model in this dtype, e.g. bfloat16 on a GPU "
+                                                 "(default: the workload's)")
     p.add_argument("--json", default=None, help="also write the report here")
     p.add_argument("--rates", default=None, help="orca: arrival rates in requests/s, comma-separated "
                                                  "(default: each experiment's)")

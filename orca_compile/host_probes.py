@@ -51,6 +51,13 @@ def since(start: float | None) -> float | None:
     return None if start is None or now is None else now - start
 
 
+def _sync(device) -> None:
+    """Wait for the device's queued work: CUDA calls return before the GPU has run them, so a host
+    clock around them times the launches, not the work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def matmul_rate(dtype: torch.dtype, device="cpu") -> float:
     """This machine's best measured dense matmul rate (FLOP/s) over GPT-2-small-like shapes."""
     best = 0.0
@@ -58,26 +65,38 @@ def matmul_rate(dtype: torch.dtype, device="cpu") -> float:
         a = torch.randn(m, k, dtype=dtype, device=device)
         b = torch.randn(k, n, dtype=dtype, device=device)
         torch.mm(a, b)
+        _sync(device)
         reps = 0
         start = time.perf_counter()
         while reps < 3 or time.perf_counter() - start < 0.5:
             torch.mm(a, b)
             reps += 1
+            if reps % 8 == 0:  # a GPU queues launches far ahead of the work; the clock must see the work
+                _sync(device)
+        _sync(device)
         best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start))
     return best
 
 
-def read_bandwidth(nbytes: int = 512 << 20) -> float:
-    """This machine's DRAM read rate now (bytes/s): the best of 3 ``sum`` passes over ``nbytes`` of
-    float32, far past any cache. Measured before and after the systems: on a shared host it moves
-    with the neighbours' load (30-52 GB/s within a minute on the dev machine), and the engine's
-    decode steps (weights and K/V streamed) move with it."""
-    x = torch.ones(nbytes // 4)
+def read_bandwidth(nbytes: int = 512 << 20, device="cpu") -> float:
+    """This machine's memory read rate now (bytes/s): the best of 3 ``sum`` passes over ``nbytes`` of
+    float32, far past any cache (on a GPU: of its memory). Measured before and after the systems:
+    on a shared host it moves with the neighbours' load (30-52 GB/s within a minute on the dev
+    machine), and the engine's decode steps (weights and K/V streamed) move with it."""
+    x = torch.ones(nbytes // 4, device=device)
+    # a GPU reads 512 MB in ~0.1 ms: ten passes a window (after a warm-up), so the clock's and the
+    # launch's microseconds stay small beside it
+    reps = 10 if x.is_cuda else 1
+    if x.is_cuda:
+        x.sum()
+        _sync(device)
     best = 0.0
     for _ in range(3):
         start = time.perf_counter()
-        x.sum()
-        best = max(best, nbytes / (time.perf_counter() - start))
+        for _ in range(reps):
+            x.sum()
+        _sync(device)
+        best = max(best, reps * nbytes / (time.perf_counter() - start))
     return best
 
 

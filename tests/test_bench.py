@@ -164,3 +164,30 @@ def test_the_engines_tp_option_has_its_workers_load_the_model_themselves(monkeyp
     report = bench.run("w1-tiny", systems=("engine",), tensor_parallel_size=2)
     assert sent == ["tiny-llama"] and "tp=2" in report["results"][0]["system"]
     assert not multiprocessing.active_children()
+
+
+def test_a_workload_in_another_dtype_runs_so_in_each_systems_process():
+    """``dtype=`` (the GPU check runs W1 in bfloat16 so) reaches the isolated workers too: they get
+    the changed workload, not its name. A bad dtype fails before anything loads."""
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        bench.run("w1-smoke", systems=("engine",), dtype="float8")
+    report = bench.run("w1-smoke", systems=("engine", "hf-static"), dtype="float64", isolate=True, log=lambda l: None)
+    assert report["workload"]["dtype"] == "float64" and "device" not in report  # the CPU: no device entry
+    assert report["same_tokens_as_hf-static"] == 1.0  # float64: no near-ties between the two
+    wanted = sum(n for _, n in bench.WORKLOADS["w1-smoke"].requests(256))
+    assert [r["useful_tokens"] for r in report["results"]] == [wanted, wanted]
+
+
+def test_the_probes_time_the_work_not_the_launches(monkeypatch):
+    """On a GPU the matmul and read probes wait for the device before reading the clock; on the
+    CPU they never ask CUDA anything."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(a))
+    assert host_probes.matmul_rate(torch.float32) > 0 and host_probes.read_bandwidth(1 << 20) > 0
+    assert not calls
+    host_probes._sync("cuda")
+    assert len(calls) == 1

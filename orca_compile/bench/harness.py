@@ -3,6 +3,8 @@
 statistics in ``stats.py``, the report and its lines in ``report.py``."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from orca_compile.bench import report as reporting
@@ -16,7 +18,7 @@ from orca_compile.presets import load_model, parse_dtype
 def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), max_num_seqs=None,
         max_num_batched_tokens=None, backend="auto", threads: int | None = None, repeat: int = 1,
         settle_seconds: int = 0, isolate: bool = False, tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1, log=print) -> dict:
+        pipeline_parallel_size: int = 1, device=None, dtype: str | None = None, log=print) -> dict:
     """Time each system on the workload and compare.
 
     ``repeat`` > 1 runs the systems in rounds, the order reversed every other round (ABBA), so
@@ -28,8 +30,14 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     that run's call, comes between the wait and the timed part). ``isolate``: each system in a
     process of its own (``isolation.py``); otherwise all run in this process on one model object.
     ``max_num_seqs`` / ``max_num_batched_tokens`` None: the workload's. ``tensor_parallel_size``
-    and ``pipeline_parallel_size`` apply to the ``engine`` system (a process per rank)."""
+    and ``pipeline_parallel_size`` apply to the ``engine`` system (a process per rank).
+    ``device``: where every system runs (None: the CPU; ``cuda``: the GPU, each system on the same
+    one); ``dtype``: the workload's model in another dtype (e.g. W1 in bfloat16 on a GPU)."""
     w = get_workload(workload)
+    if dtype is not None:
+        parse_dtype(dtype)  # a bad name fails here, before anything loads
+        w = dataclasses.replace(w, dtype=dtype)
+    on = torch.device(device or "cpu")
     unknown = [s for s in systems if s not in systems_mod.SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system {unknown[0]!r}; one of {', '.join(systems_mod.SYSTEMS)}")
@@ -44,16 +52,24 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     if threads:
         torch.set_num_threads(threads)
     import orca_compile
+    from orca_compile import sixteen_bit
 
-    model = load_model(w.source(), dtype=w.dtype)
+    model = load_model(w.source(), dtype=w.dtype, device=device)
     compiled = orca_compile.compile(model, keep_stages=False)
     reqs = w.requests(compiled.vocab_size)
-    # the rate of the engine's arithmetic: float32 for a 16-bit checkpoint on the CPU (compile's rule)
-    rate = matmul_rate(parse_dtype(w.dtype or "float32"))
+    # the rate of the engine's arithmetic: for a 16-bit checkpoint on the CPU, its linears' (16-bit
+    # where the CPU has 16-bit matrix units, else float32: orca_compile/sixteen_bit.py); the
+    # checkpoint's own dtype on a GPU
+    arithmetic = w.dtype or w.checkpoint_dtype or "float32"
+    if w.dtype is None and w.checkpoint_dtype is not None and on.type == "cpu":
+        native = sixteen_bit.matmul_dtype(parse_dtype(w.checkpoint_dtype), None)
+        arithmetic = str(native or torch.float32).removeprefix("torch.")
+    rate = matmul_rate(parse_dtype(arithmetic), device=on)
     flops = workload_flops(compiled, reqs)
     floor = flops / rate
     log(f"workload {w.name}: {w.model} {w.dtype or w.checkpoint_dtype + ' checkpoint'}, {len(reqs)} requests, prompts {sum(len(p) for p, _ in reqs)} "
-        f"tokens, outputs {sum(n for _, n in reqs)} tokens; torch threads {torch.get_num_threads()}")
+        f"tokens, outputs {sum(n for _, n in reqs)} tokens; torch threads {torch.get_num_threads()}"
+        + ("" if on.type == "cpu" else f"; on {_device_name(on)}"))
     log(f"compute floor: {flops / 1e9:.1f} GFLOP / {rate / 1e9:.1f} GFLOP/s measured matmul rate = {floor:.2f} s")
 
     prepared = {}
@@ -63,11 +79,12 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
         if system == "engine" and (tensor_parallel_size > 1 or pipeline_parallel_size > 1):
             kwargs |= dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
         if isolate:
-            prepared[system] = Isolated(workload, system, reqs, kwargs, threads)
+            prepared[system] = Isolated(workload if dtype is None else w, system, reqs, kwargs, threads, device)
         else:
-            prepared[system] = systems_mod.prepare(system, model, reqs, kwargs, compiled=compiled, workload=w)
+            prepared[system] = systems_mod.prepare(system, model, reqs, kwargs, compiled=compiled, workload=w,
+                                                   device=device)
 
-    bandwidth = [read_bandwidth()]
+    bandwidth = [read_bandwidth(device=on)]
     rounds = {system: [] for system in systems}
     tokens = {}
     try:
@@ -92,12 +109,19 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
                 worker.close()
             elif hasattr(worker, "shutdown"):
                 worker.shutdown()
-    bandwidth.append(read_bandwidth())
-    log(f"DRAM read rate (sum over 512 MB): {bandwidth[0] / 1e9:.1f} GB/s before the systems ran, "
-        f"{bandwidth[1] / 1e9:.1f} GB/s after")
-    return reporting.build(w, systems, rounds, tokens, flops=flops, rate=rate, floor=floor, bandwidth=bandwidth,
-                           threads=torch.get_num_threads(), repeat=repeat, isolate=isolate,
-                           max_num_seqs=max_num_seqs, log=log)
+    bandwidth.append(read_bandwidth(device=on))
+    log(f"{'DRAM' if on.type == 'cpu' else 'device memory'} read rate (sum over 512 MB): {bandwidth[0] / 1e9:.1f} "
+        f"GB/s before the systems ran, {bandwidth[1] / 1e9:.1f} GB/s after")
+    report = reporting.build(w, systems, rounds, tokens, flops=flops, rate=rate, floor=floor, bandwidth=bandwidth,
+                             threads=torch.get_num_threads(), repeat=repeat, isolate=isolate,
+                             max_num_seqs=max_num_seqs, log=log)
+    if on.type != "cpu":
+        report["device"] = _device_name(on)
+    return report
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
 def workload_flops(compiled, reqs) -> float:

@@ -14,14 +14,17 @@ from orca_compile.bench import systems
 from orca_compile.bench.workloads import WORKLOADS
 
 
-def _system_worker(conn, workload, system, reqs, engine_kwargs, threads):
-    """A system in a process of its own (``run(isolate=True)``): loads the workload's model, sets
-    the system up, then times one pass per request from the parent until it sends None."""
+def _system_worker(conn, workload, system, reqs, engine_kwargs, threads, device=None):
+    """A system in a process of its own (``run(isolate=True)``): loads the workload's model (onto
+    ``device``), sets the system up, then times one pass per request from the parent until it
+    sends None. ``workload``: a name in ``WORKLOADS`` or a ``Workload`` (one with its dtype
+    changed: ``run(dtype=)``)."""
     if threads:
         torch.set_num_threads(threads)
-    w = WORKLOADS[workload]
+    w = WORKLOADS[workload] if isinstance(workload, str) else workload
     # a multi-process engine's workers, or an engine given a checkpoint path, load the model themselves
-    timed = systems.prepare(system, systems.load_for(system, w, engine_kwargs), reqs, engine_kwargs, workload=w)
+    timed = systems.prepare(system, systems.load_for(system, w, engine_kwargs, device), reqs, engine_kwargs,
+                            workload=w, device=device)
     conn.send("ready")
     try:
         while conn.recv() is not None:
@@ -38,14 +41,15 @@ def _system_worker(conn, workload, system, reqs, engine_kwargs, threads):
 class Isolated:
     """The parent's handle on a ``_system_worker``: set up on creation, one timed pass per call."""
 
-    def __init__(self, workload, system, reqs, engine_kwargs, threads):
+    def __init__(self, workload, system, reqs, engine_kwargs, threads, device=None):
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the parent's state
         self.conn, child = ctx.Pipe()
         # not a daemon: a tensor-parallel engine starts worker processes of its own, which a
         # daemon may not; close() stops it, and it exits by itself when the parent's pipe closes
-        self.process = ctx.Process(target=_system_worker, args=(child, workload, system, reqs, engine_kwargs, threads))
+        self.process = ctx.Process(target=_system_worker,
+                                   args=(child, workload, system, reqs, engine_kwargs, threads, device))
         self.process.start()
         child.close()
         if self._recv() != "ready":

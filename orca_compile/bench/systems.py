@@ -40,11 +40,12 @@ def reads_the_model_itself(system: str, w, engine_kwargs: dict) -> bool:
         or options.get("pipeline_parallel_size", 1) > 1)
 
 
-def load_for(system: str, w, engine_kwargs: dict):
-    """The model object ``system`` runs on for workload ``w`` (None: it reads the model itself)."""
+def load_for(system: str, w, engine_kwargs: dict, device=None):
+    """The model object ``system`` runs on for workload ``w`` (None: it reads the model itself),
+    on ``device`` (None: the CPU)."""
     if reads_the_model_itself(system, w, engine_kwargs):
         return None
-    return load_model(w.source(), dtype=HF_DTYPES.get(system, w.dtype))
+    return load_model(w.source(), dtype=HF_DTYPES.get(system, w.dtype), device=device)
 
 
 @dataclasses.dataclass
@@ -69,11 +70,12 @@ def run_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAULTS.
 
 def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAULTS.max_num_batched_tokens,
                    block_size=DEFAULTS.block_size, backend=DEFAULT_BACKEND, compiled=None, tensor_parallel_size=1,
-                   pipeline_parallel_size=1, max_in_flight=None, dtype=None):
+                   pipeline_parallel_size=1, max_in_flight=None, dtype=None, device=None):
     """The engine, set up once: compiled, lowered, and run over the whole workload untimed.
     Returns a function that times one more pass (a ``Result`` and the tokens); every call of it
     carries the same set-up seconds. ``model`` may be a name or path the engine loads (with
-    ``dtype``) itself; so it is with ``tensor_parallel_size`` or ``pipeline_parallel_size`` > 1."""
+    ``dtype``, onto ``device``) itself; so it is with ``tensor_parallel_size`` or
+    ``pipeline_parallel_size`` > 1."""
     import orca_compile
     from orca_compile import SamplingParams
 
@@ -82,7 +84,8 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
     sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                  num_kv_blocks=blocks, backend=backend)
     if not isinstance(model, torch.nn.Module) or tensor_parallel_size > 1 or pipeline_parallel_size > 1:
-        engine = orca_compile.optimize(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+        engine = orca_compile.optimize(model, dtype=dtype, device=device,
+                                       tensor_parallel_size=tensor_parallel_size,
                                        pipeline_parallel_size=pipeline_parallel_size, max_in_flight=max_in_flight,
                                        **sizes)
     else:
@@ -206,7 +209,13 @@ def run_hf_continuous(model, reqs) -> tuple[Result, list[list[int]]]:
     gen = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in reqs), eos_token_id=-1, pad_token_id=0)
     t0 = time.perf_counter()
     results = {}
-    with model.continuous_batching_context_manager(generation_config=gen, warmup=True) as manager:
+    import inspect
+
+    # warm-up is an argument of the newer transformers (5.2x); a GPU image may carry an older one
+    # (the GPU check's: 5.17), whose manager has no such argument
+    warm = {"warmup": True} if "warmup" in inspect.signature(model.continuous_batching_context_manager).parameters \
+        else {}
+    with model.continuous_batching_context_manager(generation_config=gen, **warm) as manager:
         setup = time.perf_counter() - t0
         steal = cpu_steal_seconds()
         start = time.perf_counter()
@@ -227,16 +236,17 @@ def run_hf_continuous(model, reqs) -> tuple[Result, list[list[int]]]:
                   {"cpu_steal_seconds": steal}), tokens
 
 
-def prepare(system: str, model, reqs, engine_kwargs: dict, *, workload, compiled=None):
-    """``system`` set up on ``model``: a function that times one pass (a ``Result`` and the tokens)."""
+def prepare(system: str, model, reqs, engine_kwargs: dict, *, workload, compiled=None, device=None):
+    """``system`` set up on ``model``: a function that times one pass (a ``Result`` and the tokens).
+    ``device``: where a system that loads a model itself puts it (None: the CPU)."""
     if system == "engine" or system in ENGINE_VARIANTS:
         kwargs = dict(engine_kwargs) | ENGINE_VARIANTS.get(system, {})
         if reads_the_model_itself(system, workload, engine_kwargs):
             kwargs.setdefault("dtype", workload.dtype)
-            return prepare_engine(workload.source(), reqs, **kwargs)
+            return prepare_engine(workload.source(), reqs, device=device, **kwargs)
         return prepare_engine(model, reqs, compiled=compiled if "dtype" not in kwargs else None, **kwargs)
     if system in HF_DTYPES and (model is None or model.dtype != parse_dtype(HF_DTYPES[system])):
-        model = load_for(system, workload, engine_kwargs)  # not the workload's dtype: its own copy
+        model = load_for(system, workload, engine_kwargs, device)  # not the workload's dtype: its own copy
     if system == "hf-static":
         return lambda: run_hf_static(model, reqs)
     return lambda: run_hf_continuous(model, reqs)

@@ -71,6 +71,8 @@ WORKLOADS = {
     "w1": Workload("w1", "gpt2-small-random", "float32", 32, (16, 128), (8, 64)),
     # the same shape on the tiny default model: seconds, for smoke runs and the tests
     "w1-tiny": Workload("w1-tiny", "tiny-llama", "float32", 32, (16, 128), (8, 64)),
+    # W1's systems on 8 short requests of the tiny model: benchmarks/gpu_check.py's dry run, in CI
+    "w1-smoke": Workload("w1-smoke", "tiny-llama", "float32", 8, (8, 32), (4, 12), max_num_seqs=8),
     # W1's requests on a Mixtral-shaped mixture of experts (8 experts, top 2) of about the same size
     "w1-moe": Workload("w1-moe", "mixtral-small-random", "float32", 32, (16, 128), (8, 64)),
     # 8 at once: on this 2-core CPU a decode step of 8 rows is at the machine's balance point for

@@ -1,6 +1,7 @@
 """RaggedBatch.build against an independent formulation of the same metadata (tensor ops over the
 flattened tokens, what build did before it moved to Python lists), on random mixes of decodes,
 prompt chunks and requests with nothing to feed; and its refusals."""
+import dataclasses
 import random
 
 import pytest
@@ -64,3 +65,22 @@ def test_refusals():
         RaggedBatch.build([[1], [2, 3]], [0, 3], [[0], [1]], 4)
     with pytest.raises(ValueError, match="2 requests but 1 sample flags"):
         RaggedBatch.build([[1], [2]], [0, 0], [[0], [1]], 16, sample=[True])
+
+
+@pytest.mark.parametrize("new", [[[5, 6, 7], [8], []], []])
+def test_a_device_batch_is_one_copy_cut_into_the_same_tensors(new):
+    """Off the CPU the seven tensors travel as one copy (``to_device_at_once``); done here on the
+    CPU, the views must equal the host tensors, shapes and values, and share one buffer."""
+    from orca_compile.runtime.batch import to_device_at_once
+
+    done = [4, 9, 0][:len(new)]
+    tables = [[3, 1], [0, 2, 5], [4]][:len(new)]
+    host = RaggedBatch.build(new, done, tables, 4)
+    fields = [getattr(host, f.name) for f in dataclasses.fields(RaggedBatch)]
+    moved = to_device_at_once(fields, "cpu")
+    for want, got in zip(fields, moved):
+        assert got.dtype == torch.long and got.shape == want.shape and torch.equal(got, want)
+    assert len({t.untyped_storage().data_ptr() for t in moved}) == 1
+    # and the path build takes off the CPU gives the same shapes (meta: no values, no GPU needed)
+    meta = RaggedBatch.build(new, done, tables, 4, device="meta")
+    assert [getattr(meta, f.name).shape for f in dataclasses.fields(RaggedBatch)] == [t.shape for t in fields]

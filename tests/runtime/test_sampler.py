@@ -88,3 +88,15 @@ def test_a_seeded_row_ignores_its_batch_mates():
 def test_invalid_sampling_params_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_tokens_and_logprobs_read_back_together_are_the_same_values():
+    """Off the CPU the sampler reads ids and log-probs back in one copy (``to_host_at_once``); done
+    here, it must give exactly what two ``tolist()`` calls give: large ids, float32 log-probs."""
+    from orca_compile.runtime.sampler import to_host_at_once
+
+    tokens = torch.tensor([0, 7, 151_935, 2 ** 31 - 1])
+    logprobs = torch.randn(4, generator=torch.Generator().manual_seed(0)).float() - 20.0
+    ids, lps = to_host_at_once(tokens, logprobs)
+    assert ids == tokens.tolist() and all(type(t) is int for t in ids)
+    assert lps == logprobs.tolist()
