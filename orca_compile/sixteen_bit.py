@@ -14,7 +14,8 @@ differs between the two paths is the linear layers (``CaptureInfo.weight_storage
   accumulation) rounded once, then widened back. The path on a CPU with 16-bit matrix units (Intel
   AMX): a prefill's GEMMs 5-12x the float32 C GEMM's rate there (docs/benchmarks.md, W2). Each
   linear rounds as HF does in the 16-bit dtype; everything between the linears stays float32, so
-  the engine is no farther from the float32 oracle than HF in its own dtype is (tested).
+  the engine is on average no farther from the float32 oracle than HF in its own dtype is
+  (tested). It needs oneDNN's 16-bit GEMM (``native_supported``: AVX-512 or AVX-NE-CONVERT).
 
 ``native`` (``optimize(native_sixteen_bit=)``) chooses: None asks the CPU
 (``native_sixteen_bit_matmul``), True or False forces a path (numerics tests, A/B runs).
@@ -34,6 +35,17 @@ def native_sixteen_bit_matmul(dtype: torch.dtype) -> bool:
     probe = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
     try:
         return bool(probe and getattr(torch.cpu, probe)())
+    except Exception:  # a private probe of torch's: absent or failing means no
+        return False
+
+
+def native_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies ``dtype`` matrices on this CPU at all: bfloat16 needs AVX-512
+    (BW, VL, DQ) or AVX-NE-CONVERT, float16 AVX512-FP16 or AMX-FP16 (torch refuses to pack the
+    weights elsewhere)."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return bool(probe and torch.backends.mkldnn.is_available() and getattr(torch.ops.mkldnn, probe)())
     except Exception:  # a private probe of torch's: absent or failing means no
         return False
 
@@ -59,8 +71,13 @@ def matmul_dtype(storage: torch.dtype | None, native: bool | None) -> torch.dtyp
         return None
     if native and not lower_cpu.available("onednn"):
         raise ValueError("native_sixteen_bit=True needs oneDNN's packed linears; this torch is built without oneDNN")
+    if native and not native_supported(storage):
+        need = "AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT" if storage == torch.bfloat16 else "AVX512-FP16 or AMX-FP16"
+        raise ValueError(f"native_sixteen_bit=True: oneDNN multiplies {storage} on CPUs with {need}, which this one "
+                         f"lacks; leave it None (float32 arithmetic on the 16-bit weights here)")
     if native is None:
-        native = native_sixteen_bit_matmul(storage) and lower_cpu.available("onednn")
+        native = (native_sixteen_bit_matmul(storage) and lower_cpu.available("onednn")
+                  and native_supported(storage))
     return storage if native else None
 
 
@@ -76,5 +93,5 @@ def cpu_weights(model: torch.nn.Module) -> torch.dtype | None:
 
 
 def check_native(native) -> None:
-    if native not in (None, True, False):
+    if not (native is None or native is True or native is False):
         raise ValueError(f"native_sixteen_bit must be None (ask the CPU), True or False, got {native!r}")

@@ -160,7 +160,10 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
         on = "onednn" if is_native else kernel
         out_features = weight.shape[1] if weight_is_in_out else weight.shape[0]
         x, bias = _operands(node)
-        separate_bias = on == "orca" and bias is not None and not _plain_bias(out, bias, weight, out_features)
+        # a bias the kernel does not read in place (the C GEMM's, or oneDNN's fed 16-bit inputs, is
+        # a contiguous [out] weight of the graph): added after, as aten.addmm would
+        separate_bias = ((on == "orca" or is_native) and bias is not None
+                         and not _plain_bias(out, bias, weight, out_features))
         chain, act = _activation(node, on) if fuse_activations and not separate_bias else (None, None)
         replaced = chain[-1] if act else node
         with graph.inserting_before(node):
@@ -173,7 +176,7 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
                 attr, alg = _ACTIVATIONS[act][1] if act else ("none", "")
                 if is_native:
                     x = _cast(graph, casts, x, native)
-                new = graph.call_function(PACKED_LINEAR, (x, w_node, bias, attr, [], alg))
+                new = graph.call_function(PACKED_LINEAR, (x, w_node, None if separate_bias else bias, attr, [], alg))
         new.meta = dict(node.meta)
         new.meta["val"] = replaced.meta.get("val")
         result = new
@@ -182,10 +185,11 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
             with graph.inserting_after(new):
                 result = graph.call_function(aten._to_copy.default, (new,), {"dtype": torch.float32})
             result.meta = dict(node.meta, val=replaced.meta.get("val"))
-        if separate_bias:  # a bias the kernel cannot read in place: added after, as aten.addmm would
-            with graph.inserting_after(new):
-                result = graph.call_function(aten.add.Tensor, (new, bias))
-            result.meta = dict(new.meta)
+        if separate_bias:
+            with graph.inserting_after(result):
+                added = graph.call_function(aten.add.Tensor, (result, bias))
+            added.meta = dict(result.meta)
+            result = added
         replaced.replace_all_uses_with(result)
         for dead in reversed(chain if act else [node]):
             graph.erase_node(dead)

@@ -81,5 +81,17 @@ def to_device_at_once(tensors, device) -> tuple[torch.Tensor, ...]:
     whole, and cut there into views of the same shapes. A batch is seven small tensors, and each
     pageable host-to-GPU copy is a synchronous transfer of its own (~10-20 us of latency apiece,
     every iteration); one copy of a few KB pays that once."""
-    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
-    return tuple(part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
+    # each part starts on a 128-byte boundary, as a tensor of its own would: Triton specialises its
+    # kernels on 16-byte aligned pointers, and an unaligned one would compile (and run) a variant
+    sizes = [-(-t.numel() // ALIGN_ELEMENTS) * ALIGN_ELEMENTS for t in tensors]
+    flat = torch.zeros(sum(sizes), dtype=tensors[0].dtype)
+    offset = 0
+    for t, size in zip(tensors, sizes):
+        flat[offset:offset + t.numel()] = t.reshape(-1)
+        offset += size
+    flat = flat.to(device)
+    parts = flat.split(sizes)
+    return tuple(part[:t.numel()].view(t.shape) for part, t in zip(parts, tensors))
+
+
+ALIGN_ELEMENTS = 16  # int64 elements: 128 bytes

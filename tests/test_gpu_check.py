@@ -72,6 +72,7 @@ def test_the_dry_run_passes_every_section_and_writes_its_report(tmp_path):
     assert (tmp_path / "kernels-junit.xml").exists() and (tmp_path / "end_to_end.log").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has the GPU the test is without")
 def test_without_a_gpu_the_gpu_mode_fails_its_environment_and_skips_the_rest(tmp_path):
     res = _run("--sections", "environment,attention", str(tmp_path), timeout=300)
     assert res.returncode == 1
@@ -125,3 +126,15 @@ def test_a_killed_pytest_is_counted_from_its_verbose_lines(tmp_path):
     res = gc._pytest_result(text, tmp_path / "missing.xml", -9, True, 10.0, 10.0, "x.log")
     assert res["status"] == "timeout"
     assert res["details"]["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "errors": 0}
+
+
+def test_without_an_install_the_sections_import_the_checkout_through_links(tmp_path):
+    # a GPU machine's pip may refuse `pip install -e .`; the script then links the checkout into
+    # pyproject.toml's package layout and puts that first on PYTHONPATH
+    gc = _module()
+    root = gc.link_tree(tmp_path)
+    code = "import orca_compile.passes.lower_cpu as m, orca_compile.runtime.batch as b; print(m.__file__, b.__file__)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert all(f.startswith(str(root)) for f in res.stdout.split()), res.stdout

@@ -81,7 +81,10 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
         if isolate:
             prepared[system] = Isolated(workload if dtype is None else w, system, reqs, kwargs, threads, device)
         else:
-            prepared[system] = systems_mod.prepare(system, model, reqs, kwargs, compiled=compiled, workload=w,
+            # the workload's graph was compiled for eager (its FLOPs, its vocabulary); a 16-bit model
+            # on the CPU is the engine's to compile itself (widened: orca_compile/sixteen_bit.py)
+            own = compiled if sixteen_bit.cpu_weights(model) is None else None
+            prepared[system] = systems_mod.prepare(system, model, reqs, kwargs, compiled=own, workload=w,
                                                    device=device)
 
     bandwidth = [read_bandwidth(device=on)]

@@ -89,7 +89,9 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
                                        pipeline_parallel_size=pipeline_parallel_size, max_in_flight=max_in_flight,
                                        **sizes)
     else:
-        compiled = compiled or orca_compile.compile(model, keep_stages=False)
+        # compiled for the backend asked for: a 16-bit CPU model widens only then (compiled for
+        # eager first, its graph would hold the 16-bit casts and could lower to eager alone)
+        compiled = compiled or orca_compile.compile(model, backend=backend, keep_stages=False)
         engine = orca_compile.optimize(compiled, **sizes)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in reqs]
     prompts = [p for p, _ in reqs]
