@@ -143,6 +143,8 @@ def test_w2_loads_a_bfloat16_checkpoint_by_path_and_compares_16_and_32_bit_weigh
     eng, fp32, hf = report["results"]
     assert eng["system"] == fp32["system"] == "orca-compile engine (cpu)"
     assert eng["useful_tokens"] == fp32["useful_tokens"] == hf["useful_tokens"]
+    assert eng["extra"]["lowering"]["matmul_dtype"] == "float32" and "bfloat16" in eng["extra"]["weight_dtypes"]
+    assert fp32["extra"]["weight_dtypes"] == ["float32"]
     # the linear weights stream in 16 bits: about half the bytes (the float32 norms are a sliver)
     ratio = eng["extra"]["streamed_weight_bytes"] / fp32["extra"]["streamed_weight_bytes"]
     assert 0.5 <= ratio < 0.52, ratio
@@ -175,6 +177,8 @@ def test_a_workload_in_another_dtype_runs_so_in_each_systems_process():
         bench.run("w1-smoke", systems=("engine",), dtype="float8")
     report = bench.run("w1-smoke", systems=("engine", "hf-static"), dtype="float64", isolate=True, log=lambda l: None)
     assert report["workload"]["dtype"] == "float64" and "device" not in report  # the CPU: no device entry
+    # the worker's engine itself ran float64 weights (the report's dtype is the parent's word)
+    assert report["results"][0]["extra"]["weight_dtypes"] == ["float64"]
     assert report["same_tokens_as_hf-static"] == 1.0  # float64: no near-ties between the two
     wanted = sum(n for _, n in bench.WORKLOADS["w1-smoke"].requests(256))
     assert [r["useful_tokens"] for r in report["results"]] == [wanted, wanted]

@@ -101,6 +101,13 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
     setup = time.perf_counter() - t0
     runner = getattr(engine.executor, "runner", None)  # the in-process executor's: its graph is here
     weight_bytes = streamed_weight_bytes(runner.model.graph_module) if runner is not None else 0
+    # what ran: the dtypes of the graph's weights (a 16-bit checkpoint's packed 16-bit and its
+    # float32 norms; a run in another dtype's) and what the lowering did (its kernel, 16-bit path)
+    ran = {} if runner is None else {
+        "weight_dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in itertools.chain(
+            runner.model.graph_module.parameters(), runner.model.graph_module.buffers()) if t.is_floating_point()}),
+        "lowering": {k: v for k, v in runner.model.graph_module.meta.get("orca_lowering", {}).items()
+                     if isinstance(v, (str, int, float))}}
 
     def timed() -> tuple[Result, list[list[int]]]:
         engine.iteration_stats.clear()
@@ -127,6 +134,7 @@ def prepare_engine(model, reqs, *, max_num_seqs=32, max_num_batched_tokens=DEFAU
                       "decode_batch_median": statistics.median(len(it.request_ids) for it in decodes)}
         if weight_bytes:
             extra["streamed_weight_bytes"] = weight_bytes
+        extra |= ran
         if full:
             extra |= {
                 "full_batch_iteration_ms": 1e3 * statistics.median(it.seconds for it in full),
