@@ -34,7 +34,9 @@ sections' output to ``sections.log``: seven files, under the tool's eight. The e
 when no section failed, errored or timed out (skips are not failures).
 
 It needs only what such a machine has (torch, triton, transformers, numpy, pytest) and this
-package installed without its dependencies: ``pip install --no-deps --no-build-isolation -e .``.
+package installed without its dependencies: ``pip install --no-deps --no-build-isolation -e .``, or,
+where that pip refuses (an externally managed Python, no setuptools), nothing: the checkout is
+then imported through links (``_importable``), so run the two with ``;`` between them, not ``&&``.
 """
 from __future__ import annotations
 
