@@ -227,22 +227,8 @@ static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, 
 #endif
 
 /* 16-bit weights, float32 arithmetic: a line of 16 weights is 32 bytes (half the float32 line's
- * DRAM traffic), widened to two float32 vectors in registers as it is read. bfloat16 is the top
- * half of a float32: zero-extend and shift. float16 goes through _Float16 (F16C's vcvtph2ps with
- * -march=native on x86); where the compiler lacks _Float16 the float16 path is not built. */
-typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2), may_alias));
-typedef uint32_t v8u32 __attribute__((vector_size(32)));
-static inline v8f load_bf16(const uint16_t *p) {
-    return (v8f)(__builtin_convertvector(*(const v8u16 *)p, v8u32) << 16);
-}
-#ifdef __FLT16_MAX__
-#define HAVE_F16 1
-typedef _Float16 v8h __attribute__((vector_size(16), aligned(2), may_alias));
-static inline v8f load_f16(const uint16_t *p) { return __builtin_convertvector(*(const v8h *)p, v8f); }
-#else
-#define HAVE_F16 0
-#endif
-
+ * DRAM traffic), widened to two float32 vectors in registers as it is read (load_bf16 / load_f16,
+ * cpu_simd.h). */
 DEFINE_GEMM(f32, float, v8f, 8, f32, float)
 DEFINE_GEMM(f64, double, v4d, 4, f64, double)
 DEFINE_GEMM(f32, float, v8f, 8, bf16, uint16_t)

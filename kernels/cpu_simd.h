@@ -20,6 +20,31 @@ static inline v4d load_f64(const double *p) { return *(const v4d_u *)p; }
 static inline void store_f64(double *p, v4d v) { *(v4d_u *)p = v; }
 static inline v4d splat_f64(double s) { return (v4d){s, s, s, s}; }
 
+/* 16-bit floats, widened to float32 as they are loaded and rounded to nearest even as they are
+ * stored. bfloat16 is the top half of a float32: zero-extend and shift; the store rounds as
+ * c10::BFloat16 does (a NaN becomes 0x7FC0). float16 goes through _Float16 (F16C's vcvtph2ps /
+ * vcvtps2ph with -march=native on x86); where the compiler lacks _Float16, HAVE_F16 is 0 and the
+ * kernels take no float16. */
+typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+static inline v8f load_bf16(const uint16_t *p) {
+    return (v8f)(__builtin_convertvector(*(const v8u16 *)p, v8u32) << 16);
+}
+static inline void store_bf16(uint16_t *p, v8f v) {
+    const v8u32 u = (v8u32)v;
+    const v8u32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const v8u32 nan = (v8u32)(v != v);
+    *(v8u16 *)p = __builtin_convertvector((nan & 0x7FC0u) | (~nan & rounded), v8u16);
+}
+#ifdef __FLT16_MAX__
+#define HAVE_F16 1
+typedef _Float16 v8h __attribute__((vector_size(16), aligned(2), may_alias));
+static inline v8f load_f16(const uint16_t *p) { return __builtin_convertvector(*(const v8h *)p, v8f); }
+static inline void store_f16(uint16_t *p, v8f v) { *(v8h *)p = __builtin_convertvector(v, v8h); }
+#else
+#define HAVE_F16 0
+#endif
+
 /* Bitwise select: m ? x : y, lane by lane (m: all ones or all zeros per lane, from a comparison). */
 static inline v8f select_f32(v8i m, v8f x, v8f y) { return (v8f)((m & (v8i)x) | (~m & (v8i)y)); }
 

@@ -1,13 +1,18 @@
-"""Residual add + layer norm on the CPU in C (``cpu_norm.c``): ``s = x + r``, ``y = layer_norm(s)``,
-in one pass over each row, float32 and float64.
+"""Residual add + norm on the CPU in C (``cpu_norm.c``): ``s = x + r``, ``y = layer_norm(s)`` or
+``y = rms_norm(s)``, in one pass over each row, float32 and float64.
 
 ``passes/fuse_norms.py`` (a pass of the ``cpu`` backend's lowering) turns every ``add`` that
 feeds a ``layer_norm`` over the last dim into one call of ``add_layer_norm`` (both results kept:
 the sum is the residual stream). On a pre-norm model that is every norm: GPT-2 has 25. It saves a
 pass over the rows per residual point and one of two calls; a call costs about what ATen's add +
 layer_norm cost together at one row (``benchmarks/call_overhead.py``); on W1 it took 0.954x the
-time at the median of 14 ABBA rounds (docs/benchmarks.md). HF's RMSNorm had a C call of its
-own too, removed when its A/B showed no gain beyond the spread.
+time at the median of 14 ABBA rounds (docs/benchmarks.md).
+
+``add_rms_norm`` does the same for HF's RMSNorm (``w * (s * rsqrt(mean(s^2) + eps))``, six ATen
+ops and the add), and under float32 reads a 16-bit ``r`` and stores a 16-bit ``y`` (the casts
+around a 16-bit linear, fused). ``fuse_norms`` uses it on the 16-bit-multiply path only (W2, where
+its A/B is in docs/benchmarks.md); on a float32 Llama-shaped W1 the same fusion showed no gain
+beyond the spread, and float32 graphs keep ATen's ops.
 
 Numerics: two-pass mean and variance in the input dtype with vector accumulators, so results
 differ from torch's by rounding only (a few ulp of each row's scale).
@@ -31,6 +36,10 @@ def _declare(lib):
     fn = lib.orca_add_layer_norm
     fn.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_double,
                    ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.orca_add_rms_norm
+    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ctypes.c_int, ptr, i64, ptr, ptr, i64, ctypes.c_int, i64, i64,
+                   ctypes.c_double, ctypes.c_int]
     fn.restype = ctypes.c_int
 
 
@@ -84,7 +93,66 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor
     return s.view(shape), y.view(shape)
 
 
-def _why_not(x, r, weight, bias, name) -> str:
+# a 16-bit operand's code in orca_add_rms_norm (0: the row's own dtype)
+SIXTEEN_BIT = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+                 reuse: bool = False, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, weight * (s * rsqrt(mean(s**2, -1) + eps)))`` with ``s = x + r`` (``s = x`` when ``r``
+    is None): HF's RMSNorm (Llama, Qwen2, Mistral) in ``x``'s dtype, with the residual add that
+    feeds it. Shapes and ``reuse`` as in ``add_layer_norm`` (``y`` goes over ``r`` only where they
+    share a dtype).
+
+    Under float32 ``x``, ``r`` may be bfloat16 or float16 (a 16-bit linear's result: the add widens
+    it exactly, as ATen's type promotion would), and ``out_dtype`` bfloat16 or float16 stores ``y``
+    rounded to nearest even (the cast in front of a 16-bit linear, fused); ``s`` stays float32."""
+    lib = LIB._lib or LIB.load()
+    if lib is None:
+        raise RuntimeError(f"the C norm kernel is unavailable: {LIB.why_unavailable()}")
+    dtype = x.dtype
+    out_dtype = dtype if out_dtype is None else out_dtype
+    shape = x.shape
+    n = shape[-1] if shape else 0
+    r_code = 0 if r is None or r.dtype == dtype else SIXTEEN_BIT.get(r.dtype, -1)
+    y_code = 0 if out_dtype == dtype else SIXTEEN_BIT.get(out_dtype, -1)
+    if (dtype not in DTYPES or not x.is_cpu or n == 0 or r_code < 0 or y_code < 0
+            or (dtype != torch.float32 and (r_code or y_code))
+            or (r is not None and (not r.is_cpu or r.shape != shape))
+            or (weight is not None and (weight.dtype != dtype or not weight.is_cpu or weight.shape != (n,)))):
+        raise ValueError(_why_not(x, r, weight, None, "add_rms_norm", out_dtype))
+    x2 = _rows(x, n)
+    r2 = None if r is None else _rows(r, n)
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    m = x2.shape[0]
+    both_die = reuse and r2 is not None and x2 is x and r2 is r and _disjoint(x, r, m, n)
+    s = x if both_die else x2.new_empty(m, n)
+    y = r if both_die and r.dtype == out_dtype else x2.new_empty(m, n, dtype=out_dtype)
+    r_ptr, ldr = (None, 0) if r2 is None else (r2.data_ptr(), r2.stride(0))
+    rc = lib.orca_add_rms_norm(DTYPES[dtype], x2.data_ptr(), x2.stride(0), r_ptr, ldr, r_code, s.data_ptr(),
+                               s.stride(0), None if weight is None else weight.data_ptr(), y.data_ptr(), y.stride(0),
+                               y_code, m, n, float(eps), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"add_rms_norm: this build of the C norm kernel takes no float16 (r {None if r is None else r.dtype}, "
+                         f"out_dtype {out_dtype})")
+    if len(shape) == 2:
+        return s, y
+    return s.view(shape), y.view(shape)
+
+
+def _why_not(x, r, weight, bias, name, out_dtype=None) -> str:
+    if name == "add_rms_norm" and x.dtype == torch.float32 and (
+            out_dtype not in (None, torch.float32, *SIXTEEN_BIT)
+            or (r is not None and r.dtype not in (torch.float32, *SIXTEEN_BIT))):
+        return (f"{name} takes r and out_dtype in float32, bfloat16 or float16 under a float32 x, got "
+                f"r {None if r is None else r.dtype}, out_dtype {out_dtype}")
+    if name == "add_rms_norm" and x.dtype == torch.float64 and (
+            out_dtype not in (None, torch.float64) or (r is not None and r.dtype != torch.float64)):
+        return (f"{name} takes 16-bit r or out_dtype under a float32 x only, got x float64, "
+                f"r {None if r is None else r.dtype}, out_dtype {out_dtype}")
+    if name == "add_rms_norm" and x.dtype == torch.float32 and r is not None and r.dtype in SIXTEEN_BIT:
+        r = r.float()  # its dtype is fine: the shapes or devices are what is wrong
     if not x.shape or x.shape[-1] == 0:
         return f"{name} normalises over the last dim, which x {tuple(x.shape)} does not have"
     tensors = {"x": x, "r": r, "weight": weight, "bias": bias}

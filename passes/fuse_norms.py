@@ -1,16 +1,30 @@
-"""fuse_norms: each layer norm over the last dim, with the residual add that feeds it, becomes one
-call of the C kernel ``kernels/norm_cpu`` (a pass of the ``cpu`` backend's lowering).
+"""fuse_norms: each norm over the last dim, with the residual add that feeds it, becomes one call
+of the C kernel ``kernels/norm_cpu`` (a pass of the ``cpu`` backend's lowering).
 
-Recognised: ``aten.layer_norm`` over the last dim only, weight and bias ``[n]`` weights of the
-graph or absent, with or without the ``add`` in front -> ``norm_cpu.add_layer_norm(x, r, w, b,
-eps, reuse)``. The add is fused where it has two tensor operands of its own shape and dtype (no
-broadcast, no alpha); the call's results are ``(s, y)``: the residual stream and the norm.
-``reuse`` is True where both operands die at the add (``dies_at``: read by it alone, memory of
-their own): the kernel then writes ``s`` and ``y`` over them, so a decode step's norms write into
-lines that are in cache, not into fresh allocations.
+Two forms are recognised, each with or without the ``add`` in front:
 
-HF's RMSNorm (Llama, Qwen2, Mistral) was fused the same way until its A/B on a Llama-shaped W1
-showed no gain beyond the run-to-run spread (docs/benchmarks.md); its ATen ops stay as they are.
+* ``aten.layer_norm`` over the last dim only, weight and bias ``[n]`` weights of the graph or
+  absent -> ``norm_cpu.add_layer_norm(x, r, w, b, eps, reuse)``;
+* HF's RMSNorm as export spells it in the model's own dtype (Llama, Qwen2, Mistral; the chain
+  ``pow(s, 2) -> mean(-1, keepdim) -> add(eps) -> rsqrt -> mul(s, .) -> mul(w, .)``, each link
+  read by the next alone) -> ``norm_cpu.add_rms_norm(x, r, w, eps, reuse, out_dtype)``, but only
+  on a graph whose linears multiply in 16 bits (``CaptureInfo.matmul_dtype``, the AMX path): its
+  A/B on W2 there is in docs/benchmarks.md; on a float32 Llama-shaped W1 the same fusion showed no
+  gain beyond the spread (session 9) and those graphs keep ATen's six ops. Where HF computes the
+  norm in float32 for a float64 model, ``s`` is a cast and the chain stays as it is (the kernel
+  would round otherwise than ATen's float32 ops, which the float64 tests hold HF to); a cast
+  that widens a 16-bit tensor in front (the embedding's rows) is fine. Gemma's ``(1 + w)`` scale
+  is no graph weight, so its norm is fused without one and the ``mul`` by ``1 + w`` stays. The
+  16-bit casts around it are fused too: an add operand that is a 16-bit linear's result widened
+  for the add alone is read in 16 bits (the cast goes: the kernel widens it exactly, as the cast
+  did), and a norm read by a narrowing cast alone (the input of the next 16-bit linears) is
+  stored in that dtype (``out_dtype``; the kernel rounds to nearest even, as the cast did).
+
+The add is fused where it has two tensor operands of its own shape and dtype (no broadcast, no
+alpha); the call's results are ``(s, y)``: the residual stream and the norm. ``reuse`` is True
+where both operands die at the add (``dies_at``: read by it alone, memory of their own): the
+kernel then writes ``s`` and ``y`` over them, so a decode step's norms write into lines that are in
+cache, not into fresh allocations.
 
 Requires: a graph with ``meta["val"]`` on its nodes; the C norm kernel available (else the
 graph is returned as it is). Ensures (``check``): a norm written in place is the last reader of
@@ -25,6 +39,20 @@ Before / after (GPT-2's second norm of a layer)::
                                                                   ln_2_bias, 1e-05, True)
     getitem = add_layer_norm[0]      # the residual stream (add_3's readers)
     getitem_1 = add_layer_norm[1]    # the norm (layer_norm_1's readers)
+
+and a Qwen2 layer's second norm on the 16-bit-multiply path::
+
+    _to_copy_5 = aten._to_copy(_linear_pointwise_3, dtype=torch.float32)   # o_proj, widened
+    add_5 = aten.add.Tensor(embedding, _to_copy_5)
+    pow_2 = aten.pow.Tensor_Scalar(add_5, 2)
+    ... mean, add eps, rsqrt, mul ...
+    mul_18 = aten.mul.Tensor(post_attention_layernorm_weight, mul_17)
+    _to_copy_6 = aten._to_copy(mul_18, dtype=torch.bfloat16)             # into gate/up
+  ->
+    add_rms_norm = orca_compile.kernels.norm_cpu.add_rms_norm(embedding, _linear_pointwise_3,
+                       post_attention_layernorm_weight, 1e-06, True, torch.bfloat16)
+    getitem = add_rms_norm[0]        # float32, add_5's readers
+    getitem_1 = add_rms_norm[1]      # bfloat16, _to_copy_6's readers
 """
 from __future__ import annotations
 
@@ -34,19 +62,20 @@ import torch
 import torch.fx
 
 from orca_compile.kernels import gemm_cpu, norm_cpu
-from orca_compile.passes.graph_utils import fetch_attr
+from orca_compile.passes.graph_utils import CASTS, fetch_attr
 
 aten = torch.ops.aten
-KERNELS = (norm_cpu.add_layer_norm,)
-_REUSE_ARG = {norm_cpu.add_layer_norm: 5}  # where the call's ``reuse`` flag sits
+KERNELS = (norm_cpu.add_layer_norm, norm_cpu.add_rms_norm)
+_REUSE_ARG = {norm_cpu.add_layer_norm: 5, norm_cpu.add_rms_norm: 4}  # where the call's ``reuse`` flag sits
 
 
 def fuse_norms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite ``gm``'s graph in place and return it; the counts go to ``gm.meta["orca_lowering"]``:
-    ``fused_norms`` and, of those, ``norms_in_place`` (written over their operands). A graph
-    without the kernel available is returned as it is."""
-    counts = _fuse(gm) if norm_cpu.available() else {"layer_norms": 0, "in_place": 0}
+    ``fused_norms`` (layer norms), ``fused_rms_norms`` and, of both, ``norms_in_place`` (written
+    over their operands). A graph without the kernel available is returned as it is."""
+    counts = _fuse(gm) if norm_cpu.available() else {"layer_norms": 0, "rms_norms": 0, "in_place": 0}
     gm.meta.setdefault("orca_lowering", {}).update(fused_norms=counts["layer_norms"],
+                                                   fused_rms_norms=counts["rms_norms"],
                                                    norms_in_place=counts["in_place"])
     check(gm)
     gm.graph.lint()
@@ -57,11 +86,14 @@ def fuse_norms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def _fuse(gm: torch.fx.GraphModule) -> dict[str, int]:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    counts = {"layer_norms": 0, "in_place": 0}
-    for node in list(graph.find_nodes(op="call_function", target=aten.layer_norm.default)):
+    counts = {"layer_norms": 0, "rms_norms": 0, "in_place": 0}
+    candidates = [(_layer_norm, n) for n in graph.find_nodes(op="call_function", target=aten.layer_norm.default)]
+    if getattr(gm.meta.get("orca"), "matmul_dtype", None) is not None:  # the 16-bit-multiply path only: see above
+        candidates += [(_rms_norm, n) for n in graph.find_nodes(op="call_function", target=aten.pow.Tensor_Scalar)]
+    for matcher, node in candidates:
         # matched when its turn comes: an earlier rewrite may have replaced its input (GPT-NeoX's
         # two norms read one residual sum; the first takes the add, the second reads its result)
-        match = _layer_norm(gm, node)
+        match = matcher(gm, node)
         if match is None:
             continue
         kernel, s_node, y_node, dead, w, b, eps = match
@@ -72,7 +104,23 @@ def _fuse(gm: torch.fx.GraphModule) -> dict[str, int]:
             continue
         operands = tuple(add.args) if add is not None else (s_node, None)
         reuse = add is not None and all(dies_at(o, add) for o in operands)
-        args = operands + (w, b, float(eps), reuse)
+        widened = []  # add operands that are 16-bit results widened for the add alone: read in 16 bits
+        if kernel is norm_cpu.add_rms_norm and add is not None:
+            narrow = [_widened_from(o, add) for o in operands]
+            if narrow[1] is None and narrow[0] is not None:  # the kernel reads r in 16 bits, never x
+                operands, narrow = operands[::-1], narrow[::-1]
+            if narrow[1] is not None:
+                widened = [operands[1]]
+                reuse = dies_at(operands[0], add) and dies_at(narrow[1], operands[1])
+                operands = (operands[0], narrow[1])
+        if kernel is norm_cpu.add_layer_norm:
+            args = operands + (w, b, float(eps), reuse)
+        else:
+            out = _narrowed_to(y_node)
+            if out is not None:
+                y_node = out
+                dead.append(out)
+            args = operands + (w, float(eps), reuse) + ((out.kwargs["dtype"],) if out is not None else ())
         with graph.inserting_before(anchor):
             fused = graph.call_function(kernel, args)
             s = graph.call_function(operator.getitem, (fused, 0))
@@ -86,9 +134,34 @@ def _fuse(gm: torch.fx.GraphModule) -> dict[str, int]:
         if add is not None:
             add.replace_all_uses_with(s)
             graph.erase_node(add)
-        counts["layer_norms"] += 1
+        for cast in widened:
+            graph.erase_node(cast)
+        counts["layer_norms" if kernel is norm_cpu.add_layer_norm else "rms_norms"] += 1
         counts["in_place"] += reuse
     return counts
+
+
+def _widened_from(node, add):
+    """The 16-bit tensor ``node`` widens to float32 for ``add`` alone (``_to_copy(x16,
+    dtype=float32)``), or None."""
+    if not (_is(node, aten._to_copy.default) and list(node.users) == [add] and len(node.args) == 1
+            and set(node.kwargs) == {"dtype"} and node.kwargs["dtype"] == torch.float32):
+        return None
+    src = node.args[0]
+    val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+    return src if isinstance(val, torch.Tensor) and val.dtype in norm_cpu.SIXTEEN_BIT else None
+
+
+def _narrowed_to(y_node):
+    """The cast to 16 bits that alone reads float32 ``y_node`` (``_to_copy(y, dtype=bfloat16 or
+    float16)``), or None."""
+    cast = _only_user(y_node)
+    val = y_node.meta.get("val")
+    if not (_is(cast, aten._to_copy.default) and len(cast.args) == 1 and set(cast.kwargs) == {"dtype"}
+            and cast.kwargs["dtype"] in norm_cpu.SIXTEEN_BIT and isinstance(val, torch.Tensor)
+            and val.dtype == torch.float32):
+        return None
+    return cast
 
 
 def check(gm: torch.fx.GraphModule) -> None:
@@ -131,6 +204,49 @@ def _layer_norm(gm, ln):
     if not all(p is None or _param(gm, p, val.shape[-1], val.dtype) for p in (w, b)):
         return None
     return norm_cpu.add_layer_norm, x, ln, [ln], w, b, eps
+
+
+def _rms_norm(gm, pow_node):
+    s, exponent = pow_node.args[:2] if len(pow_node.args) >= 2 else (None, None)
+    val = _rows_val(s)
+    if val is None or pow_node.kwargs or exponent != 2 or (_is(s, *CASTS) and not _widens_sixteen_bit(s)):
+        # a cast in front: HF computes this norm in float32 for a model of another dtype, and its
+        # result must round as ATen's ops do there (the float64 tests compare with HF to 1e-6)
+        return None
+    mean = _only_user(pow_node)
+    if not (_is(mean, aten.mean.dim) and len(mean.args) == 3 and not mean.kwargs and mean.args[2] is True
+            and [d % val.dim() for d in mean.args[1]] == [val.dim() - 1]):
+        return None
+    add_eps = _only_user(mean)
+    if not (_is(add_eps, aten.add.Tensor, aten.add.Scalar) and len(add_eps.args) == 2 and not add_eps.kwargs
+            and add_eps.args[0] is mean and isinstance(add_eps.args[1], float)):
+        return None
+    rsqrt = _only_user(add_eps)
+    if not (_is(rsqrt, aten.rsqrt.default) and len(rsqrt.args) == 1):
+        return None
+    normed = _only_user(rsqrt)
+    if not (_is(normed, aten.mul.Tensor) and not normed.kwargs and len(normed.args) == 2
+            and set(normed.args) == {s, rsqrt}):
+        return None
+    dead, w = [pow_node, mean, add_eps, rsqrt, normed], None
+    scaled = _only_user(normed)
+    if _is(scaled, aten.mul.Tensor) and len(scaled.args) == 2 and not scaled.kwargs:
+        other = scaled.args[1] if scaled.args[0] is normed else scaled.args[0]
+        if _param(gm, other, val.shape[-1], val.dtype):
+            dead.append(scaled)
+            w = other
+    return norm_cpu.add_rms_norm, s, dead[-1], dead, w, None, add_eps.args[1]
+
+
+def _widens_sixteen_bit(node) -> bool:
+    src = node.args[0] if node.args else None
+    val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dtype in norm_cpu.SIXTEEN_BIT and node.meta["val"].dtype == torch.float32
+
+
+def _only_user(node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
 
 
 def _rows_val(x):

@@ -8,7 +8,8 @@ Two kernels (``kernel=``):
   ``kernels/gemm_cpu.linear``), float32 and float64, fusing bias and GELU-tanh / SiLU / ReLU /
   sigmoid. Every ``orca::attention`` also becomes a direct call of ``kernels/attention_cpu``'s
   C path (when dispatch would pick it), skipping the custom op's dispatch (~0.1 ms a call), and
-  every layer norm or HF RMSNorm over the last dim, with the residual ``add`` that feeds it, one
+  every layer norm (and, on the 16-bit-multiply path, HF RMSNorm) over the last dim, with the
+  residual ``add`` that feeds it, one
   call of ``kernels/norm_cpu`` (``passes/fuse_norms.py``: one pass over the rows, one call
   instead of two to seven ATen ops), which writes its results over the add's operands where the
   graph shows both die there.
@@ -63,6 +64,7 @@ import torch.fx
 from orca_compile.kernels import gemm_cpu
 from orca_compile.passes import fuse_norms as norm_fusion
 from orca_compile.passes import fuse_rope as rope_fusion
+from orca_compile.passes import lower_sixteen_bit
 from orca_compile.passes.graph_utils import fetch_attr
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,7 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
             graph.erase_node(dead)
         if act:
             fused[act] = fused.get(act, 0) + 1
+    products = lower_sixteen_bit.multiply_in_sixteen_bits(out) if native else 0
     graph.eliminate_dead_code()
     experts = _lay_out_experts(out)
     narrow = storage or native
@@ -205,7 +208,8 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
                         native_linears=sum(is_native for _, is_native in packed.values()),
                         matmul_dtype=str(native or "float32").removeprefix("torch."),
                         experts_laid_out=experts, weight_storage=str(narrow or "").removeprefix("torch."),
-                        narrow_embeddings=tables, direct_attention=0, fused_norms=0, norms_in_place=0, fused_rope=0)
+                        narrow_embeddings=tables, sixteen_bit_products=products,
+                        direct_attention=0, fused_norms=0, fused_rms_norms=0, norms_in_place=0, fused_rope=0)
     check_linears(out)
     graph.lint()
     out.recompile()

@@ -144,3 +144,76 @@ def test_reuse_falls_back_to_new_tensors_where_the_layouts_do_not_allow_it():
             assert s.data_ptr() == x.data_ptr() and y.data_ptr() == r.data_ptr(), name
         else:  # nothing written over
             assert torch.equal(x, x0) and (r is None or torch.equal(r, r0)), name
+
+
+# ------------------------------------------------------------------- RMS norm (norm_cpu.add_rms_norm)
+
+def _rms(s, w, eps):
+    """HF's RMSNorm in float64: w * (s * rsqrt(mean(s^2) + eps))."""
+    y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    return y if w is None else w * y
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+# n: one element, below a vector, a vector and a tail, Qwen2.5-0.5B's 896; 700 x 100 is past the
+# size from which rows are split over threads
+@pytest.mark.parametrize("m,n", [(0, 8), (1, 1), (3, 7), (5, 8), (33, 100), (8, 896), (700, 100)])
+@pytest.mark.parametrize("residual,affine", [(True, True), (False, True), (True, False)])
+def test_rms_norm_matches_torch(dtype, m, n, residual, affine):
+    x, r, w, _ = _inputs(m, n, dtype, seed=m * 1000 + n + 1)
+    r = r if residual else None
+    w = w if affine else None
+    s, y = norm_cpu.add_rms_norm(x, r, w, 1e-6)
+    want_s = x.double() + (r.double() if residual else 0)
+    assert s.shape == y.shape == x.shape and s.dtype == y.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(s.double(), want_s, atol=tol, rtol=0)
+    torch.testing.assert_close(y.double(), _rms(want_s, None if w is None else w.double(), 1e-6), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [7, 8, 33, 896])
+def test_rms_norm_reads_and_writes_sixteen_bits_as_the_casts_did(narrow, n):
+    # r a 16-bit linear's result: widened exactly, so s is bit for bit x + r.float(); out_dtype:
+    # y rounded to nearest even, as y.to(narrow) rounds the kernel's own float32 y
+    x, r, w, _ = _inputs(6, n, torch.float32, seed=n)
+    r16 = r.to(narrow)
+    s, y = norm_cpu.add_rms_norm(x, r16, w, 1e-6, out_dtype=narrow)
+    s32, y32 = norm_cpu.add_rms_norm(x, r16.float(), w, 1e-6)
+    assert s.dtype == torch.float32 and y.dtype == narrow
+    assert torch.equal(s, x + r16.float()) and torch.equal(s, s32)
+    assert torch.equal(y, y32.to(narrow))  # the tail elements too (n = 7, 33)
+    # and the float32 result is HF's norm to float32 rounding
+    torch.testing.assert_close(y32.double(), _rms(s.double(), w.double(), 1e-6), atol=2e-5, rtol=0)
+
+
+def test_rms_norm_rounds_to_nearest_even_and_keeps_nan():
+    # values exactly halfway between two bfloat16s go to the even one; a NaN row stays NaN
+    x = torch.tensor([[1.0] * 16])
+    w = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8] + [1.0] * 14)  # y = w (the row's RMS is 1)
+    _, y = norm_cpu.add_rms_norm(x, None, w, 0.0, out_dtype=torch.bfloat16)
+    assert y[0, :2].tolist() == [1.0, 1 + 2 ** -6] == w[:2].to(torch.bfloat16).tolist()
+    _, y = norm_cpu.add_rms_norm(torch.tensor([[float("nan")] + [1.0] * 8]), None, None, 1e-6, out_dtype=torch.bfloat16)
+    assert torch.isnan(y.float()).all()
+
+
+def test_rms_norm_in_place_and_bad_inputs():
+    x, r, w, _ = _inputs(5, 40, torch.float32, seed=9)
+    want_s, want_y = norm_cpu.add_rms_norm(x, r, w, 1e-6)
+    x2, r2 = x.clone(), r.clone()
+    s, y = norm_cpu.add_rms_norm(x2, r2, w, 1e-6, reuse=True)
+    assert s.data_ptr() == x2.data_ptr() and y.data_ptr() == r2.data_ptr()
+    assert torch.equal(s, want_s) and torch.equal(y, want_y)
+    # a 16-bit r of another dtype than y: y cannot go over it; s still goes over x
+    x2, r16 = x.clone(), r.to(torch.bfloat16)
+    s, y = norm_cpu.add_rms_norm(x2, r16, w, 1e-6, reuse=True)
+    assert s.data_ptr() == x2.data_ptr() and y.data_ptr() != r16.data_ptr() and y.dtype == torch.float32
+    x2, r16 = x.clone(), r.to(torch.bfloat16)  # the same dtype: y goes over r
+    s, y = norm_cpu.add_rms_norm(x2, r16, w, 1e-6, reuse=True, out_dtype=torch.bfloat16)
+    assert y.data_ptr() == r16.data_ptr()
+    with pytest.raises(ValueError, match="under a float32 x only, got x float64, r torch.bfloat16"):
+        norm_cpu.add_rms_norm(x.double(), r.to(torch.bfloat16), w.double(), 1e-6)
+    with pytest.raises(ValueError, match="got r torch.float32, out_dtype torch.int32"):
+        norm_cpu.add_rms_norm(x, r, w, 1e-6, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"shapes do not fit: x \(5, 40\), r \(1, 40\)"):
+        norm_cpu.add_rms_norm(x, r[:1].to(torch.bfloat16), w, 1e-6)

@@ -6,6 +6,8 @@ built by hand, each with one thing about it that must or must not block the rewr
 Tolerance: the C kernel sums a row in another order than ATen, ~1e-7 relative in float32; 1e-5
 on outputs of scale ~1-10 is well above that and far below a wrong operand, weight or eps.
 """
+import types
+
 import pytest
 import torch
 import torch.fx
@@ -91,3 +93,62 @@ def test_the_postcondition_refuses_an_in_place_norm_whose_operand_is_read_elsewh
     out.args = (tuple(out.args[0]) + (fused.args[0],),)  # a second reader of an operand it overwrites
     with pytest.raises(AssertionError, match="read elsewhere"):
         fuse_norms.check(lowered)
+
+
+# ------------------------------------------------------------------------ RMSNorm on the 16-bit path
+
+def _rms_graph(variant):
+    """x (float32), r16 (bfloat16, a 16-bit linear's result): s = x + widen(r16); HF's RMSNorm of s
+    as export spells it; y16 = narrow(norm), the input of the next 16-bit linears. Returns the
+    module (its graph on the 16-bit-multiply path unless ``variant == "float32-path"``) and inputs."""
+    root = torch.nn.Module()
+    g = torch.Generator().manual_seed(0)
+    root.w = torch.randn(40, generator=g)
+    graph = torch.fx.Graph()
+    x, r16 = graph.placeholder("x"), graph.placeholder("r16")
+    w = graph.get_attr("w")
+    c = graph.call_function
+    r = c(aten._to_copy.default, (r16,), {"dtype": torch.float32})
+    s = c(aten.add.Tensor, (x, r))
+    rstd = c(aten.rsqrt.default, (c(aten.add.Tensor, (c(aten.mean.dim, (c(aten.pow.Tensor_Scalar, (s, 2)), [-1], True)),
+                                                       1e-6)),))
+    y = c(aten.mul.Tensor, (w, c(aten.mul.Tensor, (s, rstd))))
+    y16 = c(aten._to_copy.default, (y,), {"dtype": torch.bfloat16})
+    graph.output((s, y16) + ((r,) if variant == "r-read-later" else ()))
+    gm = torch.fx.GraphModule(root, graph)
+    if variant != "float32-path":
+        gm.meta["orca"] = types.SimpleNamespace(matmul_dtype=torch.bfloat16)
+    inputs = (torch.randn(6, 40, generator=g) * 2, (torch.randn(6, 40, generator=g) * 3).to(torch.bfloat16))
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(*inputs)
+    for n in gm.graph.nodes:
+        if hasattr(n.meta.get("tensor_meta"), "shape"):
+            n.meta["val"] = torch.empty(n.meta["tensor_meta"].shape, dtype=n.meta["tensor_meta"].dtype)
+    return gm, inputs
+
+
+@pytest.mark.parametrize("variant", ["plain", "r-read-later", "float32-path"])
+def test_rms_norm_takes_the_sixteen_bit_casts_with_it(variant):
+    gm, inputs = _rms_graph(variant)
+    want = gm(*inputs)
+    fuse_norms.fuse_norms(gm)
+    calls = list(gm.graph.find_nodes(op="call_function", target=norm_cpu.add_rms_norm))
+    casts = list(gm.graph.find_nodes(op="call_function", target=aten._to_copy.default))
+    if variant == "float32-path":  # no 16-bit multiplies: HF's six ATen ops stay (see fuse_norms)
+        assert not calls and gm.meta["orca_lowering"]["fused_rms_norms"] == 0 and len(casts) == 2
+        return
+    (call,) = calls
+    assert gm.meta["orca_lowering"]["fused_rms_norms"] == 1
+    assert call.args[-1] == torch.bfloat16 and not any(c.kwargs["dtype"] == torch.bfloat16 for c in casts)
+    if variant == "plain":  # the widening went too: the kernel reads r16 itself
+        assert call.args[1].name == "r16" and not casts
+    else:  # the widened r is read elsewhere: it stays, and the kernel reads it
+        assert call.args[1] is casts[0] and casts[0].kwargs["dtype"] == torch.float32
+    assert call.args[4] is False  # graph inputs are the caller's: never written over
+    got = gm(*inputs)
+    assert torch.equal(got[0], want[0])  # the residual stream: the same float32 sum
+    assert got[1].dtype == torch.bfloat16  # the norm, rounded once: at most an ulp from ATen's (sum order)
+    diff = (got[1].float() - want[1].float()).abs()
+    assert (diff <= want[1].float().abs() * 2 ** -7).all() and (got[1] == want[1]).float().mean() > 0.9
+    assert all(torch.equal(a, b) for a, b in zip(got[2:], want[2:]))

@@ -1,0 +1,71 @@
+"""A graph rewrite of ``lower_linears`` for the 16-bit-multiply path (``CaptureInfo.matmul_dtype``
+set: a 16-bit checkpoint on a CPU with 16-bit matrix units, ``orca_compile/sixteen_bit.py``).
+There each linear is ``_to_copy(x, 16-bit) -> mkldnn._linear_pointwise -> _to_copy(float32)``; at
+a decode step's few rows its cost is the weight stream plus ~10 us for each call the graph makes
+(W2's decode forward at 8 rows: ~11 ms of ~1100 calls besides the GEMMs).
+
+``multiply_in_sixteen_bits`` (after the linears are lowered): ``mul(widen(a16), widen(b16))`` read
+by a narrowing cast alone (the gated MLP's ``act(gate) * up`` feeding ``down``) becomes
+``mul(a16, b16)``. Exact: the product of two 16-bit floats is exact in float32 (8 + 8 or 11 + 11
+significand bits), and ATen's 16-bit ``mul`` on the CPU widens, multiplies and rounds once to
+nearest even, as the cast did (``tests/passes/test_lower_sixteen_bit.py`` checks both, bit for
+bit); three calls fewer per layer and half the bytes. W2's decode forward: 0.973x the time at
+the median of 40 pairs (``benchmarks/decode_ab.py products``; docs/benchmarks.md).
+
+Tried and removed: the linears reading one input (Q, K, V) as one GEMM on their stacked weights,
+split after. It saves two GEMM calls and two casts a layer but adds a split and its three
+results, and oneDNN then sums the columns in another order (the logits move by float32 rounding);
+its A/B on W2's decode forward was 0.997x (p = 0.27, inside the spread).
+
+Requires: the graph ``lower_linears`` is lowering, its linears already ``mkldnn._linear_pointwise``.
+Ensures: nothing to check beyond what it rewrites (each rewrite keeps the values bit for bit); it
+may be switched off (``benchmarks/decode_ab.py`` does, for its A/B), so what it leaves is no
+postcondition of the lowering.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+
+
+def multiply_in_sixteen_bits(gm: torch.fx.GraphModule) -> int:
+    """Rewrite each ``_to_copy(mul(_to_copy(a16, f32), _to_copy(b16, f32)), 16-bit)`` (every link
+    read by the next alone, ``a16`` and ``b16`` of the narrow dtype) as ``mul(a16, b16)``; returns
+    how many."""
+    graph = gm.graph
+    count = 0
+    for mul in list(graph.find_nodes(op="call_function", target=aten.mul.Tensor)):
+        if len(mul.args) != 2 or mul.kwargs or len(mul.users) != 1:
+            continue
+        narrow = next(iter(mul.users))
+        if not _cast_to(narrow, None) or narrow.kwargs["dtype"] not in (torch.bfloat16, torch.float16):
+            continue
+        dtype = narrow.kwargs["dtype"]
+        widen = mul.args
+        if not all(_cast_to(w, torch.float32) and list(w.users) == [mul] and _dtype(w.args[0]) == dtype
+                   for w in widen):
+            continue
+        with graph.inserting_before(mul):
+            product = graph.call_function(aten.mul.Tensor, tuple(w.args[0] for w in widen))
+        product.meta = dict(mul.meta, val=narrow.meta.get("val"))
+        narrow.replace_all_uses_with(product)
+        graph.erase_node(narrow)
+        graph.erase_node(mul)
+        for w in dict.fromkeys(widen):
+            graph.erase_node(w)
+        count += 1
+    return count
+
+
+def _cast_to(node, dtype) -> bool:
+    """``node`` is ``_to_copy(x, dtype=...)`` with nothing else set (to ``dtype`` unless None)."""
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten._to_copy.default
+            and len(node.args) == 1 and set(node.kwargs) == {"dtype"}
+            and (dtype is None or node.kwargs["dtype"] == dtype))
+
+
+def _dtype(node):
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
