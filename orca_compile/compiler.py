@@ -195,6 +195,11 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
         if weight_storage is not None:
             model = copy.deepcopy(model).float()  # the caller's model stays as it is
     matmul_dtype = sixteen_bit.matmul_dtype(weight_storage, native_sixteen_bit) if backend in sixteen_bit.WIDENS else None
+    if native_sixteen_bit is not None and (weight_storage is None or backend not in sixteen_bit.WIDENS):
+        log.warning("native_sixteen_bit=%s is ignored: it chooses how a 16-bit model's linears multiply when a CPU "
+                    "backend runs them, and %s", native_sixteen_bit,
+                    f"backend {backend!r} runs the model in its own dtype" if backend not in sixteen_bit.WIDENS
+                    else "this model's weights are not all bfloat16 or float16 on the CPU")
     if weight_storage is not None and backend in sixteen_bit.WIDENS:
         log.info("%s weights on the CPU: %s", weight_storage,
                  f"the linears multiply in {weight_storage} on oneDNN (float32 between them)" if matmul_dtype

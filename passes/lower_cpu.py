@@ -529,9 +529,20 @@ def _evaluate(chain, probe):
 
 
 def check_linears(gm) -> None:
+    """No matmul on a graph weight is left, and each oneDNN linear multiplies an input of its packed
+    weight's dtype (a 16-bit weight reads its input's 16-bit cast: oneDNN takes one dtype)."""
     left = [n.name for n, _, _ in _linears(gm)]
     if left:
         raise AssertionError(f"lower_cpu: matmuls on weights left unlowered: {left}")
+    mixed = []
+    for node in gm.graph.find_nodes(op="call_function", target=PACKED_LINEAR):
+        x, w = node.args[0], node.args[1]
+        x_val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        weight = fetch_attr(gm, w.target) if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None
+        if isinstance(x_val, torch.Tensor) and isinstance(weight, torch.Tensor) and x_val.dtype != weight.dtype:
+            mixed.append(f"{node.name} ({x_val.dtype} input, {weight.dtype} weight)")
+    if mixed:
+        raise AssertionError(f"lower_cpu: oneDNN linears fed another dtype than their weight's: {mixed}")
 
 
 def check_aliases(gm) -> None:

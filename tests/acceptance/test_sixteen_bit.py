@@ -121,10 +121,20 @@ def test_the_other_paths_keep_their_dtype(tmp_path_factory, caplog):
         assert engine.backend == "cpu" and _lowering(engine)["weight_storage"] == ""
         assert all(t.dtype == torch.float32 for n, t in engine.executor.runner.model.graph_module.named_buffers()
                    if "_packed_" in n)
-    # backend="eager": the model in its own dtype, arithmetic included
-    with orca_compile.optimize(path, backend="eager", max_num_seqs=2, num_kv_blocks=16) as engine:
-        gm = engine.executor.runner.model.graph_module
-        assert {p.dtype for p in gm.parameters()} == {torch.bfloat16}
+    # backend="eager": the model in its own dtype, arithmetic included; native_sixteen_bit, which
+    # has nothing to choose there (nor on a float32 model), is said to be ignored, not silently
+    with caplog.at_level("WARNING", logger="orca_compile"):
+        with orca_compile.optimize(path, backend="eager", max_num_seqs=2, num_kv_blocks=16,
+                                   native_sixteen_bit=True) as engine:
+            gm = engine.executor.runner.model.graph_module
+            assert {p.dtype for p in gm.parameters()} == {torch.bfloat16}
+        assert any("native_sixteen_bit=True is ignored" in r.getMessage() and "backend 'eager'" in r.getMessage()
+                   for r in caplog.records)
+        caplog.clear()
+        orca_compile.compile(load_model("tiny-llama", dtype=torch.float32), backend="cpu", native_sixteen_bit=False)
+        assert any("native_sixteen_bit=False is ignored" in r.getMessage() and "not all bfloat16" in r.getMessage()
+                   for r in caplog.records)
+        caplog.clear()
     if lower_cpu.available("onednn"):  # onednn takes float32 weights only: the widened graph, and a warning
         with caplog.at_level("WARNING", logger="orca_compile"):
             engine = orca_compile.optimize(path, backend="onednn", max_num_seqs=2, num_kv_blocks=16,

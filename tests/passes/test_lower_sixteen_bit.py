@@ -95,3 +95,15 @@ def test_a_sixteen_bit_product_rounds_once(dtype):
     nan = torch.isnan(want)
     assert torch.equal(torch.isnan(got), nan)  # NaNs stay NaNs (their payload bits may differ)
     assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))  # the rest bit for bit
+
+
+def test_check_catches_a_linear_fed_another_dtype(monkeypatch):
+    gm, x = _graph("plain")
+    lowered = _lowered(gm, monkeypatch)
+    lower_cpu.check_linears(lowered)
+    linear = next(iter(lowered.graph.find_nodes(op="call_function", target=lower_cpu.PACKED_LINEAR)))
+    cast = linear.args[0]
+    assert cast.target is aten._to_copy.default and cast.kwargs["dtype"] == torch.bfloat16
+    linear.args = (cast.args[0],) + linear.args[1:]  # the float32 value, skipping its cast
+    with pytest.raises(AssertionError, match=r"torch.float32 input, torch.bfloat16 weight"):
+        lower_cpu.check_linears(lowered)
