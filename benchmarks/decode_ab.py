@@ -7,8 +7,10 @@ Where ``fusion_ab.py`` times whole passes over W2 (~10 s each, on a machine whos
 2x from one minute to the next), this times the forward that a decode iteration runs (~60-110 ms)
 many times, A and B back to back in alternating order, so a slow spell of the machine lands on
 both halves of a pair. Both engines are built in one process from W2's checkpoint with default
-options (the 16-bit multiplies on an AMX CPU), run W2's first eight requests to their first
-decode step to capture its inputs (8 rows, contexts 33-255), then alternate. The verdict is the
+options (the 16-bit multiplies on an AMX CPU); W2's first eight requests run in B to their first
+decode step, whose inputs (8 rows; prompts of 57-248 tokens and their first outputs in the KV
+caches) are captured and copied for A;
+then the two forwards alternate. The verdict is the
 project's rule: an exact one-sided Wilcoxon signed-rank test on the per-pair log ratios (B / A)
 (a normal approximation for more than 20 pairs), p < 0.05 to keep. ``all``: every rewrite off
 against every rewrite on.
@@ -73,8 +75,11 @@ def main(fusion: str, pairs: int = 40) -> None:
     if fusion not in (*W2_FUSIONS, "all"):
         raise SystemExit(f"fusion must be one of {', '.join(W2_FUSIONS)}, all; got {fusion!r}")
     off = W2_FUSIONS if fusion == "all" else (fusion,)
-    _, gm_a, args_a = _engine(off)
+    _, gm_a, _ = _engine(off)
     _, gm_b, args_b = _engine(())
+    # one captured step for both: A gets its own copy of B's inputs (the KV caches included), so
+    # the logits compare on the same tokens, positions and cache contents
+    args_a = [a.clone() if isinstance(a, torch.Tensor) else a for a in args_b]
     calls = {k: sum(n.op == "call_function" for n in g.graph.nodes) for k, g in (("off", gm_a), ("on", gm_b))}
     with torch.no_grad():
         same = all(torch.equal(x, y) for x, y in zip(gm_a(*args_a), gm_b(*args_b)))

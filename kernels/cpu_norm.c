@@ -2,7 +2,7 @@
  *
  *     s = x + r                (the new residual stream; skipped when r is NULL: s = x)
  *     y = (s - mean(s)) / sqrt(var(s) + eps) * w + b      (orca_add_layer_norm; biased variance)
- *     y = w * (s / sqrt(mean(s^2) + eps))                 (orca_add_rms_norm: HF's RMSNorm; below)
+ *     y = w * (s * (1 / sqrt(mean(s^2) + eps)))           (orca_add_rms_norm: HF's RMSNorm; below)
  *
  * What a pre-norm transformer does between its sublayers (GPT-2: `h = h + attn(...)`, then
  * `ln_2(h)`). As two ATen ops that is two passes over the rows and two dispatches; here it is one
@@ -183,34 +183,39 @@ static void rms_row_f32(const float *x, const void *r, int r_code, float *s, con
         if (r) {
             v0 += load_code(r, i, r_code); v1 += load_code(r, i + 8, r_code);
             v2 += load_code(r, i + 16, r_code); v3 += load_code(r, i + 24, r_code);
+            store_f32(s + i, v0); store_f32(s + i + 8, v1); store_f32(s + i + 16, v2); store_f32(s + i + 24, v3);
         }
-        store_f32(s + i, v0); store_f32(s + i + 8, v1); store_f32(s + i + 16, v2); store_f32(s + i + 24, v3);
         a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3;
     }
     for (; i < whole; i += 8) {
         v8f v = load_f32(x + i);
-        if (r) v += load_code(r, i, r_code);
-        store_f32(s + i, v);
+        if (r) {
+            v += load_code(r, i, r_code);
+            store_f32(s + i, v);
+        }
         a0 += v * v;
     }
     if (i < n) {
         v8f v = load_tail(x, i, n - i, AS_ROW);
-        if (r) v += load_tail(r, i, n - i, r_code);
-        store_tail(s, i, n - i, v, AS_ROW);
+        if (r) {
+            v += load_tail(r, i, n - i, r_code);
+            store_tail(s, i, n - i, v, AS_ROW);
+        }
         a0 += v * v;  /* the padding is zero */
     }
+    const float *sum = r ? s : x;  /* s = x without a residual: read, never copied */
     const v8f acc = (a0 + a1) + (a2 + a3);
     float sq = 0;
     for (int l = 0; l < 8; l++) sq += acc[l];
     const float rstd = 1.0f / sqrtf(sq / (float)n + eps);
     const v8f rv = splat_f32(rstd);
     for (i = 0; i < whole; i += 8) {
-        v8f v = load_f32(s + i) * rv;
+        v8f v = load_f32(sum + i) * rv;
         if (w) v = load_f32(w + i) * v;
         store_code(y, i, v, y_code);
     }
     if (i < n) {
-        v8f v = load_tail(s, i, n - i, AS_ROW) * rv;
+        v8f v = load_tail(sum, i, n - i, AS_ROW) * rv;
         if (w) v = load_tail(w, i, n - i, AS_ROW) * v;
         store_tail(y, i, n - i, v, y_code);
     }
@@ -221,21 +226,23 @@ static void rms_row_f64(const double *x, const double *r, double *s, const doubl
     double sq = 0;
     for (int64_t i = 0; i < n; i++) {
         const double v = r ? x[i] + r[i] : x[i];
-        s[i] = v;
+        if (r) s[i] = v;
         sq += v * v;
     }
+    const double *sum = r ? s : x;
     const double rstd = 1.0 / sqrt(sq / (double)n + eps);
-    for (int64_t i = 0; i < n; i++) y[i] = w ? w[i] * (s[i] * rstd) : s[i] * rstd;
+    for (int64_t i = 0; i < n; i++) y[i] = w ? w[i] * (sum[i] * rstd) : sum[i] * rstd;
 }
 
 /* dtype: 0 float32, 1 float64. x, s: [M, n] of dtype; r (or NULL): [M, n] as r_code says; y:
  * [M, n] as y_code says; w: [n] of dtype or NULL; row strides ldx, ldr, lds, ldy in elements,
- * unit column stride. As orca_add_layer_norm, s may be x and y may be r (of y's dtype) when they
+ * unit column stride. Without r, s is x and is neither written nor read (it may be NULL). As orca_add_layer_norm, s may be x and y may be r (of y's dtype) when they
  * die at this call. Returns 0, or -1 for a dtype or code this build does not take (16-bit codes
  * need float32; float16 needs _Float16). */
 int orca_add_rms_norm(int dtype, const void *x, int64_t ldx, const void *r, int64_t ldr, int r_code, void *s,
                       int64_t lds, const void *w, void *y, int64_t ldy, int y_code, int64_t M, int64_t n, double eps,
                       int num_threads) {
+    if (M == 0) return (dtype != 0 && dtype != 1) || (!HAVE_F16 && (r_code == AS_F16 || y_code == AS_F16)) ? -1 : 0;
     if ((dtype != 0 && dtype != 1) || r_code < AS_ROW || r_code > AS_F16 || y_code < AS_ROW || y_code > AS_F16
         || (dtype == 1 && (r_code != AS_ROW || y_code != AS_ROW))
         || (!HAVE_F16 && (r_code == AS_F16 || y_code == AS_F16)))
@@ -245,12 +252,13 @@ int orca_add_rms_norm(int dtype, const void *x, int64_t ldx, const void *r, int6
     _Pragma("omp parallel for num_threads(num_threads) if(num_threads > 1)")
     for (int64_t m = 0; m < M; m++) {
         const void *rr = r ? (const unsigned char *)r + m * ldr * ry : 0;
+        void *sr = r ? (unsigned char *)s + m * lds * (dtype == 0 ? 4 : 8) : 0;
         void *yr = (unsigned char *)y + m * ldy * yy;
         if (dtype == 0)
-            rms_row_f32((const float *)x + m * ldx, rr, r_code, (float *)s + m * lds, (const float *)w, yr, y_code,
-                        n, (float)eps);
+            rms_row_f32((const float *)x + m * ldx, rr, r_code, (float *)sr, (const float *)w, yr, y_code, n,
+                        (float)eps);
         else
-            rms_row_f64((const double *)x + m * ldx, rr, (double *)s + m * lds, (const double *)w, yr, n, eps);
+            rms_row_f64((const double *)x + m * ldx, rr, (double *)sr, (const double *)w, yr, n, eps);
     }
     return 0;
 }

@@ -97,12 +97,21 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor
 SIXTEEN_BIT = {torch.bfloat16: 1, torch.float16: 2}
 
 
+def takes(dtype: torch.dtype) -> bool:
+    """Whether this build of ``add_rms_norm`` reads and writes ``dtype`` (bfloat16 always, float16
+    where the C compiler has ``_Float16``) beside float32 rows; False without the kernel."""
+    lib = LIB.load()
+    code = SIXTEEN_BIT.get(dtype)
+    return (lib is not None and code is not None
+            and lib.orca_add_rms_norm(0, None, 0, None, 0, code, None, 0, None, None, 0, code, 0, 1, 1e-6, 1) == 0)
+
+
 def add_rms_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
                  reuse: bool = False, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, weight * (s * rsqrt(mean(s**2, -1) + eps)))`` with ``s = x + r`` (``s = x`` when ``r``
-    is None): HF's RMSNorm (Llama, Qwen2, Mistral) in ``x``'s dtype, with the residual add that
-    feeds it. Shapes and ``reuse`` as in ``add_layer_norm`` (``y`` goes over ``r`` only where they
-    share a dtype).
+    """``(s, weight * (s * rsqrt(mean(s**2, -1) + eps)))`` with ``s = x + r`` (``s`` is ``x`` itself
+    when ``r`` is None: not copied): HF's RMSNorm (Llama, Qwen2, Mistral) in ``x``'s dtype, with the
+    residual add that feeds it. Shapes and ``reuse`` as in ``add_layer_norm`` (``y`` goes over ``r``
+    only where they share a dtype).
 
     Under float32 ``x``, ``r`` may be bfloat16 or float16 (a 16-bit linear's result: the add widens
     it exactly, as ATen's type promotion would), and ``out_dtype`` bfloat16 or float16 stores ``y``
@@ -127,7 +136,8 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor |
         weight = weight.contiguous()
     m = x2.shape[0]
     both_die = reuse and r2 is not None and x2 is x and r2 is r and _disjoint(x, r, m, n)
-    s = x if both_die else x2.new_empty(m, n)
+    # without a residual s is x itself (the kernel neither copies nor writes it)
+    s = x2 if r2 is None or both_die else x2.new_empty(m, n)
     y = r if both_die and r.dtype == out_dtype else x2.new_empty(m, n, dtype=out_dtype)
     r_ptr, ldr = (None, 0) if r2 is None else (r2.data_ptr(), r2.stride(0))
     rc = lib.orca_add_rms_norm(DTYPES[dtype], x2.data_ptr(), x2.stride(0), r_ptr, ldr, r_code, s.data_ptr(),

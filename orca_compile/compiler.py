@@ -199,6 +199,7 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
         log.warning("native_sixteen_bit=%s is ignored: it chooses how a 16-bit model's linears multiply when a CPU "
                     "backend runs them, and %s", native_sixteen_bit,
                     f"backend {backend!r} runs the model in its own dtype" if backend not in sixteen_bit.WIDENS
+                    else f"backend {backend!r} has no CPU kernel to lower to here" if not sixteen_bit.widens(backend)
                     else "this model's weights are not all bfloat16 or float16 on the CPU")
     if weight_storage is not None and backend in sixteen_bit.WIDENS:
         log.info("%s weights on the CPU: %s", weight_storage,

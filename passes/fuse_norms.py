@@ -71,8 +71,9 @@ _REUSE_ARG = {norm_cpu.add_layer_norm: 5, norm_cpu.add_rms_norm: 4}  # where the
 
 def fuse_norms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite ``gm``'s graph in place and return it; the counts go to ``gm.meta["orca_lowering"]``:
-    ``fused_norms`` (layer norms), ``fused_rms_norms`` and, of both, ``norms_in_place`` (written
-    over their operands). A graph without the kernel available is returned as it is."""
+    ``fused_norms`` (layer norms), ``fused_rms_norms`` and, of both, ``norms_in_place`` (those
+    allowed to write over their operands: ``s`` over ``x``, and ``y`` over ``r`` where their dtypes
+    and layouts allow). A graph without the kernel available is returned as it is."""
     counts = _fuse(gm) if norm_cpu.available() else {"layer_norms": 0, "rms_norms": 0, "in_place": 0}
     gm.meta.setdefault("orca_lowering", {}).update(fused_norms=counts["layer_norms"],
                                                    fused_rms_norms=counts["rms_norms"],
@@ -103,9 +104,9 @@ def _fuse(gm: torch.fx.GraphModule) -> dict[str, int]:
         if any(isinstance(p, torch.fx.Node) and order[p] > order[anchor] for p in (w, b)):
             continue
         operands = tuple(add.args) if add is not None else (s_node, None)
-        reuse = add is not None and all(dies_at(o, add) for o in operands)
+        reuse = add is not None and operands[0] is not operands[1] and all(dies_at(o, add) for o in operands)
         widened = []  # add operands that are 16-bit results widened for the add alone: read in 16 bits
-        if kernel is norm_cpu.add_rms_norm and add is not None:
+        if kernel is norm_cpu.add_rms_norm and add is not None and operands[0] is not operands[1]:
             narrow = [_widened_from(o, add) for o in operands]
             if narrow[1] is None and narrow[0] is not None:  # the kernel reads r in 16 bits, never x
                 operands, narrow = operands[::-1], narrow[::-1]
@@ -149,7 +150,8 @@ def _widened_from(node, add):
         return None
     src = node.args[0]
     val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-    return src if isinstance(val, torch.Tensor) and val.dtype in norm_cpu.SIXTEEN_BIT else None
+    # float16 only where the kernel was built with _Float16
+    return src if isinstance(val, torch.Tensor) and norm_cpu.takes(val.dtype) else None
 
 
 def _narrowed_to(y_node):
@@ -158,7 +160,7 @@ def _narrowed_to(y_node):
     cast = _only_user(y_node)
     val = y_node.meta.get("val")
     if not (_is(cast, aten._to_copy.default) and len(cast.args) == 1 and set(cast.kwargs) == {"dtype"}
-            and cast.kwargs["dtype"] in norm_cpu.SIXTEEN_BIT and isinstance(val, torch.Tensor)
+            and norm_cpu.takes(cast.kwargs["dtype"]) and isinstance(val, torch.Tensor)
             and val.dtype == torch.float32):
         return None
     return cast
@@ -166,12 +168,33 @@ def _narrowed_to(y_node):
 
 def check(gm: torch.fx.GraphModule) -> None:
     """A norm written in place must be the last reader of both operands: anything else reading
-    one would see the norm's results instead."""
+    one would see the norm's results instead. And a oneDNN linear fed by a fused norm still reads
+    its packed weight's dtype (the norm stores the 16-bit input its cast made)."""
     shared = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _REUSE_ARG
               and len(n.args) > _REUSE_ARG[n.target] and n.args[_REUSE_ARG[n.target]]
               and any(not dies_at(o, n) for o in n.args[:2])]
     if shared:
         raise AssertionError(f"fuse_norms: norms written over operands that are read elsewhere: {shared}")
+    mixed = []
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.mkldnn._linear_pointwise.default):
+        x, w = node.args[0], node.args[1]
+        if not (_is(x, operator.getitem) and _is(x.args[0], *KERNELS) and x.args[1] == 1):
+            continue
+        weight = fetch_attr(gm, w.target) if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None
+        given = _y_dtype(x.args[0])
+        if not isinstance(weight, torch.Tensor) or given != weight.dtype:
+            mixed.append(f"{node.name} ({given} from {x.args[0].name}, "
+                         f"{weight.dtype if isinstance(weight, torch.Tensor) else 'no'} weight)")
+    if mixed:
+        raise AssertionError(f"fuse_norms: oneDNN linears fed another dtype than their weight's: {mixed}")
+
+
+def _y_dtype(call):
+    """The dtype of a fused norm's ``y``: its ``out_dtype`` (RMS), else its ``x``'s (None if unknown)."""
+    if call.target is norm_cpu.add_rms_norm and len(call.args) > 5 and call.args[5] is not None:
+        return call.args[5]
+    val = call.args[0].meta.get("val") if isinstance(call.args[0], torch.fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
 
 
 def dies_at(node, user) -> bool:

@@ -6,10 +6,13 @@ a decode step's few rows its cost is the weight stream plus ~10 us for each call
 
 ``multiply_in_sixteen_bits`` (after the linears are lowered): ``mul(widen(a16), widen(b16))`` read
 by a narrowing cast alone (the gated MLP's ``act(gate) * up`` feeding ``down``) becomes
-``mul(a16, b16)``. Exact: the product of two 16-bit floats is exact in float32 (8 + 8 or 11 + 11
-significand bits), and ATen's 16-bit ``mul`` on the CPU widens, multiplies and rounds once to
-nearest even, as the cast did (``tests/passes/test_lower_sixteen_bit.py`` checks both, bit for
-bit); three calls fewer per layer and half the bytes. W2's decode forward: 0.973x the time at
+``mul(a16, b16)``, bit for bit the same: ATen's 16-bit ``mul`` on the CPU widens both operands,
+multiplies in float32 and rounds the product to the 16-bit dtype (nearest even), which is what the
+casts around the float32 ``mul`` did (an implementation fact, not IEEE's: checked over the whole
+range, extremes and NaN included, by ``tests/passes/test_lower_sixteen_bit.py``; the product of
+two 16-bit significands is exact in float32 except where it leaves float32's normal range, and
+both forms round the same float32 product there too); three calls fewer per layer and half the
+bytes. W2's decode forward: 0.973x the time at
 the median of 40 pairs (``benchmarks/decode_ab.py products``; docs/benchmarks.md).
 
 Tried and removed: the linears reading one input (Q, K, V) as one GEMM on their stacked weights,

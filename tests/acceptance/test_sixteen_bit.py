@@ -238,6 +238,8 @@ def test_sixteen_bit_multiplies_are_no_farther_from_float32_than_hf_in_bfloat16(
         # act(gate) * up in bfloat16; (Llama, Qwen2) each RMSNorm and the casts around it one call
         assert lowering["sixteen_bit_products"] == layers
         assert name == "tiny-gemma2" or lowering["fused_rms_norms"] == 2 * layers + 1
+        # every RMSNorm is one call (Gemma2's four a layer too, their (1 + w) scale after it)
+        assert not graph.find_nodes(op="call_function", target=torch.ops.aten.rsqrt.default)
     work = random_workload(engine.info.vocab_size, 8, seed=4)
     final = serve(engine, work)  # staggered arrivals, prompts chunked while others decode
     engine.shutdown()

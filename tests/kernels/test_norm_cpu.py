@@ -193,8 +193,13 @@ def test_rms_norm_rounds_to_nearest_even_and_keeps_nan():
     w = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8] + [1.0] * 14)  # y = w (the row's RMS is 1)
     _, y = norm_cpu.add_rms_norm(x, None, w, 0.0, out_dtype=torch.bfloat16)
     assert y[0, :2].tolist() == [1.0, 1 + 2 ** -6] == w[:2].to(torch.bfloat16).tolist()
-    _, y = norm_cpu.add_rms_norm(torch.tensor([[float("nan")] + [1.0] * 8]), None, None, 1e-6, out_dtype=torch.bfloat16)
-    assert torch.isnan(y.float()).all()
+    # a NaN whose low bits would carry into the sign and exponent if rounded like a number
+    # (0xFFFFFFFF + 0x7FFF wraps to +0.0): stored as bfloat16's NaN, as c10::BFloat16 stores it
+    nan = torch.tensor([-1], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([nan, torch.ones(8)])[None]
+    s, y = norm_cpu.add_rms_norm(x, None, None, 1e-6, out_dtype=torch.bfloat16)
+    assert torch.isnan(y.float()).all() and y.view(torch.int16)[0, 0].item() == 0x7FC0
+    assert s.data_ptr() == x.data_ptr()  # without a residual, s is x itself: not copied
 
 
 def test_rms_norm_in_place_and_bad_inputs():
@@ -205,12 +210,16 @@ def test_rms_norm_in_place_and_bad_inputs():
     assert s.data_ptr() == x2.data_ptr() and y.data_ptr() == r2.data_ptr()
     assert torch.equal(s, want_s) and torch.equal(y, want_y)
     # a 16-bit r of another dtype than y: y cannot go over it; s still goes over x
-    x2, r16 = x.clone(), r.to(torch.bfloat16)
-    s, y = norm_cpu.add_rms_norm(x2, r16, w, 1e-6, reuse=True)
-    assert s.data_ptr() == x2.data_ptr() and y.data_ptr() != r16.data_ptr() and y.dtype == torch.float32
-    x2, r16 = x.clone(), r.to(torch.bfloat16)  # the same dtype: y goes over r
-    s, y = norm_cpu.add_rms_norm(x2, r16, w, 1e-6, reuse=True, out_dtype=torch.bfloat16)
-    assert y.data_ptr() == r16.data_ptr()
+    r16 = r.to(torch.bfloat16)
+    want_s, want_y = norm_cpu.add_rms_norm(x, r16, w, 1e-6)
+    x2, r2 = x.clone(), r16.clone()
+    s, y = norm_cpu.add_rms_norm(x2, r2, w, 1e-6, reuse=True)
+    assert s.data_ptr() == x2.data_ptr() and y.data_ptr() != r2.data_ptr() and y.dtype == torch.float32
+    assert torch.equal(s, want_s) and torch.equal(y, want_y)
+    x2, r2 = x.clone(), r16.clone()  # the same dtype: y goes over r, after the row's r was read
+    s, y = norm_cpu.add_rms_norm(x2, r2, w, 1e-6, reuse=True, out_dtype=torch.bfloat16)
+    assert y.data_ptr() == r2.data_ptr()
+    assert torch.equal(s, want_s) and torch.equal(y, want_y.to(torch.bfloat16))
     with pytest.raises(ValueError, match="under a float32 x only, got x float64, r torch.bfloat16"):
         norm_cpu.add_rms_norm(x.double(), r.to(torch.bfloat16), w.double(), 1e-6)
     with pytest.raises(ValueError, match="got r torch.float32, out_dtype torch.int32"):

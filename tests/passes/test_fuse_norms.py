@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.fx
 
+from orca_compile import sixteen_bit
 from orca_compile.kernels import gemm_cpu, norm_cpu
 from orca_compile.passes import fuse_norms, lower_cpu
 from tests.passes.test_lower_cpu import _compiled
@@ -108,8 +109,12 @@ def _rms_graph(variant):
     x, r16 = graph.placeholder("x"), graph.placeholder("r16")
     w = graph.get_attr("w")
     c = graph.call_function
+    if variant in ("own-memory", "same-operand"):  # operands of their own memory, dying at the add
+        x = c(aten.mul.Tensor, (x, 1.5))
+        r16 = c(aten.mul.Tensor, (r16, 2.0))
     r = c(aten._to_copy.default, (r16,), {"dtype": torch.float32})
-    s = c(aten.add.Tensor, (x, r))
+    # the widened operand first (the kernel reads r in 16 bits, never x: the operands swap), or twice
+    s = c(aten.add.Tensor, {"own-memory": (r, x), "same-operand": (r, r)}.get(variant, (x, r)))
     rstd = c(aten.rsqrt.default, (c(aten.add.Tensor, (c(aten.mean.dim, (c(aten.pow.Tensor_Scalar, (s, 2)), [-1], True)),
                                                        1e-6)),))
     y = c(aten.mul.Tensor, (w, c(aten.mul.Tensor, (s, rstd))))
@@ -128,7 +133,7 @@ def _rms_graph(variant):
     return gm, inputs
 
 
-@pytest.mark.parametrize("variant", ["plain", "r-read-later", "float32-path"])
+@pytest.mark.parametrize("variant", ["plain", "r-read-later", "float32-path", "own-memory", "same-operand"])
 def test_rms_norm_takes_the_sixteen_bit_casts_with_it(variant):
     gm, inputs = _rms_graph(variant)
     want = gm(*inputs)
@@ -141,14 +146,41 @@ def test_rms_norm_takes_the_sixteen_bit_casts_with_it(variant):
     (call,) = calls
     assert gm.meta["orca_lowering"]["fused_rms_norms"] == 1
     assert call.args[-1] == torch.bfloat16 and not any(c.kwargs["dtype"] == torch.bfloat16 for c in casts)
-    if variant == "plain":  # the widening went too: the kernel reads r16 itself
-        assert call.args[1].name == "r16" and not casts
-    else:  # the widened r is read elsewhere: it stays, and the kernel reads it
+    if variant in ("plain", "own-memory"):  # the widening went too: the kernel reads r16 itself
+        assert call.args[1].meta["val"].dtype == torch.bfloat16 and not casts
+        assert call.args[0].meta["val"].dtype == torch.float32
+    else:  # the widened r is read elsewhere (or is both operands): it stays, and the kernel reads it
         assert call.args[1] is casts[0] and casts[0].kwargs["dtype"] == torch.float32
-    assert call.args[4] is False  # graph inputs are the caller's: never written over
+    # graph inputs are the caller's: never written over; values of their own that die here are
+    assert call.args[4] is (variant == "own-memory")
     got = gm(*inputs)
     assert torch.equal(got[0], want[0])  # the residual stream: the same float32 sum
     assert got[1].dtype == torch.bfloat16  # the norm, rounded once: at most an ulp from ATen's (sum order)
     diff = (got[1].float() - want[1].float()).abs()
     assert (diff <= want[1].float().abs() * 2 ** -7).all() and (got[1] == want[1]).float().mean() > 0.9
     assert all(torch.equal(a, b) for a, b in zip(got[2:], want[2:]))
+
+
+# reason: oneDNN packs no bfloat16 weights without AVX-512 BW/VL/DQ or AVX-NE-CONVERT (its refusal is
+# tested in tests/acceptance/test_sixteen_bit.py on every machine)
+@pytest.mark.skipif(not sixteen_bit.native_supported(torch.bfloat16), reason="oneDNN takes no bfloat16 weights here")
+def test_check_catches_a_linear_fed_another_dtype_by_a_norm():
+    # a fused norm that stored float32 where the 16-bit linear after it read its cast's bfloat16
+    from orca_compile.passes import lower_cpu
+
+    gm, inputs = _rms_graph("plain")
+    graph = gm.graph
+    (y16,) = [n for n in graph.nodes if n.target is aten._to_copy.default and n.kwargs["dtype"] == torch.bfloat16]
+    gm.packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(4, 40).to(torch.bfloat16))
+    with graph.inserting_after(y16):
+        packed = graph.get_attr("packed")
+    with graph.inserting_after(packed):
+        linear = graph.call_function(lower_cpu.PACKED_LINEAR, (y16, packed, None, "none", [], ""))
+    out = graph.output_node()
+    out.args = (out.args[0] + (linear,),)
+    gm.recompile()
+    fuse_norms.fuse_norms(gm)  # the norm now stores the bfloat16 the linear reads: fine
+    (call,) = gm.graph.find_nodes(op="call_function", target=norm_cpu.add_rms_norm)
+    call.args = call.args[:5] + (None,)  # as if it stored float32
+    with pytest.raises(AssertionError, match="oneDNN linears fed another dtype"):
+        fuse_norms.check(gm)

@@ -15,8 +15,8 @@ from orca_compile.passes import lower_cpu, lower_sixteen_bit
 aten = torch.ops.aten
 # reason: oneDNN packs no bfloat16 weights without AVX-512 BW/VL/DQ or AVX-NE-CONVERT (torch
 # refuses there; the refusal is tested in tests/acceptance/test_sixteen_bit.py on every machine)
-pytestmark = pytest.mark.skipif(not sixteen_bit.native_supported(torch.bfloat16),
-                                reason="oneDNN takes no bfloat16 weights on this CPU")
+NATIVE_BF16 = pytest.mark.skipif(not sixteen_bit.native_supported(torch.bfloat16),
+                                 reason="oneDNN takes no bfloat16 weights on this CPU")
 
 
 def _graph(variant):
@@ -60,6 +60,7 @@ def _lowered(gm, monkeypatch, products=True):
         return lower_cpu.lower_linears(gm, kernel="orca")
 
 
+@NATIVE_BF16
 def test_gated_product_runs_in_sixteen_bits(monkeypatch):
     gm, x = _graph("plain")
     lowered = _lowered(gm, monkeypatch)
@@ -72,6 +73,7 @@ def test_gated_product_runs_in_sixteen_bits(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(lowered(x), want))
 
 
+@NATIVE_BF16
 def test_a_widened_value_read_elsewhere_keeps_the_float32_product(monkeypatch):
     gm, x = _graph("up-read-later")  # up's float32 value is an output too: its cast stays, so does the product
     lowered = _lowered(gm, monkeypatch)
@@ -82,8 +84,9 @@ def test_a_widened_value_read_elsewhere_keeps_the_float32_product(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_sixteen_bit_product_rounds_once(dtype):
-    # why the rewrite is exact: ATen's 16-bit mul equals the float32 product rounded once, over
-    # the whole range (tiny, huge, subnormal, overflowing, signed zeros, inf, NaN)
+    # why the rewrite keeps every bit: ATen's 16-bit mul is the float32 product rounded to the
+    # 16-bit dtype, which is what the casts around a float32 mul did, over the whole range (tiny,
+    # huge, subnormal, overflowing, signed zeros, inf, NaN)
     g = torch.Generator().manual_seed(1)
     info = torch.finfo(dtype)
     a = torch.cat([torch.randn(20000, generator=g) * s for s in (1e-3, 1.0, 1e3)]
@@ -97,6 +100,7 @@ def test_a_sixteen_bit_product_rounds_once(dtype):
     assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))  # the rest bit for bit
 
 
+@NATIVE_BF16
 def test_check_catches_a_linear_fed_another_dtype(monkeypatch):
     gm, x = _graph("plain")
     lowered = _lowered(gm, monkeypatch)
