@@ -2,6 +2,7 @@
 switched off (A) or on (B), timed pair by pair on the same inputs.
 
     python benchmarks/decode_ab.py rms16|products|all [PAIRS]
+    python benchmarks/decode_ab.py gemms [PAIRS]
 
 Where ``fusion_ab.py`` times whole passes over W2 (~10 s each, on a machine whose passes vary by
 2x from one minute to the next), this times the forward that a decode iteration runs (~60-110 ms)
@@ -13,7 +14,9 @@ caches) are captured and copied for A;
 then the two forwards alternate. The verdict is the
 project's rule: an exact one-sided Wilcoxon signed-rank test on the per-pair log ratios (B / A)
 (a normal approximation for more than 20 pairs), p < 0.05 to keep. ``all``: every rewrite off
-against every rewrite on.
+against every rewrite on. ``gemms``: the committed step against the same graph with each GEMM's
+result looked up instead of computed (its output from one real call, cached): what the step costs
+besides its GEMMs (the other calls, their Python, the C kernels), pair by pair.
 """
 from __future__ import annotations
 
@@ -71,9 +74,53 @@ def wilcoxon_p_normal(ratios: list[float]) -> float:
     return 0.5 * (1 + math.erf((w_plus - mean) / sd / math.sqrt(2)))
 
 
+def _without_gemms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm``'s graph with each oneDNN linear replaced by a lookup of the result its first call made."""
+    import copy
+
+    linear = torch.ops.mkldnn._linear_pointwise.default
+    results = {}
+
+    def looked_up(x, w, *rest):
+        key = (id(w), x.shape[0])
+        if key not in results:
+            results[key] = linear(x, w, *rest)
+        return results[key]
+
+    out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for node in out.graph.find_nodes(op="call_function", target=linear):
+        node.target = looked_up
+    out.recompile()
+    return out
+
+
+def gemms(pairs: int) -> None:
+    _, gm, args = _engine(())
+    bare = _without_gemms(gm)
+    with torch.no_grad():
+        for _ in range(3):
+            gm(*args), bare(*args)
+        times = {"step": [], "without GEMMs": []}
+        for i in range(pairs):
+            order = [("step", gm), ("without GEMMs", bare)]
+            for label, g in (order if i % 2 == 0 else order[::-1]):
+                start = time.perf_counter()
+                g(*args)
+                times[label].append(time.perf_counter() - start)
+    calls = sum(n.op == "call_function" for n in gm.graph.nodes)
+    linears = len(gm.graph.find_nodes(op="call_function", target=torch.ops.mkldnn._linear_pointwise.default))
+    rest = times["without GEMMs"]
+    print(f"decode step at 8 rows, {pairs} pairs: {calls} graph calls, {linears} of them GEMMs")
+    print(f"the step: median {statistics.median(times['step']) * 1e3:.1f} ms (min {min(times['step']) * 1e3:.1f}); "
+          f"without the GEMMs' work: median {statistics.median(rest) * 1e3:.1f} ms (min {min(rest) * 1e3:.1f}), "
+          f"{statistics.median(rest) / (calls - linears) * 1e6:.1f} us for each of the other calls")
+
+
 def main(fusion: str, pairs: int = 40) -> None:
+    if fusion == "gemms":
+        return gemms(pairs)
     if fusion not in (*W2_FUSIONS, "all"):
-        raise SystemExit(f"fusion must be one of {', '.join(W2_FUSIONS)}, all; got {fusion!r}")
+        raise SystemExit(f"fusion must be one of {', '.join(W2_FUSIONS)}, all, gemms; got {fusion!r}")
     off = W2_FUSIONS if fusion == "all" else (fusion,)
     _, gm_a, _ = _engine(off)
     _, gm_b, args_b = _engine(())
