@@ -62,7 +62,7 @@ import torch
 import torch.fx
 
 from orca_compile.kernels import gemm_cpu, norm_cpu
-from orca_compile.passes.graph_utils import CASTS, fetch_attr
+from orca_compile.passes.graph_utils import CASTS, dtype_cast, fetch_attr
 
 aten = torch.ops.aten
 KERNELS = (norm_cpu.add_layer_norm, norm_cpu.add_rms_norm)
@@ -121,7 +121,7 @@ def _fuse(gm: torch.fx.GraphModule) -> dict[str, int]:
             if out is not None:
                 y_node = out
                 dead.append(out)
-            args = operands + (w, float(eps), reuse) + ((out.kwargs["dtype"],) if out is not None else ())
+            args = operands + (w, float(eps), reuse) + ((dtype_cast(out),) if out is not None else ())
         with graph.inserting_before(anchor):
             fused = graph.call_function(kernel, args)
             s = graph.call_function(operator.getitem, (fused, 0))
@@ -145,8 +145,7 @@ def _fuse(gm: torch.fx.GraphModule) -> dict[str, int]:
 def _widened_from(node, add):
     """The 16-bit tensor ``node`` widens to float32 for ``add`` alone (``_to_copy(x16,
     dtype=float32)``), or None."""
-    if not (_is(node, aten._to_copy.default) and list(node.users) == [add] and len(node.args) == 1
-            and set(node.kwargs) == {"dtype"} and node.kwargs["dtype"] == torch.float32):
+    if dtype_cast(node) != torch.float32 or list(node.users) != [add]:
         return None
     src = node.args[0]
     val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
@@ -159,9 +158,8 @@ def _narrowed_to(y_node):
     float16)``), or None."""
     cast = _only_user(y_node)
     val = y_node.meta.get("val")
-    if not (_is(cast, aten._to_copy.default) and len(cast.args) == 1 and set(cast.kwargs) == {"dtype"}
-            and norm_cpu.takes(cast.kwargs["dtype"]) and isinstance(val, torch.Tensor)
-            and val.dtype == torch.float32):
+    narrow = dtype_cast(cast)
+    if narrow is None or not norm_cpu.takes(narrow) or not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
         return None
     return cast
 

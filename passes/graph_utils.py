@@ -16,6 +16,15 @@ def val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
+def dtype_cast(node):
+    """The dtype ``node`` casts to when it is ``_to_copy(x, dtype=...)`` with nothing else set (no
+    device, layout or memory format), else None."""
+    if (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten._to_copy.default
+            and len(node.args) == 1 and set(node.kwargs) == {"dtype"}):
+        return node.kwargs["dtype"]
+    return None
+
+
 def fetch_attr(gm: torch.nn.Module, target: str):
     """The attribute a ``get_attr`` target names (``a.b.c``), or None where a link is missing."""
     obj = gm

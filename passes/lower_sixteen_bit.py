@@ -1,8 +1,9 @@
 """A graph rewrite of ``lower_linears`` for the 16-bit-multiply path (``CaptureInfo.matmul_dtype``
 set: a 16-bit checkpoint on a CPU with 16-bit matrix units, ``orca_compile/sixteen_bit.py``).
 There each linear is ``_to_copy(x, 16-bit) -> mkldnn._linear_pointwise -> _to_copy(float32)``; at
-a decode step's few rows its cost is the weight stream plus ~10 us for each call the graph makes
-(W2's decode forward at 8 rows: ~11 ms of ~1100 calls besides the GEMMs).
+a decode step's few rows its cost is the weight stream plus ~10-20 us for each call the graph
+makes (``benchmarks/decode_ab.py gemms``: W2's decode step at 8 rows spends 9.6 ms on its 591
+calls besides the GEMMs, docs/benchmarks.md).
 
 ``multiply_in_sixteen_bits`` (after the linears are lowered): ``mul(widen(a16), widen(b16))`` read
 by a narrowing cast alone (the gated MLP's ``act(gate) * up`` feeding ``down``) becomes
@@ -30,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from orca_compile.passes.graph_utils import dtype_cast
+
 aten = torch.ops.aten
 
 
@@ -43,11 +46,11 @@ def multiply_in_sixteen_bits(gm: torch.fx.GraphModule) -> int:
         if len(mul.args) != 2 or mul.kwargs or len(mul.users) != 1:
             continue
         narrow = next(iter(mul.users))
-        if not _cast_to(narrow, None) or narrow.kwargs["dtype"] not in (torch.bfloat16, torch.float16):
+        dtype = dtype_cast(narrow)
+        if dtype not in (torch.bfloat16, torch.float16):
             continue
-        dtype = narrow.kwargs["dtype"]
         widen = mul.args
-        if not all(_cast_to(w, torch.float32) and list(w.users) == [mul] and _dtype(w.args[0]) == dtype
+        if not all(dtype_cast(w) == torch.float32 and list(w.users) == [mul] and _dtype(w.args[0]) == dtype
                    for w in widen):
             continue
         with graph.inserting_before(mul):
@@ -60,13 +63,6 @@ def multiply_in_sixteen_bits(gm: torch.fx.GraphModule) -> int:
             graph.erase_node(w)
         count += 1
     return count
-
-
-def _cast_to(node, dtype) -> bool:
-    """``node`` is ``_to_copy(x, dtype=...)`` with nothing else set (to ``dtype`` unless None)."""
-    return (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten._to_copy.default
-            and len(node.args) == 1 and set(node.kwargs) == {"dtype"}
-            and (dtype is None or node.kwargs["dtype"] == dtype))
 
 
 def _dtype(node):
