@@ -8,6 +8,7 @@ printed. An A/A run (the same file twice) shows the noise floor: within ~2% at 8
 ~5% at 1 row (DRAM-bound).
 
     python benchmarks/cpu_gemm_ab.py OLD.c NEW.c [ROWS ...]       # e.g. git show HEAD~1:kernels/cpu_gemm.c > /tmp/old.c
+    python benchmarks/cpu_gemm_ab.py OLD.c NEW.c --weights bfloat16 [ROWS ...]   # 16-bit weights, float32 arithmetic
 """
 from __future__ import annotations
 
@@ -40,25 +41,29 @@ def main():
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("rows", nargs="*", type=int, default=[1, 8, 16, 32, 64])
+    p.add_argument("--weights", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the packed weights' dtype (16 bits: float32 arithmetic on them)")
     args = p.parse_args()
+    storage = getattr(torch, args.weights)
+    code = gemm_cpu.CODES[(torch.float32, storage)]
     with tempfile.TemporaryDirectory() as tmp:
         libs = [build(args.a, pathlib.Path(tmp), "a"), build(args.b, pathlib.Path(tmp), "b")]
         torch.manual_seed(0)
-        layers = [[(gemm_cpu.pack(torch.randn(n, k) * 0.02), torch.randn(n) * 0.02, n) for k, n in SHAPES]
+        layers = [[(gemm_cpu.pack(torch.randn(n, k) * 0.02, storage), torch.randn(n) * 0.02, n) for k, n in SHAPES]
                   for _ in range(12)]
-        head = gemm_cpu.pack(torch.randn(VOCAB, 768) * 0.02)
+        head = gemm_cpu.pack(torch.randn(VOCAB, 768) * 0.02, storage)
         threads = torch.get_num_threads()
 
         def run(lib, x, x4, outs):
             for layer in layers:
                 for j, (w, b, n) in enumerate(layer):
                     a = x if SHAPES[j][0] == 768 else x4
-                    lib.orca_gemm(0, a.data_ptr(), a.stride(0), w.data_ptr(), b.data_ptr(), outs[j].data_ptr(), n,
+                    lib.orca_gemm(code, a.data_ptr(), a.stride(0), w.data_ptr(), b.data_ptr(), outs[j].data_ptr(), n,
                                   a.shape[0], n, a.shape[1], 0, threads)
-            lib.orca_gemm(0, x.data_ptr(), 768, head.data_ptr(), None, outs[-1].data_ptr(), VOCAB, x.shape[0], VOCAB,
+            lib.orca_gemm(code, x.data_ptr(), 768, head.data_ptr(), None, outs[-1].data_ptr(), VOCAB, x.shape[0], VOCAB,
                           768, 0, threads)
 
-        print(f"torch threads {threads}; A = {args.a}, B = {args.b}; median of 7 interleaved runs")
+        print(f"torch threads {threads}; {args.weights} weights; A = {args.a}, B = {args.b}; median of 7 interleaved runs")
         for rows in args.rows:
             x, x4 = torch.randn(rows, 768), torch.randn(rows, 3072)
             outs = [torch.empty(rows, n) for _, n in SHAPES] + [torch.empty(rows, VOCAB)]

@@ -31,6 +31,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu_simd.h"
@@ -236,6 +237,60 @@ DEFINE_GEMM(f32, float, v8f, 8, bf16, uint16_t)
 DEFINE_GEMM(f32, float, v8f, 8, f16, uint16_t)
 #endif
 
+/* 16-bit weights at a prefill's row counts (M >= WIDEN_FROM): the row blocks pass over each panel
+ * M / R_MAX times, and widening its lines in every pass left the 16-bit path at ~3/4 of the float32
+ * path's rate on a 512-row GEMM. Here each thread widens a group of panels once into a float32
+ * buffer that stays in L2 (GROUP_BYTES of float32) and runs the float32 kernels over it: the
+ * float32 path's arithmetic, bit for bit, on half its DRAM bytes. No prefetch of the next group:
+ * the widening pass reads a group front to back (the hardware prefetcher's case), and the row
+ * blocks then compute on it from L2 for far longer than that read takes. GPT-2 small's 49 GEMMs on
+ * bfloat16 weights (benchmarks/cpu_gemm_ab.py --weights bfloat16): 0.96x the time at 48 rows,
+ * 0.91x at 64, 0.76x at 512; 1.13-1.31x at 12-24 rows and even at 32, so fewer rows widen in
+ * registers as they stream, as above (a decode's few row blocks). */
+#ifndef WIDEN_FROM
+#define WIDEN_FROM 48
+#endif
+#define DEFINE_WIDENED(WS)                                                                          \
+static void gemm_widened_##WS(const float *a, int64_t lda, const uint16_t *packed, const float *bias, float *c, \
+                              int64_t ldc, int64_t M, int64_t N, int64_t K, int act, int num_threads) { \
+    const int64_t nr = 16, panels = (N + nr - 1) / nr, panel_floats = K * nr;                         \
+    const int64_t group = GROUP_BYTES / (panel_floats * 4) > 1 ? GROUP_BYTES / (panel_floats * 4) : 1; \
+    if (num_threads > panels) num_threads = (int)panels;                                            \
+    if (num_threads < 1) num_threads = 1;                                                           \
+    int failed = 0;                                                                                 \
+    _Pragma("omp parallel num_threads(num_threads) if(num_threads > 1) reduction(|: failed)")       \
+    {                                                                                               \
+        int t = 0, nt = 1;                                                                          \
+        OMP_IDS(t, nt);                                                                             \
+        const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;                             \
+        float *buf = p1 > p0 ? aligned_alloc(64, (size_t)(group * panel_floats * 4)) : NULL;         \
+        if (p1 > p0 && !buf) failed = 1;                                                            \
+        for (int64_t g0 = p0; buf && g0 < p1; g0 += group) {                                        \
+            const int64_t g1 = g0 + group < p1 ? g0 + group : p1;                                   \
+            const uint16_t *src = packed + g0 * panel_floats;                                       \
+            for (int64_t j = 0; j < (g1 - g0) * panel_floats; j += 8) store_f32(buf + j, load_##WS(src + j)); \
+            for (int64_t i = 0; i < M; i += R_MAX) {                                                \
+                const int64_t rows = M - i < R_MAX ? M - i : R_MAX;                                 \
+                for (int64_t p = g0; p < g1; p++) {                                                 \
+                    const int64_t cols = N - p * nr < nr ? N - p * nr : nr;                         \
+                    KERNELS_f32[1][rows](K, a + i * lda, lda, buf + (p - g0) * panel_floats,        \
+                                         bias ? bias + p * nr : NULL, c + i * ldc + p * nr, ldc, cols, NULL, 0, act); \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        free(buf);                                                                                  \
+    }                                                                                               \
+    if (failed) /* no memory for a buffer: widen in registers instead */                           \
+        gemm_##WS(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);                         \
+}
+DEFINE_WIDENED(bf16)
+#if HAVE_F16
+DEFINE_WIDENED(f16)
+#endif
+
+/* The row count from which 16-bit weights are widened once per group (for the tests). */
+int orca_gemm_widen_from(void) { return WIDEN_FROM; }
+
 /* Whether this build takes orca_gemm's ``dtype`` (float16 weights need the compiler's _Float16). */
 int orca_gemm_supports(int dtype) { return dtype == 0 || dtype == 1 || dtype == 2 || (dtype == 3 && HAVE_F16); }
 
@@ -248,9 +303,10 @@ int orca_gemm(int dtype, const void *a, int64_t lda, const void *packed, const v
     if (act < ACT_NONE || act > ACT_SIGMOID || !orca_gemm_supports(dtype)) return -1;
     if (dtype == 0) gemm_f32(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
     else if (dtype == 1) gemm_f64(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
-    else if (dtype == 2) gemm_bf16(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
+    else if (dtype == 2)
+        (M >= WIDEN_FROM ? gemm_widened_bf16 : gemm_bf16)(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
 #if HAVE_F16
-    else gemm_f16(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
+    else (M >= WIDEN_FROM ? gemm_widened_f16 : gemm_f16)(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
 #endif
     return 0;
 }

@@ -42,6 +42,9 @@ def _declare(lib):
     fn.restype = ctypes.c_int
     lib.orca_gemm_supports.argtypes = [ctypes.c_int]
     lib.orca_gemm_supports.restype = ctypes.c_int
+    if hasattr(lib, "orca_gemm_widen_from"):  # absent from older builds (benchmarks/cpu_gemm_ab.py loads them)
+        lib.orca_gemm_widen_from.argtypes = []
+        lib.orca_gemm_widen_from.restype = ctypes.c_int
     fn = lib.orca_argmax
     fn.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -59,6 +62,15 @@ def supports(weight_dtype: torch.dtype) -> bool:
     lib = LIB.load()
     code = CODES.get((torch.float64 if weight_dtype == torch.float64 else torch.float32, weight_dtype))
     return lib is not None and code is not None and bool(lib.orca_gemm_supports(code))
+
+
+def widen_from() -> int:
+    """The row count from which a GEMM on 16-bit weights widens each group of panels once into a
+    float32 buffer instead of in registers on every pass (``WIDEN_FROM`` in cpu_gemm.c)."""
+    lib = LIB.load()
+    if lib is None:
+        raise RuntimeError(f"the C GEMM kernel is unavailable: {LIB.why_unavailable()}")
+    return int(lib.orca_gemm_widen_from())
 
 
 def pack(weight: torch.Tensor, storage: torch.dtype | None = None) -> torch.Tensor:

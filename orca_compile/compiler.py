@@ -204,7 +204,9 @@ def compile(model: torch.nn.Module, *, backend: str = "eager", keep_stages: bool
     if weight_storage is not None and backend in sixteen_bit.WIDENS:
         log.info("%s weights on the CPU: %s", weight_storage,
                  f"the linears multiply in {weight_storage} on oneDNN (float32 between them)" if matmul_dtype
-                 else f"float32 arithmetic, the linear weights kept in {weight_storage}")
+                 else f"float32 arithmetic, the linear weights kept in {weight_storage}"
+                 + ("" if native_sixteen_bit is False else f" ({sixteen_bit.why_not_native(weight_storage)})"
+                    if sixteen_bit.why_not_native(weight_storage) else ""))
     start = time.perf_counter()
     gm = capture(model, max_tokens=max_tokens)
     capture_seconds = time.perf_counter() - start

@@ -17,6 +17,9 @@ call it; so does nothing else). The README lists the same table.
 ``TRITON_INTERPRET``       ``1``: Triton's interpreter (CPU; Triton reads it too)
 ``ORCA_LOG_LEVEL``         e.g. ``INFO``: print this package's log records of that level and
                            above to stderr (default: quiet; the CLI's ``-v`` is ``INFO``)
+``ONEDNN_MAX_CPU_ISA``     oneDNN's own cap on the instructions it uses (or the older
+                           ``DNNL_MAX_CPU_ISA``); read here too: below AMX, a 16-bit
+                           checkpoint takes float32 arithmetic (``sixteen_bit.py``)
 ``RANK``, ``WORLD_SIZE``   set by ``torchrun``: this process is one rank of a launch across
                            machines (the CLI then serves on rank 0 and follows it elsewhere)
 =========================  ===============================================================
@@ -48,6 +51,7 @@ class Environment:
     launch_rank: int  # torchrun's RANK (0 when not launched by torchrun)
     launch_world_size: int  # torchrun's WORLD_SIZE (1 when not launched by torchrun)
     launch_local_rank: int  # torchrun's LOCAL_RANK: which of this machine's devices the rank takes
+    onednn_max_cpu_isa: str  # "VAR=VALUE" (upper case) of oneDNN's ISA cap, "" when unset
 
     @classmethod
     def read(cls, environ=None) -> "Environment":
@@ -58,6 +62,8 @@ class Environment:
             base = e.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             cache = pathlib.Path(base) / "orca_compile"
         backend = e.get("ORCA_ATTENTION_BACKEND", "").strip().lower()
+        isa = next((f"{var}={e[var].strip().upper()}" for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+                    if e.get(var, "").strip()), "")  # oneDNN reads the new name first
         return cls(
             attention_backend="" if backend == "auto" else backend,
             cpu_kernels=_flag(e.get("ORCA_CPU_KERNELS"), True),
@@ -71,6 +77,7 @@ class Environment:
             launch_rank=int(e.get("RANK", "0") or 0),
             launch_world_size=int(e.get("WORLD_SIZE", "1") or 1),
             launch_local_rank=int(e.get("LOCAL_RANK", "0") or 0),
+            onednn_max_cpu_isa=isa,
         )
 
 

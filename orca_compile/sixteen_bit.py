@@ -29,14 +29,48 @@ WIDENS = ("auto", "cpu", "onednn")
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
+# oneDNN's cap on the instructions it uses (its "CPU dispatcher control": ONEDNN_MAX_CPU_ISA, or
+# DNNL_MAX_CPU_ISA before oneDNN 2.x): the values under which it still multiplies on AMX tiles
+_AMX_ISAS = {
+    torch.bfloat16: {"AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16",
+                     "AVX10_2_512_AMX_2", "ALL", "DEFAULT"},
+    torch.float16: {"AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512_AMX_2", "ALL", "DEFAULT"},
+}
+# every value oneDNN 3.x lists
+_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16",
+         "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512"} | _AMX_ISAS[torch.bfloat16]
+
+
+def onednn_isa_cap(dtype: torch.dtype) -> str | None:
+    """``VAR=VALUE`` when the environment caps oneDNN below the AMX instructions that multiply
+    ``dtype`` (``env.onednn_max_cpu_isa``); None when it does not (unset, or a value oneDNN does
+    not list: it ignores those)."""
+    from orca_compile import env
+
+    cap = env.get().onednn_max_cpu_isa
+    value = cap.partition("=")[2]
+    return cap if value in _ISAS and value not in _AMX_ISAS.get(dtype, ()) else None
+
+
 def native_sixteen_bit_matmul(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` matrices in hardware that oneDNN uses: AMX tiles for
-    bfloat16 (Intel Sapphire Rapids and later), AMX-FP16 for float16."""
+    bfloat16 (Intel Sapphire Rapids and later), AMX-FP16 for float16, unless the environment caps
+    oneDNN below them (``onednn_isa_cap``: then its 16-bit GEMM is emulated and the float32
+    arithmetic of the C GEMM is the faster path, as on a CPU without AMX)."""
+    return why_not_native(dtype) is None
+
+
+def why_not_native(dtype: torch.dtype) -> str | None:
+    """None when ``native_sixteen_bit_matmul(dtype)``, else the reason, for the log."""
     probe = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
     try:
-        return bool(probe and getattr(torch.cpu, probe)())
+        has = bool(probe and getattr(torch.cpu, probe)())
     except Exception:  # a private probe of torch's: absent or failing means no
-        return False
+        has = False
+    if not has:
+        return f"this CPU has no {'AMX' if dtype == torch.bfloat16 else 'AMX-FP16'} to multiply {dtype} on"
+    cap = onednn_isa_cap(dtype)
+    return f"{cap} keeps oneDNN off this CPU's AMX" if cap else None
 
 
 def native_supported(dtype: torch.dtype) -> bool:

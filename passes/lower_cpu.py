@@ -56,7 +56,6 @@ Before / after (GPT-2 MLP, ``kernel="orca"``)::
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 import torch.fx
@@ -64,10 +63,9 @@ import torch.fx
 from orca_compile.kernels import gemm_cpu
 from orca_compile.passes import fuse_norms as norm_fusion
 from orca_compile.passes import fuse_rope as rope_fusion
-from orca_compile.passes import lower_sixteen_bit
+from orca_compile.passes import lower_sixteen_bit as sixteen
 from orca_compile.passes.graph_utils import fetch_attr
 
-log = logging.getLogger(__name__)
 aten = torch.ops.aten
 PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise.default
 PACK_ROWS_HINT = 32  # the row count oneDNN tunes the packed layout for; any count runs (measured: 1-512 within 10%)
@@ -137,8 +135,8 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out.meta.update(gm.meta)
     graph = out.graph
-    native = _matmul_dtype(gm)
-    storage = _weight_storage(gm, kernel)
+    native = sixteen.matmul_dtype(gm)
+    storage = sixteen.weight_storage(gm, kernel)
     packed: dict[tuple[int, bool], tuple[str, bool]] = {}  # (id(weight), stored [in, out]) -> (packed copy, native)
     casts: dict[torch.fx.Node, torch.fx.Node] = {}  # an input of native linears -> its one 16-bit copy
     fused = {}
@@ -149,11 +147,11 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
             name = "_packed_" + _attr_name(node, weight_is_in_out)
             while hasattr(out, name):
                 name += "_"
-            is_native = _exact_in(w, native)  # a weight the 16-bit dtype does not hold keeps float32
+            is_native = sixteen.exact_in(w, native)  # a weight the 16-bit dtype does not hold keeps float32
             if is_native:
                 w = torch.ops.mkldnn._reorder_linear_weight(w.to(native), PACK_ROWS_HINT)
             elif kernel == "orca":
-                w = gemm_cpu.pack(w, storage if _exact_in(w, storage) else None)
+                w = gemm_cpu.pack(w, storage if sixteen.exact_in(w, storage) else None)
             else:
                 w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
             out.register_buffer(name, w, persistent=False)
@@ -177,13 +175,13 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
             else:
                 attr, alg = _ACTIVATIONS[act][1] if act else ("none", "")
                 if is_native:
-                    x = _cast(graph, casts, x, native)
+                    x = sixteen.cast_once(graph, casts, x, native)
                 new = graph.call_function(PACKED_LINEAR, (x, w_node, None if separate_bias else bias, attr, [], alg))
         new.meta = dict(node.meta)
         new.meta["val"] = replaced.meta.get("val")
         result = new
         if is_native:  # the 16-bit result widened: float32 from here to the next linear
-            new.meta["val"] = _retyped(new.meta["val"], native)
+            new.meta["val"] = sixteen.retyped(new.meta["val"], native)
             with graph.inserting_after(new):
                 result = graph.call_function(aten._to_copy.default, (new,), {"dtype": torch.float32})
             result.meta = dict(node.meta, val=replaced.meta.get("val"))
@@ -197,11 +195,11 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
             graph.erase_node(dead)
         if act:
             fused[act] = fused.get(act, 0) + 1
-    products = lower_sixteen_bit.multiply_in_sixteen_bits(out) if native else 0
+    products = sixteen.multiply_in_sixteen_bits(out) if native else 0
     graph.eliminate_dead_code()
     experts = _lay_out_experts(out)
     narrow = storage or native
-    tables = _narrow_embeddings(out, narrow) if narrow is not None else 0
+    tables = sixteen.narrow_embeddings(out, narrow) if narrow is not None else 0
     dropped = _drop_unreferenced(out)
     # every count of the lowering, zero until the pass that does it says otherwise
     _counts(out).update(kernel=kernel, packed_weights=len(packed), fused_activations=fused, dropped_weights=dropped,
@@ -214,84 +212,6 @@ def lower_linears(gm: torch.fx.GraphModule, *, kernel: str = "onednn", fuse_acti
     graph.lint()
     out.recompile()
     return out
-
-
-def _matmul_dtype(gm: torch.fx.GraphModule) -> torch.dtype | None:
-    """The 16-bit dtype a float32 graph's linears multiply in on oneDNN (``CaptureInfo.matmul_dtype``,
-    set by ``compile`` for a 16-bit checkpoint on a CPU with 16-bit matrix units), else None."""
-    return getattr(gm.meta.get("orca"), "matmul_dtype", None)
-
-
-def _weight_storage(gm: torch.fx.GraphModule, kernel: str) -> torch.dtype | None:
-    """The 16-bit dtype the C GEMM keeps a float32 graph's linear weights in (``CaptureInfo.weight_storage``,
-    set by ``compile`` for a 16-bit checkpoint) when they multiply in float32, if it takes that
-    dtype; else None (float32, and the log says why where a 16-bit dtype was asked for)."""
-    info = gm.meta.get("orca")
-    storage = getattr(info, "weight_storage", None)
-    if storage is None or _matmul_dtype(gm) is not None:
-        return None
-    if kernel != "orca":
-        log.warning("%s weights run as float32 weights on oneDNN (twice the bytes a decode streams); the cpu "
-                    "backend keeps them in 16 bits", storage)
-        return None
-    if not gemm_cpu.supports(storage):
-        log.warning("this build of the C GEMM takes no %s weights (the C compiler lacks _Float16): they run as "
-                    "float32 weights (twice the bytes a decode streams)", storage)
-        return None
-    return storage
-
-
-def _cast(graph, casts: dict, x: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
-    """One ``dtype`` copy of the activation ``x`` for every native linear that reads it (Q, K and V
-    share theirs), made right after ``x`` so that it precedes them all."""
-    if x not in casts:
-        with graph.inserting_after(x):
-            cast = graph.call_function(aten._to_copy.default, (x,), {"dtype": dtype})
-        cast.meta = {"val": _retyped(x.meta.get("val"), dtype)}
-        casts[x] = cast
-    return casts[x]
-
-
-def _retyped(val, dtype):
-    return val.to(dtype) if isinstance(val, torch.Tensor) else val
-
-
-def _exact_in(t: torch.Tensor, storage: torch.dtype | None) -> bool:
-    """A float32 tensor whose every value ``storage`` holds exactly: the weights of a 16-bit
-    checkpoint read in float32 are, and only those are kept in 16 bits, so that the lowering never
-    rounds a weight (a checkpoint may keep some modules in float32)."""
-    return (storage is not None and t.dtype == torch.float32
-            and torch.equal(t.detach().to(storage).to(torch.float32), t.detach()))
-
-
-def _narrow_embeddings(gm: torch.fx.GraphModule, storage: torch.dtype) -> int:
-    """Each ``aten.embedding`` on a float32 weight of the graph that ``storage`` holds exactly
-    gathers from a ``storage`` copy of the table and widens the gathered rows: the table is read a
-    few rows an iteration, so its float32 copy was only memory (a tied LM head keeps its own packed
-    copy). Returns how many tables were narrowed."""
-    done: dict[int, str] = {}
-    for node in list(gm.graph.find_nodes(op="call_function", target=aten.embedding.default)):
-        weight = node.args[0]
-        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
-            continue
-        t = fetch_attr(gm, weight.target)
-        if id(t) not in done and not _exact_in(t, storage):
-            continue
-        if id(t) not in done:
-            name = "_narrow_" + weight.target.replace(".", "_")
-            while hasattr(gm, name):
-                name += "_"
-            gm.register_buffer(name, t.detach().to(storage), persistent=False)
-            done[id(t)] = name
-        with gm.graph.inserting_before(node):
-            table = gm.graph.get_attr(done[id(t)])
-            gathered = gm.graph.call_function(aten.embedding.default, (table, *node.args[1:]), dict(node.kwargs))
-            widened = gm.graph.call_function(aten._to_copy.default, (gathered,), {"dtype": torch.float32})
-        gathered.meta = {"val": node.meta["val"].to(storage)} if "val" in node.meta else {}
-        widened.meta = dict(node.meta)
-        node.replace_all_uses_with(widened)
-        gm.graph.erase_node(node)
-    return len(done)
 
 
 def _lay_out_experts(gm: torch.fx.GraphModule) -> int:

@@ -203,6 +203,36 @@ def test_sixteen_bit_weights_with_fused_activations(storage, act):
 
 
 @pytestmark_kernel
+@pytest.mark.parametrize("storage", SIXTEEN_BIT)
+@pytest.mark.parametrize("n,k", [(37, 19), (4864, 96), (100, 4864), (5, 3)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sixteen_bit_weights_widened_once_per_group_are_the_float32_weights_bit_for_bit(storage, n, k, threads,
+                                                                                        monkeypatch):
+    # from widen_from() rows the kernel widens each group of panels into a float32 buffer once and
+    # runs the float32 kernels on it: every output bit for bit what the same weights packed as
+    # float32 give, and, row for row, what a call below that row count (widened in registers) gives.
+    # K = 96: groups of many panels; K = 4864: a panel larger than a group; N = 5: fewer panels
+    # than threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g).to(storage).float()
+    b = torch.randn(n, generator=g)
+    start = gemm_cpu.widen_from()
+    assert 8 < start <= 64  # above a decode's rows, below a prefill chunk's
+    # whole blocks of 6 rows (R_MAX), or a tail of 5: the blocks the direct calls below also run
+    # (a tail of 1-3 rows accumulates in another order at fewer rows)
+    for m in (-(-start // 6) * 6, -(-start // 6) * 6 + 101):
+        x = torch.randn(m, k, generator=g)
+        for act in (0, gemm_cpu.ACTIVATIONS["silu"]):
+            got = gemm_cpu.linear(x, gemm_cpu.pack(w, storage), b, n, act)
+            assert torch.equal(got, gemm_cpu.linear(x, gemm_cpu.pack(w), b, n, act))
+            below = torch.cat([gemm_cpu.linear(x[i:i + 6], gemm_cpu.pack(w, storage), b, n, act)
+                               for i in range(0, m, 6)])
+            assert torch.equal(got, below)
+    torch.testing.assert_close(got.double(), _want(x, w, b, "silu"), atol=2e-4 * max(1, k / 768), rtol=0)
+
+
+@pytestmark_kernel
 def test_sixteen_bit_weights_refuse_float64_activations():
     p = gemm_cpu.pack(torch.randn(20, 8), torch.bfloat16)
     with pytest.raises(ValueError, match="float32 with bfloat16/float16 weights"):
