@@ -28,6 +28,9 @@
  * Threads: OpenMP, i.e. torch's own pool (libgomp.so.1 resolves to the copy torch has loaded; see
  * cpu_attention.c). Written with GCC/Clang vector extensions, not intrinsics, so it builds for
  * any target; with -march=native on an AVX2/FMA machine `acc += x * w` is a vfmadd on ymm registers.
+ * On an AVX-512 target the 16-bit weights run a 512-bit version of the micro-kernel (one register
+ * per line of W; same results bit for bit), and from WIDEN_FROM rows they are widened once per
+ * group of panels instead of in every row block's pass (both below the kernels).
  */
 #include <math.h>
 #include <stdint.h>
@@ -161,6 +164,59 @@ static void kernel_##WS##_##R##_##U(int64_t K, const T *a, int64_t lda, const TW
     }                                                                                               \
 }
 
+/* The same block with a line of W in one 512-bit register (HAVE_V16: AVX-512): per k one load of
+ * W, R broadcasts and R FMAs of 16 lanes instead of two loads and 2R FMAs of 8. Each lane runs the
+ * same operations in the same order as above, so the results are the same bit for bit; only the
+ * instruction count changes. float32 arithmetic only (S, T, V, L are those of the 256-bit kernel,
+ * whose epilogue this one reuses on the two halves). */
+#define DEFINE_WIDE_KERNEL(S, T, V, L, WS, TW, R, U)                                                \
+static void kernel_##WS##_##R##_##U(int64_t K, const float *a, int64_t lda, const TW *b, const float *bias, \
+                                   float *c, int64_t ldc, int64_t cols, const TW *pf, int pf_shift, int act) { \
+    v16f acc[U][R];                                                                                 \
+    for (int u = 0; u < U; u++)                                                                     \
+        for (int r = 0; r < R; r++) acc[u][r] = splat16_f32(0);                                     \
+    const int64_t pf_mask = ((int64_t)1 << pf_shift) - 1;                                         \
+    if (!pf) pf = b;                                                                                \
+    int64_t k = 0;                                                                                  \
+    for (; k + U <= K; k += U)                                                                      \
+        for (int u = 0; u < U; u++) {                                                               \
+            const int64_t kk = k + u;                                                               \
+            if (!(kk & pf_mask)) __builtin_prefetch(pf + (kk >> pf_shift) * 16, 0, 2);              \
+            v16f b0 = load16_##WS(b + kk * 16);                                                     \
+            if (R >= 4 || U > 1) IN_REGISTER(b0);                                                   \
+            for (int r = 0; r < R; r++) acc[u][r] += splat16_f32(a[r * lda + kk]) * b0;             \
+        }                                                                                           \
+    for (; k < K; k++) {                                                                            \
+        if (!(k & pf_mask)) __builtin_prefetch(pf + (k >> pf_shift) * 16, 0, 2);                    \
+        const v16f b0 = load16_##WS(b + k * 16);                                                    \
+        for (int r = 0; r < R; r++) acc[0][r] += splat16_f32(a[r * lda + k]) * b0;                 \
+    }                                                                                               \
+    for (int u = 1; u < U; u++)                                                                     \
+        for (int r = 0; r < R; r++) acc[0][r] += acc[u][r];                                         \
+    v8f c0 = splat_f32(0), c1 = splat_f32(0);                                                       \
+    if (bias) {                                                                                     \
+        float bb[16];                                                                               \
+        memset(bb, 0, sizeof bb);                                                                   \
+        memcpy(bb, bias, sizeof(float) * (size_t)cols);                                             \
+        c0 = load_f32(bb), c1 = load_f32(bb + 8);                                                   \
+    }                                                                                               \
+    for (int r = 0; r < R; r++) {                                                                   \
+        float t[16];                                                                                \
+        store16_f32(t, acc[0][r]);                                                                  \
+        v8f lo = load_f32(t), hi = load_f32(t + 8);                                                 \
+        if (bias) { lo += c0; hi += c1; }                                                           \
+        if (act != ACT_NONE) { lo = act_f32(lo, act); hi = act_f32(hi, act); }                      \
+        if (cols == 16) {                                                                           \
+            store_f32(c + r * ldc, lo);                                                             \
+            store_f32(c + r * ldc + 8, hi);                                                         \
+        } else {                                                                                    \
+            store_f32(t, lo);                                                                       \
+            store_f32(t + 8, hi);                                                                   \
+            memcpy(c + r * ldc, t, sizeof(float) * (size_t)cols);                                   \
+        }                                                                                           \
+    }                                                                                               \
+}
+
 /* The driver. Each thread takes a contiguous range of panels and walks it in groups of G panels
  * (G * K * 64 bytes ~ GROUP_BYTES, so a group and the next fit in L2 together); every row block of
  * R_MAX rows passes over a group before the next group starts, so each panel of W comes from DRAM
@@ -171,16 +227,16 @@ static void kernel_##WS##_##R##_##U(int64_t K, const T *a, int64_t lda, const TW
  * on GPT-2 small's 49 GEMMs): a burst that size overruns the core's outstanding-miss
  * slots, so prefetches are dropped and the next group's first pass waits on DRAM. Calls of at most
  * PREFETCH_ABOVE rows issue none (see there). */
-#define DEFINE_GEMM(S, T, V, L, WS, TW)                                                             \
-DEFINE_KERNEL(S, T, V, L, WS, TW, 1, 1)                                                                     \
-DEFINE_KERNEL(S, T, V, L, WS, TW, 2, 1)                                                                     \
-DEFINE_KERNEL(S, T, V, L, WS, TW, 3, 1)                                                                     \
-DEFINE_KERNEL(S, T, V, L, WS, TW, 1, 4)                                                                     \
-DEFINE_KERNEL(S, T, V, L, WS, TW, 2, 2)                                                                     \
-DEFINE_KERNEL(S, T, V, L, WS, TW, 3, 2)                                                                     \
-DEFINE_KERNEL(S, T, V, L, WS, TW, 4, 1)                                                                     \
-DEFINE_KERNEL(S, T, V, L, WS, TW, 5, 1)                                                                     \
-DEFINE_KERNEL(S, T, V, L, WS, TW, 6, 1)                                                                     \
+#define DEFINE_GEMM(S, T, V, L, WS, TW, KERNEL)                                                     \
+KERNEL(S, T, V, L, WS, TW, 1, 1)                                                                    \
+KERNEL(S, T, V, L, WS, TW, 2, 1)                                                                    \
+KERNEL(S, T, V, L, WS, TW, 3, 1)                                                                    \
+KERNEL(S, T, V, L, WS, TW, 1, 4)                                                                    \
+KERNEL(S, T, V, L, WS, TW, 2, 2)                                                                    \
+KERNEL(S, T, V, L, WS, TW, 3, 2)                                                                    \
+KERNEL(S, T, V, L, WS, TW, 4, 1)                                                                    \
+KERNEL(S, T, V, L, WS, TW, 5, 1)                                                                    \
+KERNEL(S, T, V, L, WS, TW, 6, 1)                                                                    \
 typedef void (*kernel_##WS##_t)(int64_t, const T *, int64_t, const TW *, const T *, T *, int64_t, int64_t, \
                                const TW *, int, int);                                                \
 static const kernel_##WS##_t KERNELS_##WS[2][R_MAX + 1] = {                                           \
@@ -230,11 +286,21 @@ static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, 
 /* 16-bit weights, float32 arithmetic: a line of 16 weights is 32 bytes (half the float32 line's
  * DRAM traffic), widened to two float32 vectors in registers as it is read (load_bf16 / load_f16,
  * cpu_simd.h). */
-DEFINE_GEMM(f32, float, v8f, 8, f32, float)
-DEFINE_GEMM(f64, double, v4d, 4, f64, double)
-DEFINE_GEMM(f32, float, v8f, 8, bf16, uint16_t)
+/* With AVX-512 the 16-bit weights take the 512-bit kernel: one widening of a 16-weight line instead
+ * of two, half the FMAs; GPT-2 small's 49 GEMMs on bfloat16 weights 0.76-0.86x the time at 1-32
+ * rows (benchmarks/cpu_gemm_ab.py --weights bfloat16). float32 weights keep the 256-bit one: there
+ * the 512-bit kernel was 1.05x the time at 1 row (three runs; the DRAM stream sets the pace and
+ * the core clocks lower under 512-bit FMAs) and 0.91-1.01x at 2-512 rows, no clear gain. */
+#if HAVE_V16 && !defined(NO_WIDE)
+#define SIXTEEN_BIT_KERNEL DEFINE_WIDE_KERNEL
+#else
+#define SIXTEEN_BIT_KERNEL DEFINE_KERNEL
+#endif
+DEFINE_GEMM(f32, float, v8f, 8, f32, float, DEFINE_KERNEL)
+DEFINE_GEMM(f64, double, v4d, 4, f64, double, DEFINE_KERNEL)
+DEFINE_GEMM(f32, float, v8f, 8, bf16, uint16_t, SIXTEEN_BIT_KERNEL)
 #if HAVE_F16
-DEFINE_GEMM(f32, float, v8f, 8, f16, uint16_t)
+DEFINE_GEMM(f32, float, v8f, 8, f16, uint16_t, SIXTEEN_BIT_KERNEL)
 #endif
 
 /* 16-bit weights at a prefill's row counts (M >= WIDEN_FROM): the row blocks pass over each panel

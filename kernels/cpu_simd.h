@@ -1,4 +1,4 @@
-/* Vector helpers shared by the C kernels (cpu_gemm.c, cpu_attention.c): 256-bit vectors
+/* Vector helpers shared by the C kernels (cpu_gemm.c, cpu_attention.c, cpu_norm.c): 256-bit vectors
  * through GCC/Clang vector extensions (no intrinsics, so any target builds; with -march=native on
  * AVX2/FMA `acc += x * w` is one vfmadd on a ymm register), a vectorised exp, and IN_REGISTER.
  * kernels/cbuild.py hashes this header with each source, so editing it rebuilds both. */
@@ -43,6 +43,28 @@ static inline v8f load_f16(const uint16_t *p) { return __builtin_convertvector(*
 static inline void store_f16(uint16_t *p, v8f v) { *(v8h *)p = __builtin_convertvector(v, v8h); }
 #else
 #define HAVE_F16 0
+#endif
+
+/* 512-bit vectors where the target has AVX-512 (-march=native on such a CPU): the C GEMM's float32
+ * kernels then hold a line of 16 weights in one register and issue half the FMAs (cpu_gemm.c). */
+#if defined(__AVX512F__)
+#define HAVE_V16 1
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint16_t v16u16 __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint32_t v16u32 __attribute__((vector_size(64)));
+static inline v16f load16_f32(const float *p) { return *(const v16f_u *)p; }
+static inline void store16_f32(float *p, v16f v) { *(v16f_u *)p = v; }
+static inline v16f splat16_f32(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+static inline v16f load16_bf16(const uint16_t *p) {
+    return (v16f)(__builtin_convertvector(*(const v16u16 *)p, v16u32) << 16);
+}
+#if HAVE_F16
+typedef _Float16 v16h __attribute__((vector_size(32), aligned(2), may_alias));
+static inline v16f load16_f16(const uint16_t *p) { return __builtin_convertvector(*(const v16h *)p, v16f); }
+#endif
+#else
+#define HAVE_V16 0
 #endif
 
 /* Bitwise select: m ? x : y, lane by lane (m: all ones or all zeros per lane, from a comparison). */
