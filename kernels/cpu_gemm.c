@@ -29,8 +29,9 @@
  * cpu_attention.c). Written with GCC/Clang vector extensions, not intrinsics, so it builds for
  * any target; with -march=native on an AVX2/FMA machine `acc += x * w` is a vfmadd on ymm registers.
  * On an AVX-512 target the 16-bit weights run a 512-bit version of the micro-kernel (one register
- * per line of W; same results bit for bit), and from WIDEN_FROM rows they are widened once per
- * group of panels instead of in every row block's pass (both below the kernels).
+ * per line of W; same results bit for bit), and a prefill's many rows run in blocks of 12 rows by
+ * two panels, 16-bit weights widened once per group of panels (the many-rows driver, below the
+ * kernels; the same results bit for bit again).
  */
 #include <math.h>
 #include <stdint.h>
@@ -303,24 +304,113 @@ DEFINE_GEMM(f32, float, v8f, 8, bf16, uint16_t, SIXTEEN_BIT_KERNEL)
 DEFINE_GEMM(f32, float, v8f, 8, f16, uint16_t, SIXTEEN_BIT_KERNEL)
 #endif
 
-/* 16-bit weights at a prefill's row counts (M >= WIDEN_FROM): the row blocks pass over each panel
- * M / R_MAX times, and widening its lines in every pass left the 16-bit path at ~3/4 of the float32
- * path's rate on a 512-row GEMM. Here each thread widens a group of panels once into a float32
- * buffer that stays in L2 (GROUP_BYTES of float32) and runs the float32 kernels over it: the
- * float32 path's arithmetic, bit for bit, on half its DRAM bytes. No prefetch of the next group:
- * the widening pass reads a group front to back (the hardware prefetcher's case), and the row
- * blocks then compute on it from L2 for far longer than that read takes. GPT-2 small's 49 GEMMs on
- * bfloat16 weights (benchmarks/cpu_gemm_ab.py --weights bfloat16): 0.96x the time at 48 rows,
- * 0.91x at 64, 0.76x at 512; 1.13-1.31x at 12-24 rows and even at 32, so fewer rows widen in
- * registers as they stream, as above (a decode's few row blocks). */
+/* Many rows (a prefill chunk's). Two changes from the driver above, both measured on GPT-2 small's
+ * 49 GEMMs (benchmarks/cpu_gemm_ab.py, interleaved, against the previous build; this machine's
+ * run-to-run spread is ~5%, ~7% at 20-30 rows):
+ *
+ * - With AVX-512, blocks of 12 rows by two panels (kernel_big, below). The 6-row kernels issue a
+ *   load or a broadcast per FMA and reached about half the rate of MKL's float32 GEMM at 512 rows
+ *   (116 against 231 GFLOP/s on Qwen2.5-0.5B's 896 -> 4864, benchmarks/gemm_sixteen_bit.py).
+ *   float32 weights: 0.84-0.92x the time at 36-44 rows, 0.71-0.80x at 48-128, 0.63x at 512; at
+ *   16-32 rows 0.99-1.07x, no gain, so from MANY_ROWS_FROM rows.
+ * - 16-bit weights: each thread widens a group of panels once into a float32 buffer that stays in
+ *   L2 and runs the float32 blocks on it, where the row blocks widened every line of W in each of
+ *   their M / 6 passes: bit for bit the float32 weights' results on half the DRAM bytes. Without the
+ *   12-row blocks this alone was 0.76x the time at 512 rows; with them, against the previous build,
+ *   0.64-0.71x at 48-512 rows and 0.87-0.90x at 40-44; at 12-24 rows it cost 1.13-1.31x, so from
+ *   WIDEN_FROM rows (a decode's few row blocks widen in registers as they stream).
+ *
+ * No prefetch of the next group here: a group is read front to back once (the hardware
+ * prefetcher's case), and the row blocks then compute on it from L2 for far longer. */
 #ifndef WIDEN_FROM
-#define WIDEN_FROM 48
+#define WIDEN_FROM 40
 #endif
-#define DEFINE_WIDENED(WS)                                                                          \
-static void gemm_widened_##WS(const float *a, int64_t lda, const uint16_t *packed, const float *bias, float *c, \
-                              int64_t ldc, int64_t M, int64_t N, int64_t K, int act, int num_threads) { \
+#ifndef MANY_ROWS_FROM
+#if HAVE_V16 && !defined(NO_WIDE)
+#define MANY_ROWS_FROM 36
+#else
+#define MANY_ROWS_FROM INT64_MAX  /* no 12-row blocks: float32 weights keep the driver above */
+#endif
+#endif
+/* kernel_big: 12 rows by two panels (32 columns) in 24 registers; per k two loads of W, 12
+ * broadcasts and 24 FMAs of 16 lanes. Each lane runs the same operations in the same order as in
+ * the 6-row kernels (U = 1), so the results are the same bit for bit. */
+#if HAVE_V16 && !defined(NO_WIDE)
+#define BIG_R 12
+static void kernel_big(int64_t K, const float *a, int64_t lda, const float *b, const float *bias, float *c,
+                       int64_t ldc, int64_t cols, int act) {
+    v16f acc0[BIG_R], acc1[BIG_R];
+    for (int r = 0; r < BIG_R; r++) { acc0[r] = splat16_f32(0); acc1[r] = splat16_f32(0); }
+    const float *b1 = b + K * 16;  /* the next panel */
+    for (int64_t k = 0; k < K; k++) {
+        v16f w0 = load16_f32(b + k * 16), w1 = load16_f32(b1 + k * 16);
+        IN_REGISTER(w0);
+        IN_REGISTER(w1);
+        for (int r = 0; r < BIG_R; r++) {
+            const v16f x = splat16_f32(a[r * lda + k]);
+            acc0[r] += x * w0;
+            acc1[r] += x * w1;
+        }
+    }
+    float bb[32];
+    memset(bb, 0, sizeof bb);
+    if (bias) memcpy(bb, bias, sizeof(float) * (size_t)cols);
+    for (int r = 0; r < BIG_R; r++) {
+        float t[32];
+        store16_f32(t, acc0[r]);
+        store16_f32(t + 16, acc1[r]);
+        for (int j = 0; j < 32; j += 8) {
+            v8f v = load_f32(t + j);
+            if (bias) v += load_f32(bb + j);
+            if (act != ACT_NONE) v = act_f32(v, act);
+            store_f32(t + j, v);
+        }
+        memcpy(c + r * ldc, t, sizeof(float) * (size_t)cols);
+    }
+}
+#else
+#define BIG_R R_MAX
+#endif
+
+/* All M rows against panels g0 .. g1 - 1 of float32 weights at w (panel g0 first, in memory or in
+ * a widened buffer): blocks of BIG_R rows by pairs of panels where the 512-bit kernel is built, the
+ * rest (a last odd panel, the last M % BIG_R rows) in blocks of R_MAX on the kernels above. */
+static void rows_over_group(const float *a, int64_t lda, const float *w, int64_t g0, int64_t g1, const float *bias,
+                            float *c, int64_t ldc, int64_t M, int64_t N, int64_t K, int act) {
+    const int64_t nr = 16, panel_floats = K * nr;
+    for (int64_t i = 0; i < M; i += BIG_R) {
+        const int64_t rows = M - i < BIG_R ? M - i : BIG_R;
+        for (int64_t p = g0; p < g1; p++) {
+            const float *b = w + (p - g0) * panel_floats;
+            const float *pb = bias ? bias + p * nr : NULL;
+#if HAVE_V16 && !defined(NO_WIDE)
+            if (rows == BIG_R && p + 1 < g1) {
+                const int64_t cols = N - p * nr < 2 * nr ? N - p * nr : 2 * nr;
+                kernel_big(K, a + i * lda, lda, b, pb, c + i * ldc + p * nr, ldc, cols, act);
+                p++;
+                continue;
+            }
+#endif
+            const int64_t cols = N - p * nr < nr ? N - p * nr : nr;
+            for (int64_t j = i; j < i + rows; j += R_MAX) {
+                const int64_t rr = i + rows - j < R_MAX ? i + rows - j : R_MAX;
+                KERNELS_f32[1][rr](K, a + j * lda, lda, b, pb, c + j * ldc + p * nr, ldc, cols, NULL, 0, act);
+            }
+        }
+    }
+}
+
+/* The driver for many rows (MANY_ROWS_FROM, WIDEN_FROM): each thread's range of panels in groups, every row
+ * block passing over a group (from L2) before the next; 16-bit weights widened into a float32
+ * buffer first (WS), float32 ones read in place (f32). Groups hold an even number of panels (the
+ * 512-bit kernel takes them in pairs), at least two. */
+#define DEFINE_MANY_ROWS(WS, TW)                                                                    \
+static void gemm_rows_##WS(const float *a, int64_t lda, const TW *packed, const float *bias, float *c,   \
+                           int64_t ldc, int64_t M, int64_t N, int64_t K, int act, int num_threads) { \
     const int64_t nr = 16, panels = (N + nr - 1) / nr, panel_floats = K * nr;                         \
-    const int64_t group = GROUP_BYTES / (panel_floats * 4) > 1 ? GROUP_BYTES / (panel_floats * 4) : 1; \
+    int64_t group = GROUP_BYTES / (panel_floats * 4);                                               \
+    group = group < 2 ? 2 : group - group % 2;                                                      \
+    const int widen = sizeof(TW) != sizeof(float);                                                  \
     if (num_threads > panels) num_threads = (int)panels;                                            \
     if (num_threads < 1) num_threads = 1;                                                           \
     int failed = 0;                                                                                 \
@@ -329,33 +419,32 @@ static void gemm_widened_##WS(const float *a, int64_t lda, const uint16_t *packe
         int t = 0, nt = 1;                                                                          \
         OMP_IDS(t, nt);                                                                             \
         const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;                             \
-        float *buf = p1 > p0 ? aligned_alloc(64, (size_t)(group * panel_floats * 4)) : NULL;         \
-        if (p1 > p0 && !buf) failed = 1;                                                            \
-        for (int64_t g0 = p0; buf && g0 < p1; g0 += group) {                                        \
+        float *buf = widen && p1 > p0 ? aligned_alloc(64, (size_t)(group * panel_floats * 4)) : NULL; \
+        if (widen && p1 > p0 && !buf) failed = 1;                                                   \
+        for (int64_t g0 = p0; !(widen && !buf) && g0 < p1; g0 += group) {                           \
             const int64_t g1 = g0 + group < p1 ? g0 + group : p1;                                   \
-            const uint16_t *src = packed + g0 * panel_floats;                                       \
-            for (int64_t j = 0; j < (g1 - g0) * panel_floats; j += 8) store_f32(buf + j, load_##WS(src + j)); \
-            for (int64_t i = 0; i < M; i += R_MAX) {                                                \
-                const int64_t rows = M - i < R_MAX ? M - i : R_MAX;                                 \
-                for (int64_t p = g0; p < g1; p++) {                                                 \
-                    const int64_t cols = N - p * nr < nr ? N - p * nr : nr;                         \
-                    KERNELS_f32[1][rows](K, a + i * lda, lda, buf + (p - g0) * panel_floats,        \
-                                         bias ? bias + p * nr : NULL, c + i * ldc + p * nr, ldc, cols, NULL, 0, act); \
-                }                                                                                   \
-            }                                                                                       \
+            const TW *src = packed + g0 * panel_floats;                                             \
+            if (widen)                                                                              \
+                for (int64_t j = 0; j < (g1 - g0) * panel_floats; j += 8) store_f32(buf + j, load_##WS(src + j)); \
+            rows_over_group(a, lda, widen ? buf : (const float *)src, g0, g1, bias, c, ldc, M, N, K, act); \
         }                                                                                           \
         free(buf);                                                                                  \
     }                                                                                               \
     if (failed) /* no memory for a buffer: widen in registers instead */                           \
         gemm_##WS(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);                         \
 }
-DEFINE_WIDENED(bf16)
+DEFINE_MANY_ROWS(f32, float)
+DEFINE_MANY_ROWS(bf16, uint16_t)
 #if HAVE_F16
-DEFINE_WIDENED(f16)
+DEFINE_MANY_ROWS(f16, uint16_t)
 #endif
 
-/* The row count from which 16-bit weights are widened once per group (for the tests). */
-int orca_gemm_widen_from(void) { return WIDEN_FROM; }
+/* The row count from which orca_gemm's ``dtype`` takes the many-rows driver, or -1 for never
+ * (float32 weights without AVX-512); for the tests. */
+int64_t orca_gemm_many_rows_from(int dtype) {
+    if (dtype == 0) return MANY_ROWS_FROM == INT64_MAX ? -1 : (int64_t)MANY_ROWS_FROM;
+    return dtype == 2 || dtype == 3 ? WIDEN_FROM : -1;
+}
 
 /* Whether this build takes orca_gemm's ``dtype`` (float16 weights need the compiler's _Float16). */
 int orca_gemm_supports(int dtype) { return dtype == 0 || dtype == 1 || dtype == 2 || (dtype == 3 && HAVE_F16); }
@@ -367,12 +456,13 @@ int orca_gemm_supports(int dtype) { return dtype == 0 || dtype == 1 || dtype == 
 int orca_gemm(int dtype, const void *a, int64_t lda, const void *packed, const void *bias, void *c, int64_t ldc,
               int64_t M, int64_t N, int64_t K, int act, int num_threads) {
     if (act < ACT_NONE || act > ACT_SIGMOID || !orca_gemm_supports(dtype)) return -1;
-    if (dtype == 0) gemm_f32(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
+    if (dtype == 0)
+        (M >= MANY_ROWS_FROM ? gemm_rows_f32 : gemm_f32)(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
     else if (dtype == 1) gemm_f64(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
     else if (dtype == 2)
-        (M >= WIDEN_FROM ? gemm_widened_bf16 : gemm_bf16)(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
+        (M >= WIDEN_FROM ? gemm_rows_bf16 : gemm_bf16)(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
 #if HAVE_F16
-    else (M >= WIDEN_FROM ? gemm_widened_f16 : gemm_f16)(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
+    else (M >= WIDEN_FROM ? gemm_rows_f16 : gemm_f16)(a, lda, packed, bias, c, ldc, M, N, K, act, num_threads);
 #endif
     return 0;
 }

@@ -42,9 +42,9 @@ def _declare(lib):
     fn.restype = ctypes.c_int
     lib.orca_gemm_supports.argtypes = [ctypes.c_int]
     lib.orca_gemm_supports.restype = ctypes.c_int
-    if hasattr(lib, "orca_gemm_widen_from"):  # absent from older builds (benchmarks/cpu_gemm_ab.py loads them)
-        lib.orca_gemm_widen_from.argtypes = []
-        lib.orca_gemm_widen_from.restype = ctypes.c_int
+    if hasattr(lib, "orca_gemm_many_rows_from"):  # absent from older builds (benchmarks/cpu_gemm_ab.py loads them)
+        lib.orca_gemm_many_rows_from.argtypes = [ctypes.c_int]
+        lib.orca_gemm_many_rows_from.restype = i64
     fn = lib.orca_argmax
     fn.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -64,13 +64,16 @@ def supports(weight_dtype: torch.dtype) -> bool:
     return lib is not None and code is not None and bool(lib.orca_gemm_supports(code))
 
 
-def widen_from() -> int:
-    """The row count from which a GEMM on 16-bit weights widens each group of panels once into a
-    float32 buffer instead of in registers on every pass (``WIDEN_FROM`` in cpu_gemm.c)."""
+def many_rows_from(weight_dtype: torch.dtype) -> int | None:
+    """The row count from which a float32 GEMM on ``weight_dtype`` weights takes the kernel's
+    many-rows driver (12-row blocks on AVX-512; 16-bit weights widened once per group of panels),
+    or None where it never does (float32 weights without AVX-512; float64)."""
     lib = LIB.load()
     if lib is None:
         raise RuntimeError(f"the C GEMM kernel is unavailable: {LIB.why_unavailable()}")
-    return int(lib.orca_gemm_widen_from())
+    code = CODES.get((torch.float32, weight_dtype))
+    start = -1 if code is None else int(lib.orca_gemm_many_rows_from(code))
+    return None if start < 0 else start
 
 
 def pack(weight: torch.Tensor, storage: torch.dtype | None = None) -> torch.Tensor:

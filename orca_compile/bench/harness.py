@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from orca_compile import env
 from orca_compile.bench import report as reporting
 from orca_compile.bench import systems as systems_mod
 from orca_compile.bench.isolation import Isolated
@@ -69,7 +70,8 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
     floor = flops / rate
     log(f"workload {w.name}: {w.model} {w.dtype or w.checkpoint_dtype + ' checkpoint'}, {len(reqs)} requests, prompts {sum(len(p) for p, _ in reqs)} "
         f"tokens, outputs {sum(n for _, n in reqs)} tokens; torch threads {torch.get_num_threads()}"
-        + ("" if on.type == "cpu" else f"; on {_device_name(on)}"))
+        + ("" if on.type == "cpu" else f"; on {_device_name(on)}")
+        + (f"; oneDNN capped by {isa}" if (isa := env.get().onednn_max_cpu_isa) and on.type == "cpu" else ""))
     log(f"compute floor: {flops / 1e9:.1f} GFLOP / {rate / 1e9:.1f} GFLOP/s measured matmul rate = {floor:.2f} s")
 
     prepared = {}
@@ -120,6 +122,8 @@ def run(workload: str = "w1", systems=("engine", "hf-static", "hf-continuous"), 
                              max_num_seqs=max_num_seqs, log=log)
     if on.type != "cpu":
         report["device"] = _device_name(on)
+    elif env.get().onednn_max_cpu_isa:  # a run that models a CPU without some of this one's instructions
+        report["onednn_max_cpu_isa"] = env.get().onednn_max_cpu_isa
     return report
 
 

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import orca_compile
-from orca_compile import env, sixteen_bit
+from orca_compile import sixteen_bit
 from orca_compile.kernels import gemm_cpu
 from orca_compile.passes import lower_cpu
 from orca_compile.presets import load_model
@@ -194,27 +194,22 @@ def test_the_default_takes_a_16_bit_path_by_what_the_cpu_has(native, monkeypatch
     engine.shutdown()
 
 
-def test_a_cap_on_onednn_s_instructions_is_read_as_no_matrix_units(monkeypatch, caplog, tmp_path_factory):
+def test_a_cap_on_onednn_s_instructions_is_read_as_no_matrix_units(setenv, caplog, tmp_path_factory):
     # ONEDNN_MAX_CPU_ISA below AMX: oneDNN emulates 16-bit GEMMs, so the default takes float32
     # arithmetic on the 16-bit weights (the path of a CPU without AMX) and the log says why
-    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(env, "_current", None)  # read afresh below, and again after the test
-    env.reload()
+    setenv("DNNL_MAX_CPU_ISA", None)
+    setenv("ONEDNN_MAX_CPU_ISA", None)
     assert sixteen_bit.onednn_isa_cap(torch.bfloat16) is None
     for value, bf16, fp16 in [("avx512_core_vnni", True, True), ("AVX2", True, True), ("AVX512_CORE_AMX", False, True),
                               ("AVX512_CORE_AMX_FP16", False, False), ("ALL", False, False),
                               ("DEFAULT", False, False), ("NOT_AN_ISA", False, False)]:
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", value)
-        env.reload()
+        setenv("ONEDNN_MAX_CPU_ISA", value)
         assert (sixteen_bit.onednn_isa_cap(torch.bfloat16) is not None) == bf16, value
         assert (sixteen_bit.onednn_isa_cap(torch.float16) is not None) == fp16, value
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")  # the older name, read when the new one is unset
-    env.reload()
+    setenv("ONEDNN_MAX_CPU_ISA", None)
+    setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")  # the older name, read when the new one is unset
     assert sixteen_bit.onednn_isa_cap(torch.bfloat16) == "DNNL_MAX_CPU_ISA=AVX512_CORE"
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16 ")  # the new name wins
-    env.reload()
+    setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16 ")  # the new name wins
     assert sixteen_bit.onednn_isa_cap(torch.bfloat16) == "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16"
     assert not sixteen_bit.native_sixteen_bit_matmul(torch.bfloat16)
     assert sixteen_bit.matmul_dtype(torch.bfloat16, None) is None

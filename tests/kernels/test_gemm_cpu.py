@@ -203,29 +203,33 @@ def test_sixteen_bit_weights_with_fused_activations(storage, act):
 
 
 @pytestmark_kernel
-@pytest.mark.parametrize("storage", SIXTEEN_BIT)
+@pytest.mark.parametrize("storage", [torch.float32] + SIXTEEN_BIT)
 @pytest.mark.parametrize("n,k", [(37, 19), (4864, 96), (100, 4864), (5, 3)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_sixteen_bit_weights_widened_once_per_group_are_the_float32_weights_bit_for_bit(storage, n, k, threads,
-                                                                                        monkeypatch):
-    # from widen_from() rows the kernel widens each group of panels into a float32 buffer once and
-    # runs the float32 kernels on it: every output bit for bit what the same weights packed as
-    # float32 give, and, row for row, what a call below that row count (widened in registers) gives.
-    # K = 96: groups of many panels; K = 4864: a panel larger than a group; N = 5: fewer panels
-    # than threads
+def test_many_rows_are_the_few_rows_kernels_results_bit_for_bit(storage, n, k, threads, monkeypatch):
+    # from many_rows_from() rows the kernel runs blocks of 12 rows by two panels (AVX-512) and widens
+    # 16-bit weights once per group of panels into a float32 buffer: row for row, the outputs are
+    # bit for bit those of calls of 6 rows (the few-rows kernels, 16-bit lines widened in
+    # registers), and on 16-bit weights those of the same weights packed as float32. N = 37 and
+    # 100: a last panel without a pair; K = 96: groups of many panels; K = 4864: a panel larger
+    # than a group; N = 5: fewer panels than threads
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g).to(storage).float()
     b = torch.randn(n, generator=g)
-    start = gemm_cpu.widen_from()
-    assert 8 < start <= 64  # above a decode's rows, below a prefill chunk's
-    # whole blocks of 6 rows (R_MAX), or a tail of 5: the blocks the direct calls below also run
-    # (a tail of 1-3 rows accumulates in another order at fewer rows)
+    start = gemm_cpu.many_rows_from(storage)
+    if storage != torch.float32:
+        assert start is not None and 8 < start <= 64  # above a decode's rows, below a prefill chunk's
+    elif start is None:  # float32 weights without AVX-512: one driver for every row count
+        start = 48
+    # whole blocks of 6 rows (R_MAX), or a tail of 5: the blocks the calls of 6 rows also run (a
+    # tail of 1-3 rows accumulates in another order when it is the whole call)
     for m in (-(-start // 6) * 6, -(-start // 6) * 6 + 101):
         x = torch.randn(m, k, generator=g)
         for act in (0, gemm_cpu.ACTIVATIONS["silu"]):
             got = gemm_cpu.linear(x, gemm_cpu.pack(w, storage), b, n, act)
-            assert torch.equal(got, gemm_cpu.linear(x, gemm_cpu.pack(w), b, n, act))
+            if storage != torch.float32:
+                assert torch.equal(got, gemm_cpu.linear(x, gemm_cpu.pack(w), b, n, act))
             below = torch.cat([gemm_cpu.linear(x[i:i + 6], gemm_cpu.pack(w, storage), b, n, act)
                                for i in range(0, m, 6)])
             assert torch.equal(got, below)
