@@ -218,6 +218,15 @@ static void kernel_##WS##_##R##_##U(int64_t K, const float *a, int64_t lda, cons
     }                                                                                               \
 }
 
+/* Paced calls of up to PACED_MAX rows run as one block. 6 (R_MAX) for the 256-bit kernels, whose
+ * registers hold no more; 8 for the 512-bit kernel of 16-bit weights, so that a decode of 7 or 8
+ * rows widens each line of W once, not once per block of the SPLIT_TAIL (the same results bit for
+ * bit: U = 1 in both). */
+#define KERNELS_7_8_6(KERNEL, S, T, V, L, WS, TW)
+#define TABLE_7_8_6(WS) 0, 0
+#define KERNELS_7_8_8(KERNEL, S, T, V, L, WS, TW) KERNEL(S, T, V, L, WS, TW, 7, 1) KERNEL(S, T, V, L, WS, TW, 8, 1)
+#define TABLE_7_8_8(WS) kernel_##WS##_7_1, kernel_##WS##_8_1
+
 /* The driver. Each thread takes a contiguous range of panels and walks it in groups of G panels
  * (G * K * 64 bytes ~ GROUP_BYTES, so a group and the next fit in L2 together); every row block of
  * R_MAX rows passes over a group before the next group starts, so each panel of W comes from DRAM
@@ -228,7 +237,7 @@ static void kernel_##WS##_##R##_##U(int64_t K, const float *a, int64_t lda, cons
  * on GPT-2 small's 49 GEMMs): a burst that size overruns the core's outstanding-miss
  * slots, so prefetches are dropped and the next group's first pass waits on DRAM. Calls of at most
  * PREFETCH_ABOVE rows issue none (see there). */
-#define DEFINE_GEMM(S, T, V, L, WS, TW, KERNEL)                                                     \
+#define DEFINE_GEMM(S, T, V, L, WS, TW, KERNEL, PACED_MAX)                                          \
 KERNEL(S, T, V, L, WS, TW, 1, 1)                                                                    \
 KERNEL(S, T, V, L, WS, TW, 2, 1)                                                                    \
 KERNEL(S, T, V, L, WS, TW, 3, 1)                                                                    \
@@ -238,10 +247,12 @@ KERNEL(S, T, V, L, WS, TW, 3, 2)                                                
 KERNEL(S, T, V, L, WS, TW, 4, 1)                                                                    \
 KERNEL(S, T, V, L, WS, TW, 5, 1)                                                                    \
 KERNEL(S, T, V, L, WS, TW, 6, 1)                                                                    \
+KERNELS_7_8_##PACED_MAX(KERNEL, S, T, V, L, WS, TW)                                                 \
 typedef void (*kernel_##WS##_t)(int64_t, const T *, int64_t, const TW *, const T *, T *, int64_t, int64_t, \
                                const TW *, int, int);                                                \
-static const kernel_##WS##_t KERNELS_##WS[2][R_MAX + 1] = {                                           \
-    {0, kernel_##WS##_1_1, kernel_##WS##_2_1, kernel_##WS##_3_1, kernel_##WS##_4_1, kernel_##WS##_5_1, kernel_##WS##_6_1}, \
+static const kernel_##WS##_t KERNELS_##WS[2][9] = {                                                   \
+    {0, kernel_##WS##_1_1, kernel_##WS##_2_1, kernel_##WS##_3_1, kernel_##WS##_4_1, kernel_##WS##_5_1, kernel_##WS##_6_1, \
+     TABLE_7_8_##PACED_MAX(WS)},                                                                    \
     {0, kernel_##WS##_1_4, kernel_##WS##_2_2, kernel_##WS##_3_2, kernel_##WS##_4_1, kernel_##WS##_5_1, kernel_##WS##_6_1}}; \
 static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, T *c, int64_t ldc,     \
                      int64_t M, int64_t N, int64_t K, int act, int num_threads) {                   \
@@ -254,7 +265,7 @@ static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, 
         int t = 0, nt = 1;                                                                          \
         OMP_IDS(t, nt);                                                                             \
         const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;                             \
-        const int64_t blocks = (M + R_MAX - 1) / R_MAX;                                             \
+        const int64_t blocks = M <= PACED_MAX ? M > 0 : (M + R_MAX - 1) / R_MAX;                     \
         const kernel_##WS##_t *kernels = KERNELS_##WS[M >= PACED_BELOW];                              \
         int shift = 0;                                                                              \
         while (((int64_t)1 << (shift + 1)) <= blocks && shift < 20) shift++;                         \
@@ -264,7 +275,8 @@ static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, 
             const int64_t next_lines = ((g1 + group < p1 ? g1 + group : p1) - g1) * K;              \
             for (int64_t blk = 0, i = 0, rows = 0; blk < blocks; blk++, i += rows) {                \
                 /* 7 or 8 paced rows as 4 + 3 or 4 + 4, not 6 + 1 or 6 + 2: see SPLIT_TAIL */     \
-                rows = M < PACED_BELOW && M - i > R_MAX ? (M - i) / 2 : M - i < R_MAX ? M - i : R_MAX; \
+                rows = M <= PACED_MAX ? M : M < PACED_BELOW && M - i > R_MAX ? (M - i) / 2                 \
+                     : M - i < R_MAX ? M - i : R_MAX;                                               \
                 for (int64_t p = g0; p < g1; p++) {                                                 \
                     const TW *b = packed + p * K * nr;                                               \
                     const int64_t cols = N - p * nr < nr ? N - p * nr : nr;                         \
@@ -294,14 +306,17 @@ static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, 
  * the core clocks lower under 512-bit FMAs) and 0.91-1.01x at 2-512 rows, no clear gain. */
 #if HAVE_V16 && !defined(NO_WIDE)
 #define SIXTEEN_BIT_KERNEL DEFINE_WIDE_KERNEL
+#define SIXTEEN_BIT_PACED 8
 #else
 #define SIXTEEN_BIT_KERNEL DEFINE_KERNEL
+#define SIXTEEN_BIT_PACED 6
 #endif
-DEFINE_GEMM(f32, float, v8f, 8, f32, float, DEFINE_KERNEL)
-DEFINE_GEMM(f64, double, v4d, 4, f64, double, DEFINE_KERNEL)
-DEFINE_GEMM(f32, float, v8f, 8, bf16, uint16_t, SIXTEEN_BIT_KERNEL)
+#define DEFINE_GEMM_(...) DEFINE_GEMM(__VA_ARGS__)  /* expands SIXTEEN_BIT_PACED before it is pasted */
+DEFINE_GEMM(f32, float, v8f, 8, f32, float, DEFINE_KERNEL, 6)
+DEFINE_GEMM(f64, double, v4d, 4, f64, double, DEFINE_KERNEL, 6)
+DEFINE_GEMM_(f32, float, v8f, 8, bf16, uint16_t, SIXTEEN_BIT_KERNEL, SIXTEEN_BIT_PACED)
 #if HAVE_F16
-DEFINE_GEMM(f32, float, v8f, 8, f16, uint16_t, SIXTEEN_BIT_KERNEL)
+DEFINE_GEMM_(f32, float, v8f, 8, f16, uint16_t, SIXTEEN_BIT_KERNEL, SIXTEEN_BIT_PACED)
 #endif
 
 /* Many rows (a prefill chunk's). Two changes from the driver above, both measured on GPT-2 small's
