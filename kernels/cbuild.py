@@ -2,7 +2,7 @@
 
 Each source is compiled at first use with the system's C compiler into a cache directory
 (``$ORCA_CACHE_DIR``, else ``$XDG_CACHE_HOME/orca_compile``, else ``~/.cache/orca_compile``) under a
-name that hashes the source and the headers beside it (``cpu_simd.h``), the flags, the compiler
+name that hashes the source and the headers beside it (``cpu_simd.h``), the flags, the compiler (its path and version)
 and the CPU's feature flags, and loaded with
 ``ctypes`` (which releases the GIL during a call). The first flag variant that builds wins: native
 code with OpenMP, then OpenMP alone, then vector code on one thread. Where no compiler is found or
@@ -75,7 +75,7 @@ def build(source: pathlib.Path) -> pathlib.Path:
     # the source and every header beside it (cpu_simd.h): editing a header must rebuild
     text = b"\0".join([source.read_bytes(), *(h.read_bytes() for h in sorted(source.parent.glob("*.h")))])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(b"\0".join([text, repr((FLAGS, VARIANTS)).encode(), str(version).encode(),
+    key = hashlib.sha256(b"\0".join([text, repr((FLAGS, VARIANTS)).encode(), cc.encode(), str(version).encode(),
                                      _cpu_flags().encode(), str(torch.__version__).encode()])).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():

@@ -295,6 +295,22 @@ def test_build_goes_to_the_cache_dir_and_is_reused(fresh_loader, monkeypatch):
     assert all("--version" in c for c in calls)  # only the compiler's version was asked, nothing rebuilt
 
 
+@pytest.mark.skipif(not LINUX_WITH_CC, reason="building needs Linux and a C compiler")
+def test_another_compiler_gets_its_own_build(fresh_loader, monkeypatch, setenv, tmp_path):
+    # a wrapper around the same compiler (the same --version line) that adds a flag: what a user's
+    # CC may be, and what an A/B of two builds of a kernel uses; its library is a build of its own
+    assert attention_cpu.available()
+    first = set(fresh_loader.glob("cpu_attention-*.so"))
+    wrapper = tmp_path / "cc-wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec {cbuild.compiler()} -DORCA_TEST_WRAPPER=1 "$@"\n')
+    wrapper.chmod(0o755)
+    setenv("CC", str(wrapper))
+    monkeypatch.setattr(attention_cpu.LIB, "_lib", None)
+    assert attention_cpu.available()
+    built = set(fresh_loader.glob("cpu_attention-*.so"))
+    assert len(first) == 1 and len(built) == 2 and first < built
+
+
 def test_no_compiler_means_the_reference(fresh_loader, monkeypatch, setenv):
     monkeypatch.setattr(cbuild, "compiler", lambda: None)
     assert not attention_cpu.available()
