@@ -9,6 +9,12 @@ printed. An A/A run (the same file twice) shows the noise floor: within ~2% at 8
 
     python benchmarks/cpu_gemm_ab.py OLD.c NEW.c [ROWS ...]       # e.g. git show HEAD~1:kernels/cpu_gemm.c > /tmp/old.c
     python benchmarks/cpu_gemm_ab.py OLD.c NEW.c --weights bfloat16 [ROWS ...]   # 16-bit weights, float32 arithmetic
+    python benchmarks/cpu_gemm_ab.py OLD.c NEW.c --check           # first: the same outputs, bit for bit?
+
+``--check`` compares the two builds' outputs on every weight dtype over shapes (partial panels,
+odd panel counts, panels larger than a group), row counts 0-64 and two prefill sizes,
+activations and thread counts, and says how many differ; a change meant to keep the results
+(a faster kernel, a new blocking) must show 0.
 """
 from __future__ import annotations
 
@@ -43,11 +49,14 @@ def main():
     p.add_argument("rows", nargs="*", type=int, default=[1, 8, 16, 32, 64])
     p.add_argument("--weights", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="the packed weights' dtype (16 bits: float32 arithmetic on them)")
+    p.add_argument("--check", action="store_true", help="compare the builds' outputs bit for bit first")
     args = p.parse_args()
     storage = getattr(torch, args.weights)
     code = gemm_cpu.CODES[(torch.float32, storage)]
     with tempfile.TemporaryDirectory() as tmp:
         libs = [build(args.a, pathlib.Path(tmp), "a"), build(args.b, pathlib.Path(tmp), "b")]
+        if args.check:
+            check(libs)
         torch.manual_seed(0)
         layers = [[(gemm_cpu.pack(torch.randn(n, k) * 0.02, storage), torch.randn(n) * 0.02, n) for k, n in SHAPES]
                   for _ in range(12)]
@@ -75,6 +84,29 @@ def main():
                     times[i].append(time.perf_counter() - start)
             a, b = (sorted(t)[len(t) // 2] * 1e3 for t in times)
             print(f"  {rows:4d} rows: A {a:7.2f} ms, B {b:7.2f} ms, B/A {b / a:.3f}")
+
+
+def check(libs) -> None:
+    torch.manual_seed(0)
+    cases = differ = 0
+    for storage in (torch.float32, torch.bfloat16, torch.float16):
+        if not all(lib.orca_gemm_supports(gemm_cpu.CODES[(torch.float32, storage)]) for lib in libs):
+            continue
+        code = gemm_cpu.CODES[(torch.float32, storage)]
+        for n, k in [(16, 8), (37, 19), (5, 3), (100, 67), (4864, 96), (896, 4864)]:
+            w = gemm_cpu.pack(torch.randn(n, k), storage)
+            b = torch.randn(n)
+            for m in [*range(65), 97, 131]:
+                x = torch.randn(m, k)
+                for act in (0, 2, 3):
+                    for threads in (1, 2, 3):
+                        outs = [torch.empty(m, n) for _ in libs]
+                        for lib, out in zip(libs, outs):
+                            lib.orca_gemm(code, x.data_ptr(), k, w.data_ptr(), b.data_ptr() if act != 3 else None,
+                                          out.data_ptr(), n, m, n, k, act, threads)
+                        cases += 1
+                        differ += not torch.equal(outs[0], outs[1])
+    print(f"--check: {cases} cases (weight dtype x shape x rows x activation x threads), {differ} differ")
 
 
 if __name__ == "__main__":

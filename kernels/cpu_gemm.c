@@ -222,6 +222,7 @@ static void kernel_##WS##_##R##_##U(int64_t K, const float *a, int64_t lda, cons
  * registers hold no more; 8 for the 512-bit kernel of 16-bit weights, so that a decode of 7 or 8
  * rows widens each line of W once, not once per block of the SPLIT_TAIL (the same results bit for
  * bit: U = 1 in both). */
+_Static_assert(PACED_BELOW > 8, "the 7- and 8-row blocks are in the paced table only");
 #define KERNELS_7_8_6(KERNEL, S, T, V, L, WS, TW)
 #define TABLE_7_8_6(WS) 0, 0
 #define KERNELS_7_8_8(KERNEL, S, T, V, L, WS, TW) KERNEL(S, T, V, L, WS, TW, 7, 1) KERNEL(S, T, V, L, WS, TW, 8, 1)
@@ -300,7 +301,7 @@ static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, 
  * DRAM traffic), widened to two float32 vectors in registers as it is read (load_bf16 / load_f16,
  * cpu_simd.h). */
 /* With AVX-512 the 16-bit weights take the 512-bit kernel: one widening of a 16-weight line instead
- * of two, half the FMAs; GPT-2 small's 49 GEMMs on bfloat16 weights 0.76-0.86x the time at 1-32
+ * of two, half the FMAs; GPT-2 small's 49 GEMMs on bfloat16 weights 0.76-0.91x the time at 1-32
  * rows (benchmarks/cpu_gemm_ab.py --weights bfloat16). float32 weights keep the 256-bit one: there
  * the 512-bit kernel was 1.05x the time at 1 row (three runs; the DRAM stream sets the pace and
  * the core clocks lower under 512-bit FMAs) and 0.91-1.01x at 2-512 rows, no clear gain. */
@@ -423,7 +424,7 @@ static void rows_over_group(const float *a, int64_t lda, const float *w, int64_t
 static void gemm_rows_##WS(const float *a, int64_t lda, const TW *packed, const float *bias, float *c,   \
                            int64_t ldc, int64_t M, int64_t N, int64_t K, int act, int num_threads) { \
     const int64_t nr = 16, panels = (N + nr - 1) / nr, panel_floats = K * nr;                         \
-    int64_t group = GROUP_BYTES / (panel_floats * 4);                                               \
+    int64_t group = panel_floats > 0 ? GROUP_BYTES / (panel_floats * 4) : 2;                        \
     group = group < 2 ? 2 : group - group % 2;                                                      \
     const int widen = sizeof(TW) != sizeof(float);                                                  \
     if (num_threads > panels) num_threads = (int)panels;                                            \
@@ -458,7 +459,7 @@ DEFINE_MANY_ROWS(f16, uint16_t)
  * (float32 weights without AVX-512); for the tests. */
 int64_t orca_gemm_many_rows_from(int dtype) {
     if (dtype == 0) return MANY_ROWS_FROM == INT64_MAX ? -1 : (int64_t)MANY_ROWS_FROM;
-    return dtype == 2 || dtype == 3 ? WIDEN_FROM : -1;
+    return (dtype == 2 || (dtype == 3 && HAVE_F16)) ? WIDEN_FROM : -1;
 }
 
 /* Whether this build takes orca_gemm's ``dtype`` (float16 weights need the compiler's _Float16). */

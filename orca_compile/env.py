@@ -62,8 +62,9 @@ class Environment:
             base = e.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             cache = pathlib.Path(base) / "orca_compile"
         backend = e.get("ORCA_ATTENTION_BACKEND", "").strip().lower()
-        isa = next((f"{var}={e[var].strip().upper()}" for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-                    if e.get(var, "").strip()), "")  # oneDNN reads the new name first
+        # as oneDNN reads it: the new name first, the first that is set and not empty, any case, no
+        # stripping (oneDNN ignores a value it does not list, " AVX2" among them)
+        isa = next((f"{var}={e[var].upper()}" for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if e.get(var)), "")
         return cls(
             attention_backend="" if backend == "auto" else backend,
             cpu_kernels=_flag(e.get("ORCA_CPU_KERNELS"), True),

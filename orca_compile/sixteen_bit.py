@@ -36,9 +36,9 @@ _AMX_ISAS = {
                      "AVX10_2_512_AMX_2", "ALL", "DEFAULT"},
     torch.float16: {"AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512_AMX_2", "ALL", "DEFAULT"},
 }
-# every value oneDNN 3.x lists
+# every value oneDNN 3.x lists (and 2.x's MIC ones)
 _ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16",
-         "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512"} | _AMX_ISAS[torch.bfloat16]
+         "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512", "AVX512_MIC", "AVX512_MIC_4OPS"} | _AMX_ISAS[torch.bfloat16]
 
 
 def onednn_isa_cap(dtype: torch.dtype) -> str | None:

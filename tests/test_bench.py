@@ -123,20 +123,24 @@ def test_the_tensor_parallel_and_pipelined_engines_are_systems_of_their_own():
     assert not multiprocessing.active_children()  # the ranks went with the run
 
 
-def test_w2_loads_a_bfloat16_checkpoint_by_path_and_compares_16_and_32_bit_weights(setenv, tmp_path):
+def test_w2_loads_a_bfloat16_checkpoint_by_path_and_compares_16_and_32_bit_weights(setenv, tmp_path, monkeypatch):
     # W2's set-up on the tiny model: the preset saved in bfloat16 under the cache directory, the
     # engine reading it by path with default options, the same engine told dtype="float32", and HF
     # continuous batching on the checkpoint read in float32 (the same weights, the same arithmetic)
+    import dataclasses
     import json
 
     import torch
 
-    from orca_compile import sixteen_bit
+    from orca_compile import env, sixteen_bit
 
     setenv("ORCA_CACHE_DIR", str(tmp_path))
     # as on a CPU without 16-bit matrix units (AMX), where the default multiplies in float32: oneDNN
-    # capped below AMX (what docs/benchmarks.md's W2 without AMX runs), which the report records
-    setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")
+    # capped below AMX (what docs/benchmarks.md's W2 without AMX runs), which the report records.
+    # orca-compile's reading of the variable only: set in this process's environment, it could cap
+    # oneDNN itself for the tests after this one, were this the first to start it
+    monkeypatch.setattr(env, "_current", dataclasses.replace(
+        env.get(), onednn_max_cpu_isa="ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI"))
     assert not sixteen_bit.native_sixteen_bit_matmul(torch.bfloat16)
     lines = []
     report = bench.run("w2-tiny", systems=("engine", "engine-fp32", "hf-continuous-fp32"), log=lines.append)

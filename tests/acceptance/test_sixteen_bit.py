@@ -21,12 +21,14 @@ rounds them too. So the claim tested is: the engine is no farther from the float
 running the checkpoint in its own dtype, over every token it generates (teacher-forced log-probs),
 and every token it picks greedily is the oracle's best or within the 16-bit noise of it.
 """
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import orca_compile
-from orca_compile import sixteen_bit
+from orca_compile import env, sixteen_bit
 from orca_compile.kernels import gemm_cpu
 from orca_compile.passes import lower_cpu
 from orca_compile.presets import load_model
@@ -194,22 +196,29 @@ def test_the_default_takes_a_16_bit_path_by_what_the_cpu_has(native, monkeypatch
     engine.shutdown()
 
 
-def test_a_cap_on_onednn_s_instructions_is_read_as_no_matrix_units(setenv, caplog, tmp_path_factory):
+def test_a_cap_on_onednn_s_instructions_is_read_as_no_matrix_units(monkeypatch, caplog, tmp_path_factory):
     # ONEDNN_MAX_CPU_ISA below AMX: oneDNN emulates 16-bit GEMMs, so the default takes float32
-    # arithmetic on the 16-bit weights (the path of a CPU without AMX) and the log says why
-    setenv("DNNL_MAX_CPU_ISA", None)
-    setenv("ONEDNN_MAX_CPU_ISA", None)
+    # arithmetic on the 16-bit weights (the path of a CPU without AMX) and the log says why. The
+    # variables reach orca-compile's reading (env.Environment.read) only, not this process's
+    # environment: oneDNN reads it once, and the tests after this one must not inherit a cap
+    def environ(**isa):
+        base = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+        monkeypatch.setattr(env, "_current", env.Environment.read({**base, **isa}))
+
+    environ()
     assert sixteen_bit.onednn_isa_cap(torch.bfloat16) is None
     for value, bf16, fp16 in [("avx512_core_vnni", True, True), ("AVX2", True, True), ("AVX512_CORE_AMX", False, True),
                               ("AVX512_CORE_AMX_FP16", False, False), ("ALL", False, False),
-                              ("DEFAULT", False, False), ("NOT_AN_ISA", False, False)]:
-        setenv("ONEDNN_MAX_CPU_ISA", value)
+                              ("DEFAULT", False, False), ("NOT_AN_ISA", False, False),
+                              ("AVX2 ", False, False)]:  # oneDNN does not strip: a value it ignores
+        environ(ONEDNN_MAX_CPU_ISA=value)
         assert (sixteen_bit.onednn_isa_cap(torch.bfloat16) is not None) == bf16, value
         assert (sixteen_bit.onednn_isa_cap(torch.float16) is not None) == fp16, value
-    setenv("ONEDNN_MAX_CPU_ISA", None)
-    setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")  # the older name, read when the new one is unset
+    environ(DNNL_MAX_CPU_ISA="AVX512_CORE")  # the older name, read when the new one is unset
     assert sixteen_bit.onednn_isa_cap(torch.bfloat16) == "DNNL_MAX_CPU_ISA=AVX512_CORE"
-    setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16 ")  # the new name wins
+    environ(DNNL_MAX_CPU_ISA="AVX512_CORE", ONEDNN_MAX_CPU_ISA="")  # empty counts as unset, as in oneDNN
+    assert sixteen_bit.onednn_isa_cap(torch.bfloat16) == "DNNL_MAX_CPU_ISA=AVX512_CORE"
+    environ(DNNL_MAX_CPU_ISA="AVX512_CORE", ONEDNN_MAX_CPU_ISA="avx512_core_bf16")  # the new name wins
     assert sixteen_bit.onednn_isa_cap(torch.bfloat16) == "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16"
     assert not sixteen_bit.native_sixteen_bit_matmul(torch.bfloat16)
     assert sixteen_bit.matmul_dtype(torch.bfloat16, None) is None

@@ -34,6 +34,8 @@ def test_the_kernel_builds_where_a_compiler_is():
 
 pytestmark_kernel = pytest.mark.skipif(not gemm_cpu.available(),
                                        reason=f"C GEMM not built: {gemm_cpu.why_unavailable()}")
+SIXTEEN_BIT = [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.skipif(
+    not gemm_cpu.supports(torch.float16), reason="this C compiler has no _Float16"))]
 
 
 def _want(x, w, b, act):
@@ -134,11 +136,30 @@ def test_thread_count_does_not_change_the_result(threads, monkeypatch):
 
 
 @pytestmark_kernel
-def test_no_inputs_gives_the_bias():
+@pytest.mark.parametrize("storage", [torch.float32] + SIXTEEN_BIT)
+@pytest.mark.parametrize("m", [3, 200])  # a decode's rows and a prefill's (the many-rows driver)
+def test_no_inputs_gives_the_bias(storage, m):
     # a linear with zero input features: every output is its bias (and nothing divides by zero)
     b = torch.randn(20)
-    got = gemm_cpu.linear(torch.empty(3, 0), gemm_cpu.pack(torch.empty(20, 0)), b, 20)
-    assert torch.equal(got, b.expand(3, 20))
+    got = gemm_cpu.linear(torch.empty(m, 0), gemm_cpu.pack(torch.empty(20, 0), storage), b, 20)
+    assert torch.equal(got, b.expand(m, 20))
+
+
+@pytestmark_kernel
+@pytest.mark.parametrize("storage", SIXTEEN_BIT)
+def test_sixteen_bit_weights_give_the_float32_weights_results_bit_for_bit(storage):
+    # weights the 16-bit dtype holds exactly, packed in 16 bits or in float32: every path of the
+    # kernel (the 512-bit kernel on AVX-512 against the 256-bit one, a decode's 7-8 rows in one
+    # block against two, the many-rows drivers, the blocks' tails of 1-11 rows) gives the same bits
+    g = torch.Generator().manual_seed(11)
+    n, k = 100, 67  # an odd panel count; K odd (the accumulator sets' k loop tail)
+    w = torch.randn(n, k, generator=g).to(storage).float()
+    b = torch.randn(n, generator=g)
+    w16, w32 = gemm_cpu.pack(w, storage), gemm_cpu.pack(w)
+    for m in list(range(0, 62)) + [97, 131]:
+        x = torch.randn(m, k, generator=g)
+        for act in (0, gemm_cpu.ACTIVATIONS["gelu_tanh"]):
+            assert torch.equal(gemm_cpu.linear(x, w16, b, n, act), gemm_cpu.linear(x, w32, b, n, act)), (m, act)
 
 
 def test_pack_layout():
@@ -162,8 +183,6 @@ def test_pack_layout():
 
 
 # float16 weights need the C compiler's _Float16 (GCC 12+, Clang): the CI's has it
-SIXTEEN_BIT = [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.skipif(
-    not gemm_cpu.supports(torch.float16), reason="this C compiler has no _Float16"))]
 
 
 @pytestmark_kernel
