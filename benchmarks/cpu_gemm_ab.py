@@ -35,7 +35,7 @@ VOCAB = 50257
 
 def build(source: str, out_dir: pathlib.Path, name: str) -> ctypes.CDLL:
     target = out_dir / f"{name}.so"
-    subprocess.run([cbuild.compiler(), *cbuild.FLAGS, *cbuild.VARIANTS[0], f"-I{pathlib.Path(cbuild.__file__).parent}",
+    subprocess.run([cbuild.compiler(), *cbuild.FLAGS, *cbuild.tuning_flags(), *cbuild.VARIANTS[0], f"-I{pathlib.Path(cbuild.__file__).parent}",
                     source, "-o", str(target), "-lm"], check=True)
     lib = ctypes.CDLL(str(target))
     gemm_cpu._declare(lib)

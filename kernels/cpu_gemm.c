@@ -16,10 +16,9 @@
  * Memory. Each thread takes a contiguous range of panels and streams it front to back, in groups
  * that fit L2 (see the driver): every panel of W comes from DRAM once per call, and while the first
  * row block passes over a group the next group is prefetched into L2 (spread over the group's
- * calls), so the DRAM stream of W hides behind the arithmetic when there are enough rows. At 1-4
- * rows (one pass, little arithmetic per line) the hardware prefetcher streams W alone, faster
- * (PREFETCH_ABOVE). This is what oneDNN's small-M kernels lacked on W1's decode
- * steps (docs/benchmarks.md: GPT-2 small's 49 GEMMs at 1-32 rows).
+ * calls), so the DRAM stream of W hides behind the arithmetic (on AMD, at 1-4 rows the hardware
+ * prefetcher alone streamed W faster: PREFETCH_ABOVE). This is what oneDNN's small-M kernels lacked
+ * on W1's decode steps (docs/benchmarks.md: GPT-2 small's 49 GEMMs at 1-32 rows).
  *
  * Epilogue, on the registers before the store: bias, then an activation (ACT_*). float32 uses a
  * vectorised exp (Cephes-style range reduction and polynomial, ~2 ulp); float64 calls libm per
@@ -56,13 +55,30 @@
  * took 1.06 / 1.13x the time (benchmarks/cpu_gemm_ab.py at 7 and 8 rows; from 9 rows, with the
  * accumulator sets of the faster kernels, splitting the tail was 0.94-1.10x, so it is not done). */
 
-/* Up to this many rows the driver issues no prefetches of the next group: each line of W is read
- * once, front to back, a few cycles apart, and the hardware prefetcher alone streams that faster
- * (0.77-0.92x the time at 1-3 rows on GPT-2 small's 49 GEMMs, ~0.9-1.05x at 4; interleaved runs of
- * benchmarks/cpu_gemm_ab.py). From 5 rows up, dropping them was 1.1-1.3x slower. */
-#ifndef PREFETCH_ABOVE
-#define PREFETCH_ABOVE 4
+/* The prefetching of the paced driver (below) is tuned per CPU maker, each on the machine it was
+ * measured on (interleaved runs of benchmarks/cpu_gemm_ab.py on GPT-2 small's 49 GEMMs);
+ * kernels/cbuild.py defines ORCA_CPU_AMD from /proc/cpuinfo's vendor.
+ *
+ * PREFETCH_ABOVE: up to this many rows the driver issues no prefetches of the next group.
+ *   AMD (Zen 4): each line of W is read once, front to back, a few cycles apart, and the hardware
+ *   prefetcher alone streamed that faster (0.77-0.92x the time at 1-3 rows, ~0.9-1.05x at 4); from
+ *   5 rows up, dropping them was 1.1-1.3x slower.
+ *   Intel (a Xeon with AVX-512 and AMX, a 2-vCPU KVM guest): the other way round, the prefetches
+ *   took 0.64-0.73x the time at 1-4 rows on bfloat16 weights and 0.65-0.77x on float32 ones, so
+ *   they are issued at every row count.
+ * PACED_GROUP_BYTES: the size of a group, so the prefetch distance. 256 KB on AMD; on the Intel
+ *   machine 64 KB took 0.93-0.96x the time of 256 KB at 1-16 rows on both weight dtypes (1.0 at
+ *   32), 32 KB and 16 KB the same as 64, 1 MB 1.3x. A group is at least one panel. */
+#ifndef ORCA_CPU_AMD
+#define ORCA_CPU_AMD 0
 #endif
+#ifndef PREFETCH_ABOVE
+#define PREFETCH_ABOVE (ORCA_CPU_AMD ? 4 : 0)
+#endif
+#ifndef PACED_GROUP_BYTES
+#define PACED_GROUP_BYTES (ORCA_CPU_AMD ? 256 * 1024 : 64 * 1024)
+#endif
+/* The many-rows driver's group (16-bit weights widened into it, so a float32 buffer of this size). */
 #ifndef GROUP_BYTES
 #define GROUP_BYTES (256 * 1024)
 #endif
@@ -229,7 +245,7 @@ _Static_assert(PACED_BELOW > 8, "the 7- and 8-row blocks are in the paced table 
 #define TABLE_7_8_8(WS) kernel_##WS##_7_1, kernel_##WS##_8_1
 
 /* The driver. Each thread takes a contiguous range of panels and walks it in groups of G panels
- * (G * K * 64 bytes ~ GROUP_BYTES, so a group and the next fit in L2 together); every row block of
+ * (G panels ~ PACED_GROUP_BYTES, at least one; a group and the next fit in L2); every row block of
  * R_MAX rows passes over a group before the next group starts, so each panel of W comes from DRAM
  * once per call however many rows there are (A, M x K, is re-read per group from L2/L3). While a
  * group is computed, the next one is prefetched into L2, spread evenly over all of the group's
@@ -258,7 +274,7 @@ static const kernel_##WS##_t KERNELS_##WS[2][9] = {                             
 static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, T *c, int64_t ldc,     \
                      int64_t M, int64_t N, int64_t K, int act, int num_threads) {                   \
     const int64_t nr = 2 * L, panels = (N + nr - 1) / nr, panel_bytes = K * nr * (int64_t)sizeof(TW); \
-    const int64_t group = panel_bytes > 0 && GROUP_BYTES / panel_bytes > 1 ? GROUP_BYTES / panel_bytes : 1; \
+    const int64_t group = panel_bytes > 0 && PACED_GROUP_BYTES / panel_bytes > 1 ? PACED_GROUP_BYTES / panel_bytes : 1; \
     if (num_threads > panels) num_threads = (int)panels;                                            \
     if (num_threads < 1) num_threads = 1;                                                           \
     _Pragma("omp parallel num_threads(num_threads) if(num_threads > 1)")                            \

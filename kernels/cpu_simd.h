@@ -1,11 +1,16 @@
 /* Vector helpers shared by the C kernels (cpu_gemm.c, cpu_attention.c, cpu_norm.c): 256-bit vectors
- * through GCC/Clang vector extensions (no intrinsics, so any target builds; with -march=native on
- * AVX2/FMA `acc += x * w` is one vfmadd on a ymm register), a vectorised exp, and IN_REGISTER.
+ * through GCC/Clang vector extensions (so any target builds; with -march=native on AVX2/FMA
+ * `acc += x * w` is one vfmadd on a ymm register), a vectorised exp, and IN_REGISTER. Intrinsics
+ * only for the 16-bit conversions, under the target macros that have them, with the vector
+ * extensions as the fallback.
  * kernels/cbuild.py hashes this header with each source, so editing it rebuilds both. */
 #ifndef ORCA_CPU_SIMD_H
 #define ORCA_CPU_SIMD_H
 
 #include <stdint.h>
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
@@ -27,8 +32,18 @@ static inline v4d splat_f64(double s) { return (v4d){s, s, s, s}; }
  * kernels take no float16. */
 typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2), may_alias));
 typedef uint32_t v8u32 __attribute__((vector_size(32)));
+/* The widening loads use intrinsics where the target has the instruction: GCC 13 with
+ * -march=native on an AVX-512 Xeon split the 512-bit __builtin_convertvector into two 256-bit
+ * halves and three shuffles (port 5, which also holds the second 512-bit FMA unit), and with
+ * AVX512-FP16 widened float16 one element at a time (vcvtsh2ss): the decode GEMM on 16-bit
+ * weights was bound by those instructions, not by DRAM (docs/benchmarks.md, session 16). Same
+ * values bit for bit: a zero-extension and a shift, or the exact float16 -> float32 conversion. */
 static inline v8f load_bf16(const uint16_t *p) {
+#if defined(__AVX2__)
+    return (v8f)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#else
     return (v8f)(__builtin_convertvector(*(const v8u16 *)p, v8u32) << 16);
+#endif
 }
 static inline void store_bf16(uint16_t *p, v8f v) {
     const v8u32 u = (v8u32)v;
@@ -39,8 +54,20 @@ static inline void store_bf16(uint16_t *p, v8f v) {
 #ifdef __FLT16_MAX__
 #define HAVE_F16 1
 typedef _Float16 v8h __attribute__((vector_size(16), aligned(2), may_alias));
-static inline v8f load_f16(const uint16_t *p) { return __builtin_convertvector(*(const v8h *)p, v8f); }
-static inline void store_f16(uint16_t *p, v8f v) { *(v8h *)p = __builtin_convertvector(v, v8h); }
+static inline v8f load_f16(const uint16_t *p) {
+#if defined(__F16C__)
+    return (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    return __builtin_convertvector(*(const v8h *)p, v8f);
+#endif
+}
+static inline void store_f16(uint16_t *p, v8f v) {
+#if defined(__F16C__)
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    *(v8h *)p = __builtin_convertvector(v, v8h);
+#endif
+}
 #else
 #define HAVE_F16 0
 #endif
@@ -51,17 +78,16 @@ static inline void store_f16(uint16_t *p, v8f v) { *(v8h *)p = __builtin_convert
 #define HAVE_V16 1
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v16f_u __attribute__((vector_size(64), aligned(4), may_alias));
-typedef uint16_t v16u16 __attribute__((vector_size(32), aligned(2), may_alias));
-typedef uint32_t v16u32 __attribute__((vector_size(64)));
 static inline v16f load16_f32(const float *p) { return *(const v16f_u *)p; }
 static inline void store16_f32(float *p, v16f v) { *(v16f_u *)p = v; }
 static inline v16f splat16_f32(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 static inline v16f load16_bf16(const uint16_t *p) {
-    return (v16f)(__builtin_convertvector(*(const v16u16 *)p, v16u32) << 16);
+    return (v16f)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
 }
 #if HAVE_F16
-typedef _Float16 v16h __attribute__((vector_size(32), aligned(2), may_alias));
-static inline v16f load16_f16(const uint16_t *p) { return __builtin_convertvector(*(const v16h *)p, v16f); }
+static inline v16f load16_f16(const uint16_t *p) {
+    return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
 #endif
 #else
 #define HAVE_V16 0
