@@ -28,7 +28,8 @@
  * cpu_attention.c). Written with GCC/Clang vector extensions, not intrinsics, so it builds for
  * any target; with -march=native on an AVX2/FMA machine `acc += x * w` is a vfmadd on ymm registers.
  * On an AVX-512 target the 16-bit weights run a 512-bit version of the micro-kernel (one register
- * per line of W; same results bit for bit), and a prefill's many rows run in blocks of 12 rows by
+ * per line of W; same results bit for bit; blocks of 4 rows or more over two panels at once, so a
+ * broadcast of A serves two lines of W), and a prefill's many rows run in blocks of 12 rows by
  * two panels, 16-bit weights widened once per group of panels (the many-rows driver, below the
  * kernels; the same results bit for bit again).
  */
@@ -181,6 +182,34 @@ static void kernel_##WS##_##R##_##U(int64_t K, const T *a, int64_t lda, const TW
     }                                                                                               \
 }
 
+#if HAVE_V16
+/* The epilogue of a 512-bit block's row, in the 256-bit kernel's order: bias (bb: its two halves, or
+ * NULL), then the activation, on each half; cols (1-16) columns stored. */
+static inline void load_bias16(v8f bb[2], const float *bias, int64_t cols) {
+    float t[16];
+    memset(t, 0, sizeof t);
+    memcpy(t, bias, sizeof(float) * (size_t)cols);
+    bb[0] = load_f32(t);
+    bb[1] = load_f32(t + 8);
+}
+
+static inline void finish16(float *c, v16f acc, const v8f *bb, int64_t cols, int act) {
+    float t[16];
+    store16_f32(t, acc);
+    v8f lo = load_f32(t), hi = load_f32(t + 8);
+    if (bb) { lo += bb[0]; hi += bb[1]; }
+    if (act != ACT_NONE) { lo = act_f32(lo, act); hi = act_f32(hi, act); }
+    if (cols == 16) {
+        store_f32(c, lo);
+        store_f32(c + 8, hi);
+    } else {
+        store_f32(t, lo);
+        store_f32(t + 8, hi);
+        memcpy(c, t, sizeof(float) * (size_t)cols);
+    }
+}
+#endif
+
 /* The same block with a line of W in one 512-bit register (HAVE_V16: AVX-512): per k one load of
  * W, R broadcasts and R FMAs of 16 lanes instead of two loads and 2R FMAs of 8. Each lane runs the
  * same operations in the same order as above, so the results are the same bit for bit; only the
@@ -210,27 +239,45 @@ static void kernel_##WS##_##R##_##U(int64_t K, const float *a, int64_t lda, cons
     }                                                                                               \
     for (int u = 1; u < U; u++)                                                                     \
         for (int r = 0; r < R; r++) acc[0][r] += acc[u][r];                                         \
-    v8f c0 = splat_f32(0), c1 = splat_f32(0);                                                       \
-    if (bias) {                                                                                     \
-        float bb[16];                                                                               \
-        memset(bb, 0, sizeof bb);                                                                   \
-        memcpy(bb, bias, sizeof(float) * (size_t)cols);                                             \
-        c0 = load_f32(bb), c1 = load_f32(bb + 8);                                                   \
-    }                                                                                               \
-    for (int r = 0; r < R; r++) {                                                                   \
-        float t[16];                                                                                \
-        store16_f32(t, acc[0][r]);                                                                  \
-        v8f lo = load_f32(t), hi = load_f32(t + 8);                                                 \
-        if (bias) { lo += c0; hi += c1; }                                                           \
-        if (act != ACT_NONE) { lo = act_f32(lo, act); hi = act_f32(hi, act); }                      \
-        if (cols == 16) {                                                                           \
-            store_f32(c + r * ldc, lo);                                                             \
-            store_f32(c + r * ldc + 8, hi);                                                         \
-        } else {                                                                                    \
-            store_f32(t, lo);                                                                       \
-            store_f32(t + 8, hi);                                                                   \
-            memcpy(c + r * ldc, t, sizeof(float) * (size_t)cols);                                   \
+    v8f bb[2];                                                                                      \
+    if (bias) load_bias16(bb, bias, cols);                                                          \
+    for (int r = 0; r < R; r++) finish16(c + r * ldc, acc[0][r], bias ? bb : NULL, cols, act);      \
+}
+
+/* Two panels at once for the row blocks of R >= PAIR_FROM rows (U = 1): per k two lines of W and
+ * 2R FMAs on R broadcasts, where two calls of the kernel above issue 2R broadcasts. The broadcasts
+ * are loads, and at 8 rows one panel's 9 loads per 8 FMAs kept the block from the FMA units'
+ * rate even with W in L2 (~95 GFLOP/s on this machine's 2 cores; two panels ~160). Each lane runs
+ * the kernel above's operations in its order: the same results bit for bit. pf0 / pf1: the two
+ * panels' prefetch slices (or NULL), as the driver gives a single panel's. */
+#define DEFINE_WIDE_PAIR(WS, TW, R)                                                                 \
+static void pair_##WS##_##R(int64_t K, const float *a, int64_t lda, const TW *b, const float *bias, float *c, \
+                            int64_t ldc, int64_t cols, const TW *pf0, const TW *pf1, int pf_shift, int act) { \
+    v16f acc0[R], acc1[R];                                                                          \
+    for (int r = 0; r < R; r++) { acc0[r] = splat16_f32(0); acc1[r] = splat16_f32(0); }             \
+    const TW *b1 = b + K * 16;  /* the next panel */                                                \
+    const int64_t pf_mask = ((int64_t)1 << pf_shift) - 1;                                           \
+    if (!pf0) pf0 = b;                                                                              \
+    if (!pf1) pf1 = b1;                                                                             \
+    for (int64_t k = 0; k < K; k++) {                                                               \
+        if (!(k & pf_mask)) {                                                                       \
+            __builtin_prefetch(pf0 + (k >> pf_shift) * 16, 0, 2);                                   \
+            __builtin_prefetch(pf1 + (k >> pf_shift) * 16, 0, 2);                                   \
         }                                                                                           \
+        v16f w0 = load16_##WS(b + k * 16), w1 = load16_##WS(b1 + k * 16);                           \
+        IN_REGISTER(w0);                                                                            \
+        IN_REGISTER(w1);                                                                            \
+        for (int r = 0; r < R; r++) {                                                               \
+            const v16f x = splat16_f32(a[r * lda + k]);                                             \
+            acc0[r] += x * w0;                                                                      \
+            acc1[r] += x * w1;                                                                      \
+        }                                                                                           \
+    }                                                                                               \
+    v8f bb0[2], bb1[2];                                                                             \
+    if (bias) { load_bias16(bb0, bias, 16); load_bias16(bb1, bias + 16, cols - 16); }               \
+    for (int r = 0; r < R; r++) {                                                                   \
+        finish16(c + r * ldc, acc0[r], bias ? bb0 : NULL, 16, act);                                 \
+        finish16(c + r * ldc + 16, acc1[r], bias ? bb1 : NULL, cols - 16, act);                     \
     }                                                                                               \
 }
 
@@ -243,6 +290,20 @@ _Static_assert(PACED_BELOW > 8, "the 7- and 8-row blocks are in the paced table 
 #define TABLE_7_8_6(WS) 0, 0
 #define KERNELS_7_8_8(KERNEL, S, T, V, L, WS, TW) KERNEL(S, T, V, L, WS, TW, 7, 1) KERNEL(S, T, V, L, WS, TW, 8, 1)
 #define TABLE_7_8_8(WS) kernel_##WS##_7_1, kernel_##WS##_8_1
+/* The two-panel blocks go with the 512-bit kernels (PACED_MAX 8), for row blocks of PAIR_FROM rows
+ * and more. */
+#ifndef PAIR_FROM
+#define PAIR_FROM 4
+#endif
+_Static_assert(PAIR_FROM >= 4, "blocks of 1-3 rows may keep several accumulator sets (U > 1); pairs have one");
+#define PAIRED_6 0
+#define PAIRED_8 1
+#define PAIRS_6(WS, TW)
+#define PAIR_TABLE_6(WS) 0
+#define PAIRS_8(WS, TW) DEFINE_WIDE_PAIR(WS, TW, 4) DEFINE_WIDE_PAIR(WS, TW, 5) DEFINE_WIDE_PAIR(WS, TW, 6) \
+                        DEFINE_WIDE_PAIR(WS, TW, 7) DEFINE_WIDE_PAIR(WS, TW, 8)
+#define PAIR_TABLE_8(WS) 0, 0, 0, 0, PAIR_FROM <= 4 ? pair_##WS##_4 : 0, PAIR_FROM <= 5 ? pair_##WS##_5 : 0, \
+                         PAIR_FROM <= 6 ? pair_##WS##_6 : 0, PAIR_FROM <= 7 ? pair_##WS##_7 : 0, pair_##WS##_8
 
 /* The driver. Each thread takes a contiguous range of panels and walks it in groups of G panels
  * (G panels ~ PACED_GROUP_BYTES, at least one; a group and the next fit in L2); every row block of
@@ -265,8 +326,12 @@ KERNEL(S, T, V, L, WS, TW, 4, 1)                                                
 KERNEL(S, T, V, L, WS, TW, 5, 1)                                                                    \
 KERNEL(S, T, V, L, WS, TW, 6, 1)                                                                    \
 KERNELS_7_8_##PACED_MAX(KERNEL, S, T, V, L, WS, TW)                                                 \
+PAIRS_##PACED_MAX(WS, TW)                                                                           \
 typedef void (*kernel_##WS##_t)(int64_t, const T *, int64_t, const TW *, const T *, T *, int64_t, int64_t, \
                                const TW *, int, int);                                                \
+typedef void (*pair_##WS##_t)(int64_t, const T *, int64_t, const TW *, const T *, T *, int64_t, int64_t, \
+                             const TW *, const TW *, int, int);                                      \
+static const pair_##WS##_t PAIRS_##WS[9] = {PAIR_TABLE_##PACED_MAX(WS)};                             \
 static const kernel_##WS##_t KERNELS_##WS[2][9] = {                                                   \
     {0, kernel_##WS##_1_1, kernel_##WS##_2_1, kernel_##WS##_3_1, kernel_##WS##_4_1, kernel_##WS##_5_1, kernel_##WS##_6_1, \
      TABLE_7_8_##PACED_MAX(WS)},                                                                    \
@@ -274,7 +339,9 @@ static const kernel_##WS##_t KERNELS_##WS[2][9] = {                             
 static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, T *c, int64_t ldc,     \
                      int64_t M, int64_t N, int64_t K, int act, int num_threads) {                   \
     const int64_t nr = 2 * L, panels = (N + nr - 1) / nr, panel_bytes = K * nr * (int64_t)sizeof(TW); \
-    const int64_t group = panel_bytes > 0 && PACED_GROUP_BYTES / panel_bytes > 1 ? PACED_GROUP_BYTES / panel_bytes : 1; \
+    const int paired = PAIRED_##PACED_MAX && M >= PAIR_FROM;  /* groups of two panels at least */      \
+    int64_t group = panel_bytes > 0 && PACED_GROUP_BYTES / panel_bytes > 1 ? PACED_GROUP_BYTES / panel_bytes : 1; \
+    if (paired && group < 2) group = 2;                                                             \
     if (num_threads > panels) num_threads = (int)panels;                                            \
     if (num_threads < 1) num_threads = 1;                                                           \
     _Pragma("omp parallel num_threads(num_threads) if(num_threads > 1)")                            \
@@ -299,6 +366,14 @@ static void gemm_##WS(const T *a, int64_t lda, const TW *packed, const T *bias, 
                     const int64_t cols = N - p * nr < nr ? N - p * nr : nr;                         \
                     const int64_t first = (blk * (g1 - g0) + (p - g0)) * slice;                     \
                     const TW *pf = M > PREFETCH_ABOVE && first + slice <= next_lines ? packed + (g1 * K + first) * nr : NULL; \
+                    if (paired && PAIRS_##WS[rows] && p + 1 < g1) {  /* panels p and p + 1, slices alike */ \
+                        const TW *pf1 = M > PREFETCH_ABOVE && first + 2 * slice <= next_lines               \
+                                        ? packed + (g1 * K + first + slice) * nr : NULL;            \
+                        PAIRS_##WS[rows](K, a + i * lda, lda, b, bias ? bias + p * nr : NULL, c + i * ldc + p * nr, \
+                                         ldc, N - p * nr < 2 * nr ? N - p * nr : 2 * nr, pf, pf1, shift, act); \
+                        p++;                                                                        \
+                        continue;                                                                   \
+                    }                                                                               \
                     kernels[rows](K, a + i * lda, lda, b, bias ? bias + p * nr : NULL,          \
                                       c + i * ldc + p * nr, ldc, cols, pf, shift, act);             \
                 }                                                                                   \
@@ -384,20 +459,11 @@ static void kernel_big(int64_t K, const float *a, int64_t lda, const float *b, c
             acc1[r] += x * w1;
         }
     }
-    float bb[32];
-    memset(bb, 0, sizeof bb);
-    if (bias) memcpy(bb, bias, sizeof(float) * (size_t)cols);
+    v8f bb0[2], bb1[2];
+    if (bias) { load_bias16(bb0, bias, 16); load_bias16(bb1, bias + 16, cols - 16); }
     for (int r = 0; r < BIG_R; r++) {
-        float t[32];
-        store16_f32(t, acc0[r]);
-        store16_f32(t + 16, acc1[r]);
-        for (int j = 0; j < 32; j += 8) {
-            v8f v = load_f32(t + j);
-            if (bias) v += load_f32(bb + j);
-            if (act != ACT_NONE) v = act_f32(v, act);
-            store_f32(t + j, v);
-        }
-        memcpy(c + r * ldc, t, sizeof(float) * (size_t)cols);
+        finish16(c + r * ldc, acc0[r], bias ? bb0 : NULL, 16, act);
+        finish16(c + r * ldc + 16, acc1[r], bias ? bb1 : NULL, cols - 16, act);
     }
 }
 #else

@@ -150,16 +150,20 @@ def test_no_inputs_gives_the_bias(storage, m):
 def test_sixteen_bit_weights_give_the_float32_weights_results_bit_for_bit(storage):
     # weights the 16-bit dtype holds exactly, packed in 16 bits or in float32: every path of the
     # kernel (the 512-bit kernel on AVX-512 against the 256-bit one, a decode's 7-8 rows in one
-    # block against two, the many-rows drivers, the blocks' tails of 1-11 rows) gives the same bits
+    # block against two, two panels at once against one, the many-rows drivers, the blocks' tails
+    # of 1-11 rows) gives the same bits
     g = torch.Generator().manual_seed(11)
-    n, k = 100, 67  # an odd panel count; K odd (the accumulator sets' k loop tail)
-    w = torch.randn(n, k, generator=g).to(storage).float()
-    b = torch.randn(n, generator=g)
-    w16, w32 = gemm_cpu.pack(w, storage), gemm_cpu.pack(w)
-    for m in list(range(0, 62)) + [97, 131]:
-        x = torch.randn(m, k, generator=g)
-        for act in (0, gemm_cpu.ACTIVATIONS["gelu_tanh"]):
-            assert torch.equal(gemm_cpu.linear(x, w16, b, n, act), gemm_cpu.linear(x, w32, b, n, act)), (m, act)
+    # an odd panel count, the last one partial, K odd (the accumulator sets' k loop tail); and a
+    # panel larger than the decode driver's group (two panels taken at once all the same)
+    for n, k in [(100, 67), (40, 2100)]:
+        w = torch.randn(n, k, generator=g).to(storage).float()
+        b = torch.randn(n, generator=g)
+        w16, w32 = gemm_cpu.pack(w, storage), gemm_cpu.pack(w)
+        for m in list(range(0, 62)) + [97, 131]:
+            x = torch.randn(m, k, generator=g)
+            for act, bias in ((0, b), (gemm_cpu.ACTIVATIONS["gelu_tanh"], b), (0, None)):
+                assert torch.equal(gemm_cpu.linear(x, w16, bias, n, act), gemm_cpu.linear(x, w32, bias, n, act)), (
+                    n, m, act, bias is None)
 
 
 def test_pack_layout():
