@@ -8,7 +8,8 @@ Where ``fusion_ab.py`` times whole passes over W2 (~10 s each, on a machine whos
 2x from one minute to the next), this times the forward that a decode iteration runs (~60-110 ms)
 many times, A and B back to back in alternating order, so a slow spell of the machine lands on
 both halves of a pair. Both engines are built in one process from W2's checkpoint with default
-options (the 16-bit multiplies on an AMX CPU); W2's first eight requests run in B to their first
+options (the 16-bit multiplies on an AMX CPU; under ONEDNN_MAX_CPU_ISA below AMX, float32
+arithmetic on the C GEMM); W2's first eight requests run in B to their first
 decode step, whose inputs (8 rows; prompts of 57-248 tokens and their first outputs in the KV
 caches) are captured and copied for A;
 then the two forwards alternate. The verdict is the
@@ -74,22 +75,30 @@ def wilcoxon_p_normal(ratios: list[float]) -> float:
     return 0.5 * (1 + math.erf((w_plus - mean) / sd / math.sqrt(2)))
 
 
+def _gemm_targets():
+    """The graph targets that are GEMMs: oneDNN's linear (the 16-bit multiplies) and the C GEMM (float32
+    arithmetic, on float32 or 16-bit weights: a CPU without AMX, or oneDNN capped below it)."""
+    from orca_compile.kernels import gemm_cpu
+
+    return (torch.ops.mkldnn._linear_pointwise.default, gemm_cpu.linear)
+
+
 def _without_gemms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``gm``'s graph with each oneDNN linear replaced by a lookup of the result its first call made."""
+    """``gm``'s graph with each GEMM replaced by a lookup of the result its first call made."""
     import copy
 
-    linear = torch.ops.mkldnn._linear_pointwise.default
-    results = {}
-
-    def looked_up(x, w, *rest):
-        key = (id(w), x.shape[0])
-        if key not in results:
-            results[key] = linear(x, w, *rest)
-        return results[key]
-
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    for node in out.graph.find_nodes(op="call_function", target=linear):
-        node.target = looked_up
+    for linear in _gemm_targets():
+        results = {}
+
+        def looked_up(x, w, *rest, _linear=linear, _results=results):
+            key = (id(w), x.shape[0])
+            if key not in _results:
+                _results[key] = _linear(x, w, *rest)
+            return _results[key]
+
+        for node in out.graph.find_nodes(op="call_function", target=linear):
+            node.target = looked_up
     out.recompile()
     return out
 
@@ -108,7 +117,7 @@ def gemms(pairs: int) -> None:
                 g(*args)
                 times[label].append(time.perf_counter() - start)
     calls = sum(n.op == "call_function" for n in gm.graph.nodes)
-    linears = len(gm.graph.find_nodes(op="call_function", target=torch.ops.mkldnn._linear_pointwise.default))
+    linears = sum(len(gm.graph.find_nodes(op="call_function", target=t)) for t in _gemm_targets())
     rest = times["without GEMMs"]
     print(f"decode step at 8 rows, {pairs} pairs: {calls} graph calls, {linears} of them GEMMs")
     print(f"the step: median {statistics.median(times['step']) * 1e3:.1f} ms (min {min(times['step']) * 1e3:.1f}); "

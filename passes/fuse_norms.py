@@ -8,10 +8,13 @@ Two forms are recognised, each with or without the ``add`` in front:
 * HF's RMSNorm as export spells it in the model's own dtype (Llama, Qwen2, Mistral; the chain
   ``pow(s, 2) -> mean(-1, keepdim) -> add(eps) -> rsqrt -> mul(s, .) -> mul(w, .)``, each link
   read by the next alone) -> ``norm_cpu.add_rms_norm(x, r, w, eps, reuse, out_dtype)``, but only
-  on a graph whose linears multiply in 16 bits (``CaptureInfo.matmul_dtype``, the AMX path): its
-  A/B on W2 there is in docs/benchmarks.md; on a float32 Llama-shaped W1 the same fusion showed no
-  gain beyond the spread (session 9) and those graphs keep ATen's six ops. Where HF computes the
-  norm in float32 for a float64 model, ``s`` is a cast and the chain stays as it is (the kernel
+  on a graph of 16-bit weights (``CaptureInfo.weight_storage``), whether its linears multiply in
+  16 bits (``matmul_dtype``, the AMX path) or in float32 on the 16-bit weights (the C GEMM): its
+  A/Bs on W2's decode step, both paths, are in docs/benchmarks.md; on a float32 Llama-shaped W1
+  the same fusion showed no gain beyond the spread (session 9) and float32 checkpoints keep
+  ATen's six ops (not re-measured since; W1 is GPT-2, whose layer norms are fused on every path).
+  Where HF computes the norm in float32 for a float64 model, ``s`` is a cast and the chain stays
+  as it is (the kernel
   would round otherwise than ATen's float32 ops, which the float64 tests hold HF to); a cast
   that widens a 16-bit tensor in front (the embedding's rows) is fine. Gemma's ``(1 + w)`` scale
   is no graph weight, so its norm is fused without one and the ``mul`` by ``1 + w`` stays. The
@@ -89,7 +92,8 @@ def _fuse(gm: torch.fx.GraphModule) -> dict[str, int]:
     order = {n: i for i, n in enumerate(graph.nodes)}
     counts = {"layer_norms": 0, "rms_norms": 0, "in_place": 0}
     candidates = [(_layer_norm, n) for n in graph.find_nodes(op="call_function", target=aten.layer_norm.default)]
-    if getattr(gm.meta.get("orca"), "matmul_dtype", None) is not None:  # the 16-bit-multiply path only: see above
+    info = gm.meta.get("orca")  # graphs of 16-bit weights only (either arithmetic): see above
+    if getattr(info, "weight_storage", None) is not None or getattr(info, "matmul_dtype", None) is not None:
         candidates += [(_rms_norm, n) for n in graph.find_nodes(op="call_function", target=aten.pow.Tensor_Scalar)]
     for matcher, node in candidates:
         # matched when its turn comes: an earlier rewrite may have replaced its input (GPT-NeoX's

@@ -161,6 +161,39 @@ def test_rms_norm_takes_the_sixteen_bit_casts_with_it(variant):
     assert all(torch.equal(a, b) for a, b in zip(got[2:], want[2:]))
 
 
+@pytest.mark.parametrize("storage", [None, torch.bfloat16])
+def test_rms_norm_on_float32_arithmetic_is_fused_for_sixteen_bit_weights_only(storage):
+    # the C GEMM's float32 arithmetic on 16-bit weights (a CPU without AMX): x, r and the norm in
+    # float32, fused as on the 16-bit-multiply path; a float32 checkpoint keeps ATen's ops
+    root = torch.nn.Module()
+    g = torch.Generator().manual_seed(1)
+    root.w = torch.randn(40, generator=g)
+    graph = torch.fx.Graph()
+    x, r, w = graph.placeholder("x"), graph.placeholder("r"), graph.get_attr("w")
+    c = graph.call_function
+    s = c(aten.add.Tensor, (x, r))
+    rstd = c(aten.rsqrt.default, (c(aten.add.Tensor, (c(aten.mean.dim, (c(aten.pow.Tensor_Scalar, (s, 2)), [-1], True)),
+                                                       1e-6)),))
+    graph.output((s, c(aten.mul.Tensor, (w, c(aten.mul.Tensor, (s, rstd))))))
+    gm = torch.fx.GraphModule(root, graph)
+    gm.meta["orca"] = types.SimpleNamespace(weight_storage=storage, matmul_dtype=None)
+    inputs = (torch.randn(6, 40, generator=g) * 2, torch.randn(6, 40, generator=g))
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(*inputs)
+    for n in gm.graph.nodes:
+        if hasattr(n.meta.get("tensor_meta"), "shape"):
+            n.meta["val"] = torch.empty(n.meta["tensor_meta"].shape, dtype=n.meta["tensor_meta"].dtype)
+    want = gm(*inputs)
+    fuse_norms.fuse_norms(gm)
+    calls = list(gm.graph.find_nodes(op="call_function", target=norm_cpu.add_rms_norm))
+    assert len(calls) == (storage is not None) == gm.meta["orca_lowering"]["fused_rms_norms"]
+    got = gm(*inputs)
+    assert torch.equal(got[0], want[0]) and got[1].dtype == torch.float32
+    # float32 throughout: the sum of squares in another order than ATen's, a few ulps at most
+    torch.testing.assert_close(got[1], want[1], rtol=4e-7 * 8, atol=0)
+
+
 # reason: oneDNN packs no bfloat16 weights without AVX-512 BW/VL/DQ or AVX-NE-CONVERT (its refusal is
 # tested in tests/acceptance/test_sixteen_bit.py on every machine)
 @pytest.mark.skipif(not sixteen_bit.native_supported(torch.bfloat16), reason="oneDNN takes no bfloat16 weights here")
