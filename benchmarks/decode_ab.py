@@ -16,7 +16,8 @@ then the two forwards alternate. The verdict is the
 project's rule: an exact one-sided Wilcoxon signed-rank test on the per-pair log ratios (B / A)
 (a normal approximation for more than 20 pairs), p < 0.05 to keep. ``all``: every rewrite off
 against every rewrite on. ``gemms``: the committed step against the same graph with each GEMM's
-result looked up instead of computed (its output from one real call, cached): what the step costs
+result looked up instead of computed (its output from one real call, cached; a copy returned
+each time, as a fused norm may write over it): what the step costs
 besides its GEMMs (the other calls, their Python, the C kernels), pair by pair.
 """
 from __future__ import annotations
@@ -95,7 +96,8 @@ def _without_gemms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             key = (id(w), x.shape[0])
             if key not in _results:
                 _results[key] = _linear(x, w, *rest)
-            return _results[key]
+            # a copy: a fused norm may write over a GEMM's result that dies at its add
+            return _results[key].clone()
 
         for node in out.graph.find_nodes(op="call_function", target=linear):
             node.target = looked_up

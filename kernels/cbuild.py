@@ -55,13 +55,14 @@ def disabled() -> bool:
 
 
 def tuning_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
-    """Defines that pick a kernel's per-CPU-maker tuning (cpu_gemm.c's prefetching: measured on an
-    AMD Zen 4 and on an Intel Xeon, with opposite answers)."""
+    """Defines that pick a kernel's per-CPU-maker tuning (cpu_gemm.c's prefetching, measured on an
+    AMD Zen 4 and on an Intel Xeon with opposite answers): Intel's for Intel, the AMD machine's
+    for every other CPU."""
     try:
         with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("vendor_id"):
-                    return ["-DORCA_CPU_AMD=1"] if "AuthenticAMD" in line else []
+                    return ["-DORCA_CPU_INTEL=1"] if "GenuineIntel" in line else []
     except OSError:
         pass
     return []

@@ -45,7 +45,7 @@
 
 #define R_MAX 6
 /* Below this many rows a call is bound by the DRAM stream of W (2 M flops per 4 bytes of W against
- * this machine's ~5 flops per byte of DRAM bandwidth), and it runs the paced kernels (U = 1): the
+ * the AMD machine's ~5 flops per byte of DRAM bandwidth), and it runs the paced kernels (U = 1): the
  * faster small blocks only issue the next group's prefetches faster than DRAM returns them, and
  * were ~10% slower at 1, 2 and 7 rows (benchmarks/cpu_gemm_ab.py). */
 #ifndef PACED_BELOW
@@ -57,27 +57,29 @@
  * accumulator sets of the faster kernels, splitting the tail was 0.94-1.10x, so it is not done). */
 
 /* The prefetching of the paced driver (below) is tuned per CPU maker, each on the machine it was
- * measured on (interleaved runs of benchmarks/cpu_gemm_ab.py on GPT-2 small's 49 GEMMs);
- * kernels/cbuild.py defines ORCA_CPU_AMD from /proc/cpuinfo's vendor.
+ * measured on (interleaved runs of benchmarks/cpu_gemm_ab.py on GPT-2 small's 49 GEMMs):
+ * kernels/cbuild.py defines ORCA_CPU_INTEL from /proc/cpuinfo's vendor; every other CPU (AMD,
+ * Arm, a machine that does not say) keeps the settings measured on the AMD one.
  *
  * PREFETCH_ABOVE: up to this many rows the driver issues no prefetches of the next group.
  *   AMD (Zen 4): each line of W is read once, front to back, a few cycles apart, and the hardware
  *   prefetcher alone streamed that faster (0.77-0.92x the time at 1-3 rows, ~0.9-1.05x at 4); from
  *   5 rows up, dropping them was 1.1-1.3x slower.
- *   Intel (a Xeon with AVX-512 and AMX, a 2-vCPU KVM guest): the other way round, the prefetches
- *   took 0.64-0.73x the time at 1-4 rows on bfloat16 weights and 0.65-0.77x on float32 ones, so
- *   they are issued at every row count.
+ *   Intel (a Xeon with AVX-512 and AMX, a 2-vCPU KVM guest): the other way round, so they are
+ *   issued at every row count (docs/benchmarks.md, session 16: the A/B of this file against
+ *   itself with PREFETCH_ABOVE 4).
  * PACED_GROUP_BYTES: the size of a group, so the prefetch distance. 256 KB on AMD; on the Intel
- *   machine 64 KB took 0.93-0.96x the time of 256 KB at 1-16 rows on both weight dtypes (1.0 at
- *   32), 32 KB and 16 KB the same as 64, 1 MB 1.3x. A group is at least one panel. */
-#ifndef ORCA_CPU_AMD
-#define ORCA_CPU_AMD 0
+ *   machine 64 KB was faster at 1-16 rows (the same A/B with 256 KB), 1 MB slower. A group is at
+ *   least one panel, two where panels are paired (below). float64 (the exactness tests' dtype,
+ *   not serving's) takes the same settings, unmeasured. */
+#ifndef ORCA_CPU_INTEL
+#define ORCA_CPU_INTEL 0
 #endif
 #ifndef PREFETCH_ABOVE
-#define PREFETCH_ABOVE (ORCA_CPU_AMD ? 4 : 0)
+#define PREFETCH_ABOVE (ORCA_CPU_INTEL ? 0 : 4)
 #endif
 #ifndef PACED_GROUP_BYTES
-#define PACED_GROUP_BYTES (ORCA_CPU_AMD ? 256 * 1024 : 64 * 1024)
+#define PACED_GROUP_BYTES (ORCA_CPU_INTEL ? 64 * 1024 : 256 * 1024)
 #endif
 /* The many-rows driver's group (16-bit weights widened into it, so a float32 buffer of this size). */
 #ifndef GROUP_BYTES
@@ -246,10 +248,11 @@ static void kernel_##WS##_##R##_##U(int64_t K, const float *a, int64_t lda, cons
 
 /* Two panels at once for the row blocks of R >= PAIR_FROM rows (U = 1): per k two lines of W and
  * 2R FMAs on R broadcasts, where two calls of the kernel above issue 2R broadcasts. The broadcasts
- * are loads, and at 8 rows one panel's 9 loads per 8 FMAs kept the block from the FMA units'
- * rate even with W in L2 (~95 GFLOP/s on this machine's 2 cores; two panels ~160). Each lane runs
- * the kernel above's operations in its order: the same results bit for bit. pf0 / pf1: the two
- * panels' prefetch slices (or NULL), as the driver gives a single panel's. */
+ * are loads, and at 8 rows one panel's 9 loads per 8 FMAs, not DRAM, set the block's pace: two
+ * panels took 0.83-0.96x the time at 4-8 rows and 0.75-0.76x at 16 (benchmarks/cpu_gemm_ab.py
+ * --weights bfloat16 / float16, the Intel Xeon). Each lane runs the kernel above's operations in
+ * its order: the same results bit for bit. pf0 / pf1: the two panels' prefetch slices (or NULL),
+ * as the driver gives a single panel's. */
 #define DEFINE_WIDE_PAIR(WS, TW, R)                                                                 \
 static void pair_##WS##_##R(int64_t K, const float *a, int64_t lda, const TW *b, const float *bias, float *c, \
                             int64_t ldc, int64_t cols, const TW *pf0, const TW *pf1, int pf_shift, int act) { \

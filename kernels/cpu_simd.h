@@ -32,7 +32,7 @@ static inline v4d splat_f64(double s) { return (v4d){s, s, s, s}; }
  * kernels take no float16. */
 typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2), may_alias));
 typedef uint32_t v8u32 __attribute__((vector_size(32)));
-/* The widening loads use intrinsics where the target has the instruction: GCC 13 with
+/* The widening loads use intrinsics where the target has the instruction: GCC 12.2 with
  * -march=native on an AVX-512 Xeon split the 512-bit __builtin_convertvector into two 256-bit
  * halves and three shuffles (port 5, which also holds the second 512-bit FMA unit), and with
  * AVX512-FP16 widened float16 one element at a time (vcvtsh2ss): the decode GEMM on 16-bit
