@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/orca-compile demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # docs/benchmarks.md: compile time of a 12-layer GPT-2-small-shaped model vs torch.export alone
 bench-compile: install
