@@ -2,6 +2,8 @@
 docs/benchmarks.md; here: every system produces every requested token, and the report adds up)."""
 import sys
 
+import pytest
+
 from orca_compile import bench, host_probes
 from orca_compile.bench import systems
 from orca_compile.bench.isolation import Isolated
@@ -156,7 +158,12 @@ def test_w2_loads_a_bfloat16_checkpoint_by_path_and_compares_16_and_32_bit_weigh
     assert 0.5 <= ratio < 0.52, ratio
     assert report["same_tokens_as_hf-continuous-fp32"] == 1.0 and report["same_tokens_as_engine-fp32"] == 1.0
     assert 0 < report["engine_decode_over_weight_stream"] and "decode_iteration_engine-fp32_over_engine" in report
-    assert any("of weights at the measured" in line for line in lines)
+    # the same decode median over the stream at each of the two read rates the run measured
+    for key, rate in (("", "read_bandwidth_before"), ("_after", "read_bandwidth_after")):
+        stream_ms = 1e3 * eng["extra"]["streamed_weight_bytes"] / report[rate]
+        assert report[f"engine_decode_over_weight_stream{key}"] == pytest.approx(
+            eng["extra"]["decode_iteration_ms"] / stream_ms)
+    assert any("of weights at the measured" in line and "measured after the systems" in line for line in lines)
     assert report["onednn_max_cpu_isa"] == "ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI"
     assert any("oneDNN capped by ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI" in line for line in lines)
     model = bench.load_model(str(path))
