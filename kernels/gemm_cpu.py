@@ -45,9 +45,6 @@ def _declare(lib):
     if hasattr(lib, "orca_gemm_many_rows_from"):  # absent from older builds (benchmarks/cpu_gemm_ab.py loads them)
         lib.orca_gemm_many_rows_from.argtypes = [ctypes.c_int]
         lib.orca_gemm_many_rows_from.restype = i64
-    fn = lib.orca_argmax
-    fn.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
-    fn.restype = ctypes.c_int
 
 
 LIB = cbuild.CLibrary("cpu_gemm.c", _declare)
@@ -135,18 +132,3 @@ def _why_not(x, packed, bias) -> str:
                 + ("" if bias is None else f", bias on {bias.device}"))
     return (f"linear takes float32 or float64 tensors of one dtype (or float32 with bfloat16/float16 weights), "
             f"got x {x.dtype}, weight {packed.dtype}, bias {None if bias is None else bias.dtype}")
-
-
-def argmax(logits: torch.Tensor) -> torch.Tensor | None:
-    """``logits.argmax(dim=-1)`` for a 2-D float32/float64 CPU tensor with unit column stride (the
-    first maximum of each row, or its first NaN: torch's answer), in one vectorised pass; None where
-    the kernel does not apply (other dtypes or layouts, or no C library), so callers keep torch's."""
-    lib = LIB.load()
-    if (lib is None or logits.dim() != 2 or logits.dtype not in DTYPES or logits.device.type != "cpu"
-            or logits.shape[1] == 0 or (logits.stride(1) != 1 and logits.shape[1] > 1)):
-        return None
-    out = torch.empty(logits.shape[0], dtype=torch.int64)
-    if lib.orca_argmax(DTYPES[logits.dtype], logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1],
-                       out.data_ptr(), torch.get_num_threads()) != 0:
-        return None
-    return out

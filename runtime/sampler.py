@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from orca_compile.kernels import gemm_cpu
+from orca_compile.kernels import argmax_cpu
 from orca_compile.runtime.request import SamplingParams
 
 
@@ -84,7 +84,7 @@ def _argmax(logits):
     """Row-wise argmax: the C kernel on CPU float32/float64 logits (0.9 ms -> ~0.1 ms on W1's
     [32, 50257]), else torch; both give the first maximum, or the first NaN."""
     if logits.device.type == "cpu":
-        tokens = gemm_cpu.argmax(logits)
+        tokens = argmax_cpu.argmax(logits)
         if tokens is not None:
             return tokens
     return logits.argmax(dim=-1)

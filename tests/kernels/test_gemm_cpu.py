@@ -34,6 +34,7 @@ def test_the_kernel_builds_where_a_compiler_is():
 
 pytestmark_kernel = pytest.mark.skipif(not gemm_cpu.available(),
                                        reason=f"C GEMM not built: {gemm_cpu.why_unavailable()}")
+# float16 weights need the C compiler's _Float16 (GCC 12+, Clang): the CI's has it
 SIXTEEN_BIT = [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.skipif(
     not gemm_cpu.supports(torch.float16), reason="this C compiler has no _Float16"))]
 
@@ -187,8 +188,6 @@ def test_pack_layout():
         assert torch.equal(gemm_cpu.pack(w.to(storage)), p)
 
 
-# float16 weights need the C compiler's _Float16 (GCC 12+, Clang): the CI's has it
-
 
 @pytestmark_kernel
 @pytest.mark.parametrize("storage", SIXTEEN_BIT)
@@ -308,34 +307,3 @@ def test_env_var_disables_the_kernel(monkeypatch, tmp_path, setenv):
     with pytest.raises(RuntimeError, match="C GEMM kernel is unavailable"):
         gemm_cpu.linear(torch.randn(1, 8), gemm_cpu.pack(torch.randn(4, 8)), None, 4)
     assert not list(tmp_path.iterdir())
-
-
-# ---------------------------------------------------------------------------------------- argmax
-
-@pytestmark_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [1, 3, 4, 8, 9, 17, 1000, 50257])
-def test_argmax_matches_torch(dtype, n):
-    g = torch.Generator().manual_seed(n)
-    x = torch.randn(7, n, generator=g, dtype=torch.float64).to(dtype)
-    x[1] = 0.0                                   # all equal: the first
-    x[2, n // 2:] = float("-inf")
-    x[3, min(7, n - 1)] = x[3, min(8, n - 1)] = x[3, n - 1] = 1e30  # tied maxima (lanes 7, 0): the first
-    x[4, n // 2] = float("nan")                  # NaN wins, as in torch
-    x[5, n - 1] = float("nan")
-    x[5, 0] = float("nan")
-    x[6] = float("-inf")
-    got = gemm_cpu.argmax(x)
-    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
-
-
-@pytestmark_kernel
-def test_argmax_strided_rows_and_what_it_leaves_to_torch():
-    x = torch.randn(5, 300)
-    view = x[:, 7:207]  # row stride 300 > 200 columns
-    assert torch.equal(gemm_cpu.argmax(view), view.argmax(dim=-1))
-    assert gemm_cpu.argmax(x.t()) is None          # columns not contiguous
-    assert gemm_cpu.argmax(x.bfloat16()) is None
-    assert gemm_cpu.argmax(x[0]) is None           # 1-D
-    assert gemm_cpu.argmax(torch.empty(3, 0)) is None
-    assert torch.equal(gemm_cpu.argmax(torch.empty(0, 5)), torch.empty(0, dtype=torch.int64))
