@@ -128,6 +128,22 @@ def make_executor(name: str, source, seed: int = 0) -> Executor:
     return EXECUTORS.make(name, source, seed=seed)
 
 
+def join_process_group(backend: str, **kwargs) -> None:
+    """``torch.distributed.init_process_group(backend, **kwargs)``, with ``torch._dynamo`` imported
+    first. Importing ``torch._dynamo`` *after* the group exists (``torch.export`` does, when a rank
+    builds its graph) keeps a reference to the group that ``destroy_process_group`` does not drop
+    (torch 2.13); the gloo group's worker threads then outlive it, and when one of them frees its
+    last collective's tensors while the interpreter is finalising, the process aborts ("terminate
+    called without an active exception"; a core dump showed the thread in ``~AsyncBroadcastWork``
+    waiting for the GIL). Imported first, nothing holds the group: ``destroy_process_group`` joins
+    its threads (tests/runtime/test_process_group_exit.py)."""
+    import torch._dynamo  # noqa: F401  (see above: before the group, not after)
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, **kwargs)
+
+
 register_executor("local", LocalExecutor)
 
 from orca_compile.runtime import multiproc_executor, torchrun_executor  # noqa: E402,F401  (register theirs)
+

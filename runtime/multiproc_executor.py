@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from orca_compile.runtime.executor import Executor, ModelInfo, register_executor
+from orca_compile.runtime.executor import Executor, ModelInfo, join_process_group, register_executor
 from orca_compile.runtime.model_runner import RunnerOutput
 from orca_compile.runtime.scheduler import SchedulerOutput
 
@@ -62,8 +62,8 @@ def _worker(source, rank, world_size, port, seed, threads, collective_timeout, c
             tune_malloc()
         else:  # one GPU per rank
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=collective_timeout))
+        join_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                           timeout=datetime.timedelta(seconds=collective_timeout))
         tp = int(getattr(source, "tensor_parallel_size", 1))
         if 1 < tp < world_size:  # tensor parallelism within pipeline stages: a group per stage
             from orca_compile.ops import set_tensor_parallel_group

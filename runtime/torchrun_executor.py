@@ -19,7 +19,7 @@ import logging
 
 import torch.distributed as dist
 
-from orca_compile.runtime.executor import Executor, ModelInfo, register_executor
+from orca_compile.runtime.executor import Executor, ModelInfo, join_process_group, register_executor
 from orca_compile.runtime.host import tune_malloc
 from orca_compile.runtime.model_runner import ModelRunner, RunnerOutput
 from orca_compile.runtime.scheduler import SchedulerOutput
@@ -41,8 +41,7 @@ def _join(source, collective_timeout: float) -> int:
             from orca_compile import env  # noqa: F401  (the launch's ranks were read there)
 
             torch.cuda.set_device(env.get().launch_local_rank)
-        dist.init_process_group(backend, init_method="env://",
-                                timeout=datetime.timedelta(seconds=collective_timeout))
+        join_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=collective_timeout))
     world = dist.get_world_size()
     if world != source.tensor_parallel_size:
         raise ValueError(f"torchrun started {world} ranks; tensor_parallel_size is {source.tensor_parallel_size}")
