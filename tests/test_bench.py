@@ -78,20 +78,6 @@ def test_settling_waits_for_clean_seconds_of_cpu_before_a_timed_run():
     assert any("settled" in l for l in lines)
 
 
-def test_isolated_systems_run_in_processes_of_their_own_and_agree():
-    import os
-
-    lines = []
-    report = bench.run("w1-tiny", systems=("engine", "hf-static"), isolate=True, log=lines.append)
-    engine, static = report["results"]
-    pids = {engine["extra"]["pid"], static["extra"]["pid"]}
-    assert report["isolated"] and len(pids) == 2 and os.getpid() not in pids
-    wanted = sum(n for _, n in bench.WORKLOADS["w1-tiny"].requests(256))
-    assert engine["useful_tokens"] == static["useful_tokens"] == wanted
-    # the same weights in every process (the preset is seeded): the same greedy tokens
-    assert any("same tokens for 100% of requests" in l for l in lines)
-
-
 def test_a_run_that_fails_still_stops_its_worker_processes(monkeypatch):
     import pytest
 
@@ -183,14 +169,21 @@ def test_the_engines_tp_option_has_its_workers_load_the_model_themselves(monkeyp
     assert not multiprocessing.active_children()
 
 
-def test_a_workload_in_another_dtype_runs_so_in_each_systems_process():
-    """``dtype=`` (the GPU check runs W1 in bfloat16 so) reaches the isolated workers too: they get
-    the changed workload, not its name. A bad dtype fails before anything loads."""
+def test_isolated_systems_run_a_workload_in_another_dtype_in_processes_of_their_own():
+    """Each system in a process of its own (``isolate=True``), and ``dtype=`` (the GPU check runs W1
+    in bfloat16 so) reaches those workers: they get the changed workload, not its name. A bad dtype
+    fails before anything loads."""
+    import os
+
     import pytest
 
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         bench.run("w1-smoke", systems=("engine",), dtype="float8")
-    report = bench.run("w1-smoke", systems=("engine", "hf-static"), dtype="float64", isolate=True, log=lambda l: None)
+    lines = []
+    report = bench.run("w1-smoke", systems=("engine", "hf-static"), dtype="float64", isolate=True, log=lines.append)
+    pids = {r["extra"]["pid"] for r in report["results"]}
+    assert report["isolated"] and len(pids) == 2 and os.getpid() not in pids
+    assert any("same tokens for 100% of requests" in line for line in lines)
     assert report["workload"]["dtype"] == "float64" and "device" not in report  # the CPU: no device entry
     # the worker's engine itself ran float64 weights (the report's dtype is the parent's word)
     assert report["results"][0]["extra"]["weight_dtypes"] == ["float64"]
