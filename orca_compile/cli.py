@@ -173,6 +173,23 @@ def cmd_generate(args) -> int:
         return _generate(engine, prompts, params)
 
 
+def cmd_serve(args) -> int:
+    import orca_compile
+    from orca_compile import env
+    from orca_compile.presets import DEFAULT_PRESET
+    from orca_compile.server import serve
+
+    if env.get().launch_world_size > 1:
+        raise ValueError("serve runs in one process: its --tp / --pp ranks are started by the engine, not torchrun")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    model = args.model or DEFAULT_PRESET
+    with orca_compile.optimize(model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+                               **_engine_kwargs(args)) as engine:
+        serve(engine, args.served_model_name or model, host=args.host, port=args.port)
+    return 0
+
+
 def _generate(engine, prompts, params) -> int:
     def progress(it, outs):  # a live status line where a person waits (a terminal only)
         print(f"\r  iteration {it.iteration}: {it.num_running} running, {it.num_waiting} waiting, "
@@ -355,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print one prompt's text as it is generated")
     _add_engine_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: an OpenAI-compatible /v1/completions")
+    _add_model_args(p)
+    p.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the name requests give as model (default: MODEL)")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="compile the default model and serve staggered requests with a live view")
     _add_model_args(p)

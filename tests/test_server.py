@@ -1,0 +1,178 @@
+"""`orca-compile serve`: the engine behind an OpenAI-compatible HTTP API, as a user starts it (a
+process of its own, bound to loopback on a port the system picks).
+
+The oracle: HF's greedy decoding of each prompt alone (tokens; the float64 tiny Llama) and HF's
+float64 log-probs of those tokens, for requests sent at once from several clients, one of them
+streamed; a request the engine refuses is a 400 naming the value and the limit while the others
+are served; a client that leaves mid-stream does not stop the server; SIGTERM ends the process."""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from orca_compile.presets import load_model
+
+PROMPTS = [[5, 17, 3, 99, 4, 8, 1, 2, 3], [42, 7], [8, 9, 10, 11, 12], [3, 1]]
+MAX_TOKENS = [6, 8, 5, 7]
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc = subprocess.Popen([sys.executable, "-m", "orca_compile.cli", "serve", "tiny-llama", "--dtype", "float64",
+                             "--port", "0", "--max-num-seqs", "4", "--num-kv-blocks", "16", "--block-size", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines, port = [], []
+
+    def read():  # uvicorn says where it listens; the rest is kept for a failure's message
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port.append(int(m.group(1)))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not port and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert port, "".join(lines)[-3000:]
+        yield proc, port[0], lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+
+
+def _post(port, body, timeout=120):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        res = conn.getresponse()
+        return res.status, res.read().decode()
+    finally:
+        conn.close()
+
+
+def _stream(port, body, stop_after=None, timeout=120):
+    """The events of a streamed completion (``stop_after``: hang up after that many)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    events = []
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(dict(body, stream=True)),
+                     {"Content-Type": "application/json"})
+        res = conn.getresponse()
+        assert res.status == 200 and res.getheader("content-type").startswith("text/event-stream")
+        for raw in res:
+            line = raw.decode().strip()
+            if not line:
+                continue
+            assert line.startswith("data: "), line
+            events.append(line[6:])
+            if line == "data: [DONE]" or (stop_after is not None and len(events) >= stop_after):
+                break
+    finally:
+        conn.close()
+    return events
+
+
+def _hf(prompt, n):
+    model = load_model("tiny-llama", dtype=torch.float64)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        tokens = ids[len(prompt):]
+        logits = model(torch.tensor([ids[:-1]])).logits[0, len(prompt) - 1:]
+    return tokens, torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+
+
+def test_concurrent_clients_get_hf_tokens_and_log_probs_and_a_bad_one_fails_alone(server):
+    _, port, _ = server
+    body = lambda i: {"model": "tiny-llama", "prompt": PROMPTS[i], "max_tokens": MAX_TOKENS[i], "temperature": 0,
+                      "logprobs": 1, "ignore_eos": True}
+    results = {}
+
+    def client(i):
+        time.sleep(0.05 * i)  # staggered: later ones join a batch already decoding
+        if i == 3:
+            results[i] = _stream(port, body(i))
+        elif i == 4:  # a token id outside the vocabulary (256)
+            results[i] = _post(port, dict(body(0), prompt=[5, 300]))
+        else:
+            results[i] = _post(port, body(i))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads)
+
+    status, text = results[4]
+    assert status == 400 and "token id 300 is outside the vocabulary [0, 256)" in json.loads(text)["error"]["message"]
+    for i in range(3):
+        status, text = results[i]
+        assert status == 200, text
+        out = json.loads(text)
+        choice = out["choices"][0]
+        tokens, logprobs = _hf(PROMPTS[i], MAX_TOKENS[i])
+        assert choice["token_ids"] == tokens and choice["finish_reason"] == "length"
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(logprobs, abs=1e-9)
+        assert out["usage"] == {"prompt_tokens": len(PROMPTS[i]), "completion_tokens": MAX_TOKENS[i],
+                                "total_tokens": len(PROMPTS[i]) + MAX_TOKENS[i]}
+    events = results[3]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    tokens, logprobs = _hf(PROMPTS[3], MAX_TOKENS[3])
+    assert [t for c in chunks for t in c["token_ids"]] == tokens
+    assert [lp for c in chunks for lp in c["logprobs"]["token_logprobs"]] == pytest.approx(logprobs, abs=1e-9)
+    assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+
+
+def test_refusals_name_the_value_and_the_limit(server):
+    _, port, _ = server
+    cases = [({"prompt": [1], "max_tokens": 0}, 400, "max_tokens must be an integer >= 1, got 0"),
+             ({"prompt": [1], "max_tokens": 600}, 400, "exceeds the model's context of 512 tokens"),
+             ({"prompt": "hello"}, 400, "a text prompt needs a tokenizer"),
+             ({"prompt": [1], "n": 2}, 400, "n and best_of must be 1"),
+             ({"prompt": [1], "stop": ["\n"]}, 400, "stop strings are not supported"),
+             ({"prompt": [1], "logprobs": 5}, 400, "logprobs must be 0 or 1"),
+             ({"prompt": [1], "model": "gpt-4"}, 404, "model 'gpt-4' is not served here")]
+    for body, status, message in cases:
+        got, text = _post(port, body)
+        assert got == status and message in json.loads(text)["error"]["message"], (body, got, text)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/v1/completions", b"{not json", {"Content-Type": "application/json"})
+    res = conn.getresponse()
+    assert res.status == 400 and "not JSON" in res.read().decode()
+    conn.close()
+
+
+def test_a_client_that_leaves_mid_stream_does_not_stop_the_server_and_sigterm_ends_it(server):
+    proc, port, lines = server
+    events = _stream(port, {"prompt": [5, 17, 3], "max_tokens": 50, "temperature": 0, "ignore_eos": True},
+                     stop_after=2)
+    assert len(events) == 2 and json.loads(events[0])["choices"][0]["finish_reason"] is None
+    status, text = _post(port, {"prompt": [42, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+    assert status == 200 and json.loads(text)["choices"][0]["token_ids"] == _hf([42, 7], 8)[0]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+    proc.send_signal(signal.SIGTERM)
+    # uvicorn shuts down (the engine's thread aborts what is left), then re-raises the signal so a
+    # process manager sees how it ended
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM), "".join(lines)[-3000:]
+    time.sleep(0.5)  # the reader thread takes the last lines
+    assert any("Application shutdown complete" in line for line in lines), "".join(lines)[-3000:]
