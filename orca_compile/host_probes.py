@@ -106,6 +106,8 @@ def _all_reduce_probe(rank, world_size, port, sizes, reps, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    # not join_process_group: this probe never imports torch._dynamo after the group (nothing to
+    # leak), and that import would cost each probe process a second
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     times = []

@@ -1,12 +1,15 @@
 """``orca-compile serve``: the engine behind an OpenAI-compatible HTTP API (FastAPI, uvicorn).
 
-One thread owns the engine (``EngineLoop``): between iterations it admits the requests that
-arrived, drops the ones whose clients went away, and runs ``step()`` while anything is unfinished;
-each output goes to its request's ``asyncio.Queue`` on the server's event loop. Requests thus
-join and leave the batch between iterations, as in Orca; the event loop never waits on a forward.
+One thread owns the engine (``runtime/engine_loop.py``): between iterations it admits the
+requests that arrived, drops the ones whose clients went away, and runs ``step()`` while anything
+is unfinished; each output goes to its request's ``asyncio.Queue`` on the server's event loop.
+Requests thus join and leave the batch between iterations, as in Orca; the event loop never
+waits on a forward.
 
 Endpoints: ``POST /v1/completions`` (``stream`` as server-sent events, ending ``data: [DONE]``),
-``GET /v1/models``, ``GET /health`` (503 once the engine has failed). A request's fields are
+``GET /v1/models``, ``GET /health`` (503 once the engine has failed), ``GET /metrics`` (Prometheus:
+requests running and waiting, KV blocks, iterations, tokens, preemptions, requests finished by
+reason and refused; from a snapshot the engine's thread takes after each pass). A request's fields are
 OpenAI's, with vLLM's extensions ``top_k``, ``ignore_eos``, ``stop_token_ids`` and ``priority``;
 each choice also carries the generated ``token_ids``. Departures from OpenAI, chosen to fail loudly
 rather than be ignored: one prompt per request (a string, or token ids), ``n`` = 1, no ``echo``,
@@ -20,126 +23,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-import threading
 import time
 import uuid
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from orca_compile.runtime.request import RequestOutput, SamplingParams
-
-log = logging.getLogger(__name__)
-
-
-class EngineLoop:
-    """The engine, driven by one thread; ``submit`` and ``abort`` may be called from any thread.
-
-    A request's ``sink`` is called on the engine's thread with, in turn, a dict for each step that
-    gave it tokens (the last one has ``finished``), or an exception: a ``ValueError`` when the
-    engine refused it, a ``RuntimeError`` when the engine failed."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.error: str | None = None  # why the engine stopped serving, once it has
-        self._lock = threading.Lock()
-        self._incoming: list[tuple] = []
-        self._aborts: list[str] = []
-        self._sinks: dict[str, Callable] = {}
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="orca-engine-loop", daemon=True)
-
-    def start(self) -> "EngineLoop":
-        self._thread.start()
-        return self
-
-    def submit(self, request_id: str, prompt, params: SamplingParams, priority: int, sink: Callable) -> None:
-        with self._lock:
-            if self._stopping or self.error is not None:
-                raise RuntimeError(self.error or "the server is shutting down")
-            self._incoming.append((request_id, prompt, params, priority, sink))
-        self._wake.set()
-
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._aborts.append(request_id)
-        self._wake.set()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Abort what is left, end the thread (it finishes the iteration it is in)."""
-        with self._lock:
-            self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        engine = self.engine
-        while True:
-            self._wake.clear()
-            with self._lock:
-                incoming, self._incoming = self._incoming, []
-                aborts, self._aborts = self._aborts, []
-                stopping = self._stopping
-            for request_id, prompt, params, priority, sink in incoming:
-                try:
-                    engine.add_request(request_id, prompt, params, priority=priority)
-                except ValueError as exc:  # this request alone: a 400
-                    sink(exc)
-                except Exception as exc:  # noqa: BLE001  (the engine's, not the request's: a 503)
-                    sink(RuntimeError(f"{type(exc).__name__}: {exc}"))
-                else:
-                    self._sinks[request_id] = sink
-            if stopping:
-                aborts += list(self._sinks)
-            for request_id in aborts:
-                out = engine.abort_request(request_id)
-                sink = self._sinks.pop(request_id, None)
-                if sink is not None and out is not None:
-                    sink(_delta(out))
-            if stopping:
-                return
-            if not engine.has_unfinished_requests():
-                self._wake.wait()
-                continue
-            try:
-                outputs = engine.step()
-            except Exception as exc:  # noqa: BLE001  (every waiting client hears of it; /health turns 503)
-                self.error = f"the engine failed: {type(exc).__name__}: {exc}"
-                log.exception("the engine failed; the server answers 503 from now on")
-                for sink in self._sinks.values():
-                    sink(RuntimeError(self.error))
-                self._sinks.clear()
-                with self._lock:
-                    for *_, sink in self._incoming:
-                        sink(RuntimeError(self.error))
-                    self._incoming.clear()
-                return
-            for out in outputs:
-                sink = self._sinks.get(out.request_id)
-                if sink is not None:
-                    if out.finished:
-                        del self._sinks[out.request_id]
-                    sink(_delta(out))
+from orca_compile.runtime.engine_loop import EngineLoop
+from orca_compile.runtime.request import SamplingParams
 
 
-def _delta(out: RequestOutput) -> dict:
-    """What a step added to a request, decoded on the engine's thread (a detokenizer is not shared
-    across threads)."""
-    n = len(out.new_token_ids)
-    return {"token_ids": list(out.new_token_ids), "text": out.new_text or "",
-            "logprobs": None if out.logprobs is None else out.logprobs[len(out.logprobs) - n:],
-            "finished": out.finished, "finish_reason": out.finish_reason,
-            "num_prompt_tokens": len(out.prompt_token_ids), "num_tokens": len(out.token_ids)}
+# OpenAI fields this server does not implement, with the value that means "not used": any other
+# value is refused (a client relying on them would otherwise get silently different output)
+_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "stop": None, "suffix": None, "logit_bias": None,
+                "presence_penalty": 0, "frequency_penalty": 0}
 
 
 def _params(body: dict) -> tuple[object, SamplingParams, int, bool, bool]:
     """(prompt, sampling params, priority, stream, logprobs) from a completions request body, or a
-    ValueError naming what is not served."""
+    ValueError naming what is not served. A field sent as null takes its default (OpenAI's
+    clients send unset fields so); fields this server does not know are ignored, as OpenAI does."""
     if not isinstance(body, dict):
         raise ValueError("the request body must be a JSON object")
+
+    def get(key, default):
+        value = body.get(key)
+        return default if value is None else value
+
+    def number(key, default):
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return value
+
+    def flag(key):
+        value = get(key, False)
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         if len(prompt) != 1:
@@ -147,34 +70,62 @@ def _params(body: dict) -> tuple[object, SamplingParams, int, bool, bool]:
         prompt = prompt[0]
     if not isinstance(prompt, (str, list)):
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-    if body.get("n", 1) != 1 or body.get("best_of", 1) not in (1, None):
-        raise ValueError(f"n and best_of must be 1, got n={body.get('n')!r} best_of={body.get('best_of')!r}")
-    if body.get("echo"):
-        raise ValueError("echo is not supported")
-    if body.get("stop"):
-        raise ValueError(f"stop strings are not supported (use stop_token_ids), got {body['stop']!r}")
+    for key, unused in _UNSUPPORTED.items():
+        value = body.get(key)
+        if value is not None and value != unused and value not in ("", [], {}):
+            hint = " (use stop_token_ids)" if key == "stop" else ""
+            raise ValueError(f"{key} is not supported{hint}: it must be {unused!r} or absent, got {value!r}")
     logprobs = body.get("logprobs")
     if logprobs is not None and (isinstance(logprobs, bool) or logprobs not in (0, 1)):
         raise ValueError(f"logprobs must be 0 or 1 (the sampled token's log-prob only), got {logprobs!r}")
-    top_k = body.get("top_k", 0)
-    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k == -1:  # vLLM's "off"
+    top_k = get("top_k", 0)
+    if top_k == -1 and not isinstance(top_k, bool):  # vLLM's "off"
         top_k = 0
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ValueError(f"stream must be true or false, got {stream!r}")
-    def get(key, default):  # OpenAI's clients send null for "the default"
-        value = body.get(key)
-        return default if value is None else value
+    params = SamplingParams(max_tokens=get("max_tokens", 16), temperature=number("temperature", 1.0), top_k=top_k,
+                            top_p=number("top_p", 1.0), seed=body.get("seed"), stop_token_ids=get("stop_token_ids", ()),
+                            ignore_eos=flag("ignore_eos"), logprobs=logprobs is not None)
+    return prompt, params, get("priority", 0), flag("stream"), logprobs is not None
 
-    params = SamplingParams(max_tokens=get("max_tokens", 16), temperature=get("temperature", 1.0), top_k=top_k,
-                            top_p=get("top_p", 1.0), seed=body.get("seed"), stop_token_ids=get("stop_token_ids", ()),
-                            ignore_eos=get("ignore_eos", False) is True, logprobs=logprobs is not None)
-    return prompt, params, get("priority", 0), stream, logprobs is not None
+
+class _Metrics:
+    """A Prometheus collector over the loop's latest snapshot (a registry per app: no globals)."""
+
+    GAUGES = {"num_waiting": ("orca_num_requests_waiting", "requests queued, not running"),
+              "num_running": ("orca_num_requests_running", "requests in the running batch"),
+              "kv_blocks_used": ("orca_kv_blocks_used", "KV cache blocks in use"),
+              "kv_blocks_total": ("orca_kv_blocks_total", "KV cache blocks in all")}
+    COUNTERS = {"num_iterations": ("orca_iterations", "iterations run"),
+                "num_generated_tokens": ("orca_generation_tokens", "tokens generated"),
+                "num_computed_tokens": ("orca_computed_tokens", "tokens run through the model (prompts included)"),
+                "num_preemptions": ("orca_preemptions", "requests preempted"),
+                "requests_refused": ("orca_requests_refused", "requests the engine refused (400)")}
+
+    def __init__(self, loop_of: Callable[[], EngineLoop], model_name: str):
+        self.loop_of, self.model_name = loop_of, model_name
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self.loop_of().snapshot
+        for key, (name, doc) in self.GAUGES.items():
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric([self.model_name], snap[key])
+            yield g
+        for key, (name, doc) in self.COUNTERS.items():
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric([self.model_name], snap[key])
+            yield c
+        c = CounterMetricFamily("orca_requests_finished", "requests finished, by reason",
+                                labels=["model_name", "reason"])
+        for reason, n in snap["requests_finished"].items():
+            c.add_metric([self.model_name, reason], n)
+        yield c
 
 
 def build_app(engine, model_name: str):
-    """The FastAPI application serving ``engine`` under ``model_name``; its lifespan starts and
-    stops the engine's thread (the engine itself is the caller's to shut down)."""
+    """The FastAPI application serving ``engine`` under ``model_name``. Its lifespan starts the
+    engine's thread, and at the end stops it and shuts the engine down (uvicorn re-raises SIGTERM
+    once it has stopped, so nothing after it in the process would run)."""
     state = {}
 
     @contextlib.asynccontextmanager
@@ -183,7 +134,8 @@ def build_app(engine, model_name: str):
         try:
             yield
         finally:
-            state["loop"].stop()
+            if await asyncio.to_thread(state["loop"].stop):
+                engine.shutdown()  # its worker processes, if any, go now
 
     app = FastAPI(title="orca-compile", lifespan=lifespan)
     max_model_len = engine.info.max_model_len
@@ -197,6 +149,15 @@ def build_app(engine, model_name: str):
         if loop.error is not None:
             return error(503, loop.error, "server_error")
         return {"status": "ok"}
+
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Metrics(lambda: state["loop"], model_name))
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
@@ -222,16 +183,33 @@ def build_app(engine, model_name: str):
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         try:
-            loop.submit(request_id, prompt, params, priority, lambda item: aio.call_soon_threadsafe(queue.put_nowait, item))
+            loop.submit(request_id, prompt, params, priority,
+                        lambda item: aio.call_soon_threadsafe(queue.put_nowait, item))
         except RuntimeError as exc:
             return error(503, str(exc), "server_error")
+
+        async def next_item():
+            """The request's next output or exception; None once the client has gone (aborted)."""
+            try:
+                while True:
+                    try:
+                        return await asyncio.wait_for(queue.get(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            loop.abort(request_id)
+                            return None
+            except asyncio.CancelledError:
+                loop.abort(request_id)
+                raise
 
         def choice(text, token_ids, logprobs, finish_reason):
             return {"index": 0, "text": text, "token_ids": token_ids, "finish_reason": finish_reason,
                     "logprobs": None if not want_logprobs else {"token_logprobs": logprobs, "top_logprobs": None}}
 
         if stream:
-            first = await queue.get()  # a refusal is still an HTTP error, before any event is sent
+            first = await next_item()  # a refusal is still an HTTP error, before any event is sent
+            if first is None:
+                return error(499, "the client closed the request")
             if isinstance(first, ValueError):
                 return error(400, str(first))
             if isinstance(first, Exception):
@@ -260,28 +238,20 @@ def build_app(engine, model_name: str):
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        text, token_ids, logprobs, item = [], [], [], None
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        loop.abort(request_id)
-                        return error(499, "the client closed the request")
-                    continue
-                if isinstance(item, ValueError):
-                    return error(400, str(item))
-                if isinstance(item, Exception):
-                    return error(503, str(item), "server_error")
-                text.append(item["text"])
-                token_ids += item["token_ids"]
-                logprobs += item["logprobs"] or []
-                if item["finished"]:
-                    break
-        except asyncio.CancelledError:
-            loop.abort(request_id)
-            raise
+        text, token_ids, logprobs = [], [], []
+        while True:
+            item = await next_item()
+            if item is None:
+                return error(499, "the client closed the request")
+            if isinstance(item, ValueError):
+                return error(400, str(item))
+            if isinstance(item, Exception):
+                return error(503, str(item), "server_error")
+            text.append(item["text"])
+            token_ids += item["token_ids"]
+            logprobs += item["logprobs"] or []
+            if item["finished"]:
+                break
         usage = {"prompt_tokens": item["num_prompt_tokens"], "completion_tokens": len(token_ids),
                  "total_tokens": item["num_prompt_tokens"] + len(token_ids)}
         return {"id": request_id, "object": "text_completion", "created": created, "model": model_name,

@@ -146,4 +146,3 @@ def join_process_group(backend: str, **kwargs) -> None:
 register_executor("local", LocalExecutor)
 
 from orca_compile.runtime import multiproc_executor, torchrun_executor  # noqa: E402,F401  (register theirs)
-

@@ -46,7 +46,7 @@ def server():
         time.sleep(0.1)
     try:
         assert port, "".join(lines)[-3000:]
-        yield proc, port[0], lines
+        yield proc, port[0], lines, reader
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -98,7 +98,7 @@ def _hf(prompt, n):
 
 
 def test_concurrent_clients_get_hf_tokens_and_log_probs_and_a_bad_one_fails_alone(server):
-    _, port, _ = server
+    _, port, _, _ = server
     body = lambda i: {"model": "tiny-llama", "prompt": PROMPTS[i], "max_tokens": MAX_TOKENS[i], "temperature": 0,
                       "logprobs": 1, "ignore_eos": True}
     results = {}
@@ -138,20 +138,37 @@ def test_concurrent_clients_get_hf_tokens_and_log_probs_and_a_bad_one_fails_alon
     assert [t for c in chunks for t in c["token_ids"]] == tokens
     assert [lp for c in chunks for lp in c["logprobs"]["token_logprobs"]] == pytest.approx(logprobs, abs=1e-9)
     assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    m = _metrics(port)
+    assert m[("orca_requests_finished_total", "length")] == 4 and m[("orca_requests_refused_total", None)] == 1, m
+    assert m[("orca_generation_tokens_total", None)] == sum(MAX_TOKENS) and m[("orca_kv_blocks_used", None)] == 0
 
 
 def test_refusals_name_the_value_and_the_limit(server):
-    _, port, _ = server
+    _, port, _, _ = server
     cases = [({"prompt": [1], "max_tokens": 0}, 400, "max_tokens must be an integer >= 1, got 0"),
              ({"prompt": [1], "max_tokens": 600}, 400, "exceeds the model's context of 512 tokens"),
              ({"prompt": "hello"}, 400, "a text prompt needs a tokenizer"),
-             ({"prompt": [1], "n": 2}, 400, "n and best_of must be 1"),
-             ({"prompt": [1], "stop": ["\n"]}, 400, "stop strings are not supported"),
+             ({"prompt": [1], "n": 2}, 400, "n is not supported: it must be 1 or absent, got 2"),
+             ({"prompt": [1], "stop": ["\n"]}, 400, "stop is not supported (use stop_token_ids)"),
+             ({"prompt": [1], "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
              ({"prompt": [1], "logprobs": 5}, 400, "logprobs must be 0 or 1"),
+             ({"prompt": [1], "temperature": "hot"}, 400, "temperature must be a number, got 'hot'"),
+             ({"prompt": [1], "ignore_eos": "true"}, 400, "ignore_eos must be true or false, got 'true'"),
+             ({"prompt": [1], "priority": 1.5}, 400, "priority must be an integer"),
              ({"prompt": [1], "model": "gpt-4"}, 404, "model 'gpt-4' is not served here")]
     for body, status, message in cases:
         got, text = _post(port, body)
         assert got == status and message in json.loads(text)["error"]["message"], (body, got, text)
+    # null is "the default", as OpenAI's clients send unset fields; unknown fields are ignored
+    got, text = _post(port, {"prompt": [1, 2], "max_tokens": 2, "n": None, "stream": None, "stop": None,
+                             "temperature": None, "top_k": None, "user": "someone"})
+    assert got == 200 and len(json.loads(text)["choices"][0]["token_ids"]) == 2, text
+    # a streamed request the engine refuses is an HTTP error too, before any event
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": [5, 300], "stream": True}))
+    res = conn.getresponse()
+    assert res.status == 400 and "token id 300 is outside the vocabulary" in res.read().decode()
+    conn.close()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("POST", "/v1/completions", b"{not json", {"Content-Type": "application/json"})
     res = conn.getresponse()
@@ -159,11 +176,35 @@ def test_refusals_name_the_value_and_the_limit(server):
     conn.close()
 
 
-def test_a_client_that_leaves_mid_stream_does_not_stop_the_server_and_sigterm_ends_it(server):
-    proc, port, lines = server
+def _metrics(port) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        res = conn.getresponse()
+        assert res.status == 200
+        text = res.read().decode()
+    finally:
+        conn.close()
+    return {(sample.name, sample.labels.get("reason")): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_a_client_that_leaves_mid_stream_is_aborted_the_server_goes_on_and_sigterm_ends_it(server):
+    proc, port, lines, reader = server
+    before = _metrics(port)
+    assert before[("orca_requests_finished_total", "abort")] == 0 and before[("orca_kv_blocks_total", None)] == 16
     events = _stream(port, {"prompt": [5, 17, 3], "max_tokens": 50, "temperature": 0, "ignore_eos": True},
                      stop_after=2)
     assert len(events) == 2 and json.loads(events[0])["choices"][0]["finish_reason"] is None
+    # the engine hears of it between iterations: the request is aborted, its blocks freed
+    deadline = time.monotonic() + 30
+    while (m := _metrics(port))[("orca_requests_finished_total", "abort")] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert m[("orca_requests_finished_total", "abort")] == 1, m
+    assert m[("orca_generation_tokens_total", None)] < before[("orca_generation_tokens_total", None)] + 50
+    assert m[("orca_num_requests_running", None)] == 0 and m[("orca_kv_blocks_used", None)] == 0
     status, text = _post(port, {"prompt": [42, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True})
     assert status == 200 and json.loads(text)["choices"][0]["token_ids"] == _hf([42, 7], 8)[0]
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -174,5 +215,52 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server_and_sigterm_en
     # uvicorn shuts down (the engine's thread aborts what is left), then re-raises the signal so a
     # process manager sees how it ended
     assert proc.wait(timeout=60) in (0, -signal.SIGTERM), "".join(lines)[-3000:]
-    time.sleep(0.5)  # the reader thread takes the last lines
+    reader.join(timeout=30)  # it ends with the process's stderr
     assert any("Application shutdown complete" in line for line in lines), "".join(lines)[-3000:]
+
+
+class _FailingEngine:
+    """An engine whose iteration breaks after the first request is in (what a dead worker does)."""
+
+    def __init__(self, fail_in):
+        self.fail_in, self.requests = fail_in, []
+
+    def stats(self):
+        return {k: 0 for k in ("num_waiting", "num_running", "kv_blocks_used", "kv_blocks_total", "num_iterations",
+                               "num_generated_tokens", "num_computed_tokens", "num_preemptions")}
+
+    def add_request(self, request_id, prompt, params, priority=0):
+        if self.fail_in == "add_request":
+            raise RuntimeError("the engine is shut down")
+        self.requests.append(request_id)
+
+    def abort_request(self, request_id):
+        return None
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def step(self):
+        raise RuntimeError("the workers failed: rank 1 exited")
+
+
+@pytest.mark.parametrize("fail_in", ["step", "add_request"])
+def test_an_engine_failure_reaches_every_waiting_request_and_refuses_new_ones(fail_in):
+    from orca_compile.runtime.engine_loop import EngineLoop
+
+    loop = EngineLoop(_FailingEngine(fail_in))
+    got = {name: threading.Event() for name in ("a", "b")}
+    items = {}
+
+    def sink(name):
+        return lambda item: (items.setdefault(name, item), got[name].set())
+
+    loop.submit("a", [1, 2], None, 0, sink("a"))
+    loop.submit("b", [3], None, 0, sink("b"))
+    loop.start()
+    assert all(e.wait(10) for e in got.values()), items  # nobody waits forever
+    assert all(isinstance(item, RuntimeError) for item in items.values()), items
+    assert loop.error is not None and ("rank 1 exited" in loop.error or "shut down" in loop.error)
+    with pytest.raises(RuntimeError, match="the engine failed"):  # /health is 503 and new requests too
+        loop.submit("c", [1], None, 0, lambda item: None)
+    assert loop.stop(timeout=5)
