@@ -30,7 +30,7 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from orca_compile.runtime.engine_loop import EngineLoop
+from orca_compile.runtime.engine_loop import EngineLoop, whole
 from orca_compile.runtime.request import SamplingParams
 
 
@@ -183,8 +183,8 @@ def build_app(engine, model_name: str):
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         try:
-            loop.submit(request_id, prompt, params, priority,
-                        lambda item: aio.call_soon_threadsafe(queue.put_nowait, item))
+            sink = lambda item: aio.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
+            loop.submit(request_id, prompt, params, priority, sink if stream else whole(sink))
         except RuntimeError as exc:
             return error(503, str(exc), "server_error")
 
