@@ -6,22 +6,20 @@ is unfinished; each output goes to its request's ``asyncio.Queue`` on the server
 Requests thus join and leave the batch between iterations, as in Orca; the event loop never
 waits on a forward.
 
-Endpoints: ``POST /v1/completions`` (``stream`` as server-sent events, ending ``data: [DONE]``),
-``GET /v1/models``, ``GET /health`` (503 once the engine has failed), ``GET /metrics`` (Prometheus:
-requests running and waiting, KV blocks, iterations, tokens, preemptions, requests finished by
-reason and refused; from a snapshot the engine's thread takes after each pass). A request's fields are
-OpenAI's, with vLLM's extensions ``top_k``, ``ignore_eos``, ``stop_token_ids`` and ``priority``;
-each choice also carries the generated ``token_ids``. Departures from OpenAI, chosen to fail loudly
-rather than be ignored: one prompt per request (a string, or token ids), ``n`` = 1, no ``echo``,
-no ``stop`` strings (``stop_token_ids`` instead), and ``logprobs`` of 0 or 1 (the sampled token's
-log-prob; ``top_logprobs`` is null). Anything the engine refuses (a prompt longer than the model's
-context, a token id outside the vocabulary, a bad parameter) is a 400 naming the value and the
-limit; that request fails alone and the server goes on.
+Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (the messages through the
+tokenizer's chat template; both stream as server-sent events ending ``data: [DONE]``; fields and
+refusals: ``orca_compile/openai_protocol.py``), ``GET /v1/models``, ``GET /health`` (503 once the
+engine has failed), ``GET /metrics`` (Prometheus: requests running and waiting, KV blocks,
+iterations, tokens, preemptions, requests finished by reason and refused; from a snapshot the
+engine's thread takes after each pass). Anything the engine refuses (a prompt longer than the
+model's context, a token id outside the vocabulary, a bad parameter) is a 400 naming the value
+and the limit; that request fails alone and the server goes on.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import time
 import uuid
@@ -30,61 +28,8 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from orca_compile.openai_protocol import ChatShape, CompletionShape, chat_request, completion_request
 from orca_compile.runtime.engine_loop import EngineLoop, whole
-from orca_compile.runtime.request import SamplingParams
-
-
-# OpenAI fields this server does not implement, with the value that means "not used": any other
-# value is refused (a client relying on them would otherwise get silently different output)
-_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "stop": None, "suffix": None, "logit_bias": None,
-                "presence_penalty": 0, "frequency_penalty": 0}
-
-
-def _params(body: dict) -> tuple[object, SamplingParams, int, bool, bool]:
-    """(prompt, sampling params, priority, stream, logprobs) from a completions request body, or a
-    ValueError naming what is not served. A field sent as null takes its default (OpenAI's
-    clients send unset fields so); fields this server does not know are ignored, as OpenAI does."""
-    if not isinstance(body, dict):
-        raise ValueError("the request body must be a JSON object")
-
-    def get(key, default):
-        value = body.get(key)
-        return default if value is None else value
-
-    def number(key, default):
-        value = get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        return value
-
-    def flag(key):
-        value = get(key, False)
-        if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        return value
-
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        if len(prompt) != 1:
-            raise ValueError(f"one prompt per request (n prompts: send n requests), got {len(prompt)}")
-        prompt = prompt[0]
-    if not isinstance(prompt, (str, list)):
-        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-    for key, unused in _UNSUPPORTED.items():
-        value = body.get(key)
-        if value is not None and value != unused and value not in ("", [], {}):
-            hint = " (use stop_token_ids)" if key == "stop" else ""
-            raise ValueError(f"{key} is not supported{hint}: it must be {unused!r} or absent, got {value!r}")
-    logprobs = body.get("logprobs")
-    if logprobs is not None and (isinstance(logprobs, bool) or logprobs not in (0, 1)):
-        raise ValueError(f"logprobs must be 0 or 1 (the sampled token's log-prob only), got {logprobs!r}")
-    top_k = get("top_k", 0)
-    if top_k == -1 and not isinstance(top_k, bool):  # vLLM's "off"
-        top_k = 0
-    params = SamplingParams(max_tokens=get("max_tokens", 16), temperature=number("temperature", 1.0), top_k=top_k,
-                            top_p=number("top_p", 1.0), seed=body.get("seed"), stop_token_ids=get("stop_token_ids", ()),
-                            ignore_eos=flag("ignore_eos"), logprobs=logprobs is not None)
-    return prompt, params, get("priority", 0), flag("stream"), logprobs is not None
 
 
 class _Metrics:
@@ -139,6 +84,9 @@ def build_app(engine, model_name: str):
 
     app = FastAPI(title="orca-compile", lifespan=lifespan)
     max_model_len = engine.info.max_model_len
+    # the handlers' own tokenizer (chat templates, token strings): the engine's thread decodes with
+    # the engine's, and a Rust tokenizer used from two threads at once can refuse ("Already borrowed")
+    tokenizer = copy.deepcopy(engine.tokenizer)
 
     def error(status: int, message: str, kind: str = "invalid_request_error"):
         return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
@@ -164,24 +112,36 @@ def build_app(engine, model_name: str):
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "orca-compile", "max_model_len": max_model_len or None}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def read(request: Request, parse):
+        """(the parsed request, None), or (None, an error response)."""
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "the request body is not JSON")
+            return None, error(400, "the request body is not JSON")
+        if isinstance(body, dict) and body.get("model") not in (None, model_name):
+            return None, error(404, f"model {body['model']!r} is not served here; this server serves "
+                                    f"{model_name!r}", "not_found_error")
         try:
-            if isinstance(body, dict) and body.get("model") not in (None, model_name):
-                return error(404, f"model {body['model']!r} is not served here; this server serves {model_name!r}",
-                             "not_found_error")
-            prompt, params, priority, stream, want_logprobs = _params(body)
+            return parse(body), None
         except ValueError as exc:
-            return error(400, str(exc))
+            return None, error(400, str(exc))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        parsed, failed = await read(request, completion_request)
+        return failed or await respond(request, *parsed, CompletionShape, "cmpl")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        parsed, failed = await read(request, lambda body: chat_request(body, tokenizer, max_model_len))
+        return failed or await respond(request, *parsed, ChatShape, "chatcmpl")
+
+    async def respond(request, prompt, params, priority, stream, want_logprobs, shape_cls, prefix):
         loop = state["loop"]
         aio = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        shape = shape_cls(request_id, int(time.time()), model_name, want_logprobs, tokenizer)
         try:
             sink = lambda item: aio.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
             loop.submit(request_id, prompt, params, priority, sink if stream else whole(sink))
@@ -202,60 +162,41 @@ def build_app(engine, model_name: str):
                 loop.abort(request_id)
                 raise
 
-        def choice(text, token_ids, logprobs, finish_reason):
-            return {"index": 0, "text": text, "token_ids": token_ids, "finish_reason": finish_reason,
-                    "logprobs": None if not want_logprobs else {"token_logprobs": logprobs, "top_logprobs": None}}
+        # the first item: a refusal is still an HTTP error, before any event of a stream is sent
+        item = await next_item()
+        if item is None:
+            return error(499, "the client closed the request")
+        if isinstance(item, ValueError):
+            return error(400, str(item))
+        if isinstance(item, Exception):
+            return error(503, str(item), "server_error")
+        if not stream:  # answered whole: one item
+            n = len(item["token_ids"])
+            usage = {"prompt_tokens": item["num_prompt_tokens"], "completion_tokens": n,
+                     "total_tokens": item["num_prompt_tokens"] + n}
+            return shape.response(item, usage)
 
-        if stream:
-            first = await next_item()  # a refusal is still an HTTP error, before any event is sent
-            if first is None:
-                return error(499, "the client closed the request")
-            if isinstance(first, ValueError):
-                return error(400, str(first))
-            if isinstance(first, Exception):
-                return error(503, str(first), "server_error")
+        async def events():
+            nonlocal item
+            first, done = True, False
+            try:
+                while True:
+                    if isinstance(item, Exception):
+                        payload = {"error": {"message": str(item), "type": "server_error", "code": 503}}
+                        yield f"data: {json.dumps(payload)}\n\n"
+                        break
+                    yield f"data: {json.dumps(shape.chunk(item, first))}\n\n"
+                    first = False
+                    if item["finished"]:
+                        done = True
+                        break
+                    item = await queue.get()
+                yield "data: [DONE]\n\n"
+            finally:
+                if not done:  # the client went away (or the engine failed): free its blocks
+                    loop.abort(request_id)
 
-            async def events():
-                item, done = first, False
-                try:
-                    while True:
-                        if isinstance(item, Exception):
-                            payload = {"error": {"message": str(item), "type": "server_error", "code": 503}}
-                            yield f"data: {json.dumps(payload)}\n\n"
-                            break
-                        chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                                 "choices": [choice(item["text"], item["token_ids"], item["logprobs"],
-                                                    item["finish_reason"] if item["finished"] else None)]}
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                        if item["finished"]:
-                            done = True
-                            break
-                        item = await queue.get()
-                    yield "data: [DONE]\n\n"
-                finally:
-                    if not done:  # the client went away (or the engine failed): free its blocks
-                        loop.abort(request_id)
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        text, token_ids, logprobs = [], [], []
-        while True:
-            item = await next_item()
-            if item is None:
-                return error(499, "the client closed the request")
-            if isinstance(item, ValueError):
-                return error(400, str(item))
-            if isinstance(item, Exception):
-                return error(503, str(item), "server_error")
-            text.append(item["text"])
-            token_ids += item["token_ids"]
-            logprobs += item["logprobs"] or []
-            if item["finished"]:
-                break
-        usage = {"prompt_tokens": item["num_prompt_tokens"], "completion_tokens": len(token_ids),
-                 "total_tokens": item["num_prompt_tokens"] + len(token_ids)}
-        return {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [choice("".join(text), token_ids, logprobs, item["finish_reason"])], "usage": usage}
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
 

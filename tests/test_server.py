@@ -25,11 +25,28 @@ PROMPTS = [[5, 17, 3, 99, 4, 8, 1, 2, 3], [42, 7], [8, 9, 10, 11, 12], [3, 1]]
 MAX_TOKENS = [6, 8, 5, 7]
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}then{% endif %}")
+
+
 @pytest.fixture(scope="module")
-def server():
-    proc = subprocess.Popen([sys.executable, "-m", "orca_compile.cli", "serve", "tiny-llama", "--dtype", "float64",
-                             "--port", "0", "--max-num-seqs", "4", "--num-kv-blocks", "16", "--block-size", "4"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def checkpoint(tmp_path_factory):
+    """The tiny Llama in float64 saved with a word-level tokenizer that has a chat template."""
+    from tests.acceptance.test_load_and_text import build_tokenizer
+
+    path = tmp_path_factory.mktemp("served")
+    load_model("tiny-llama", dtype=torch.float64).save_pretrained(path)
+    tok = build_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc = subprocess.Popen([sys.executable, "-m", "orca_compile.cli", "serve", str(checkpoint), "--port", "0",
+                             "--served-model-name", "tiny-llama", "--max-num-seqs", "4", "--num-kv-blocks", "16",
+                             "--block-size", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines, port = [], []
 
     def read():  # uvicorn says where it listens; the rest is kept for a failure's message
@@ -54,22 +71,22 @@ def server():
         reader.join(timeout=10)
 
 
-def _post(port, body, timeout=120):
+def _post(port, body, timeout=120, path="/v1/completions"):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
         res = conn.getresponse()
         return res.status, res.read().decode()
     finally:
         conn.close()
 
 
-def _stream(port, body, stop_after=None, timeout=120):
+def _stream(port, body, stop_after=None, timeout=120, path="/v1/completions"):
     """The events of a streamed completion (``stop_after``: hang up after that many)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     events = []
     try:
-        conn.request("POST", "/v1/completions", json.dumps(dict(body, stream=True)),
+        conn.request("POST", path, json.dumps(dict(body, stream=True)),
                      {"Content-Type": "application/json"})
         res = conn.getresponse()
         assert res.status == 200 and res.getheader("content-type").startswith("text/event-stream")
@@ -147,7 +164,7 @@ def test_refusals_name_the_value_and_the_limit(server):
     _, port, _, _ = server
     cases = [({"prompt": [1], "max_tokens": 0}, 400, "max_tokens must be an integer >= 1, got 0"),
              ({"prompt": [1], "max_tokens": 600}, 400, "exceeds the model's context of 512 tokens"),
-             ({"prompt": "hello"}, 400, "a text prompt needs a tokenizer"),
+             ({"prompt": "the cat", "max_tokens": 100}, 400, "needs 26 KV blocks of 4 tokens; the cache has 16 in all"),
              ({"prompt": [1], "n": 2}, 400, "n is not supported: it must be 1 or absent, got 2"),
              ({"prompt": [1], "stop": ["\n"]}, 400, "stop is not supported (use stop_token_ids)"),
              ({"prompt": [1], "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
@@ -174,6 +191,55 @@ def test_refusals_name_the_value_and_the_limit(server):
     res = conn.getresponse()
     assert res.status == 400 and "not JSON" in res.read().decode()
     conn.close()
+
+
+def _tokenizer(checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+def test_text_and_chat_completions_give_hf_tokens_and_their_decoding(server, checkpoint):
+    _, port, _, _ = server
+    tok = _tokenizer(checkpoint)
+    # a text prompt: the tokenizer's ids, HF's greedy continuation, its decoding as the text
+    status, text = _post(port, {"prompt": "the cat sat on", "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+    assert status == 200, text
+    choice = json.loads(text)["choices"][0]
+    tokens, _ = _hf(tok.encode("the cat sat on"), 6)
+    assert choice["token_ids"] == tokens and choice["text"] == tok.decode(tokens, skip_special_tokens=True)
+    # a chat: the messages through the chat template, the assistant's turn opened
+    messages = [{"role": "user", "content": "dog ran to"}, {"role": "assistant", "content": "the park"},
+                {"role": "user", "content": [{"type": "text", "text": "and "}, {"type": "text", "text": "then"}]}]
+    flat = [dict(m, content="and then") if isinstance(m["content"], list) else m for m in messages]
+    ids = tok.apply_chat_template(flat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert tok.decode(ids) == "<unk> dog ran to <unk> the park <unk> and then then"  # roles: not words of it
+    tokens, logprobs = _hf(ids, 5)
+    body = {"messages": messages, "max_completion_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": True}
+    status, text = _post(port, body, path="/v1/chat/completions")
+    assert status == 200, text
+    out = json.loads(text)
+    choice = out["choices"][0]
+    assert out["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+    assert choice["token_ids"] == tokens
+    assert choice["message"]["content"] == tok.decode(tokens, skip_special_tokens=True)
+    assert [c["token"] for c in choice["logprobs"]["content"]] == tok.convert_ids_to_tokens(tokens)
+    assert [c["logprob"] for c in choice["logprobs"]["content"]] == pytest.approx(logprobs, abs=1e-9)
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    # streamed: the role first, the deltas join into the same content
+    events = _stream(port, body, path="/v1/chat/completions")
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == "[DONE]" and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == choice["message"]["content"]
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == tokens
+    # what a chat cannot ask for here
+    for bad, message in (({"messages": []}, "messages must be a non-empty list"),
+                         ({"messages": messages, "tools": [{"type": "function"}]}, "tools is not supported"),
+                         ({"messages": messages, "response_format": {"type": "json_object"}}, "only text"),
+                         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts")):
+        status, text = _post(port, bad, path="/v1/chat/completions")
+        assert status == 400 and message in json.loads(text)["error"]["message"], (bad, status, text)
 
 
 def _metrics(port) -> dict:
@@ -264,3 +330,4 @@ def test_an_engine_failure_reaches_every_waiting_request_and_refuses_new_ones(fa
     with pytest.raises(RuntimeError, match="the engine failed"):  # /health is 503 and new requests too
         loop.submit("c", [1], None, 0, lambda item: None)
     assert loop.stop(timeout=5)
+
