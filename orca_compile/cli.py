@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", help="serve a model over HTTP: an OpenAI-compatible /v1/completions")
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible completions and chats)")
     _add_model_args(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")

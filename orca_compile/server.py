@@ -27,6 +27,8 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from orca_compile.openai_protocol import ChatShape, CompletionShape, chat_request, completion_request
 from orca_compile.runtime.engine_loop import EngineLoop, whole
@@ -49,8 +51,6 @@ class _Metrics:
         self.loop_of, self.model_name = loop_of, model_name
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         snap = self.loop_of().snapshot
         for key, (name, doc) in self.GAUGES.items():
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
@@ -97,8 +97,6 @@ def build_app(engine, model_name: str):
         if loop.error is not None:
             return error(503, loop.error, "server_error")
         return {"status": "ok"}
-
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Metrics(lambda: state["loop"], model_name))
