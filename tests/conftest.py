@@ -75,3 +75,27 @@ def setenv(monkeypatch):
             monkeypatch.setenv(name, value)
         monkeypatch.setattr(env, "_current", env.Environment.read())
     return set_
+
+
+def free_loopback_port() -> int:
+    """A port free on 127.0.0.1 now (a rendezvous that must be named before the ranks start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def communicate_all(procs, timeout: float) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr), waiting at most ``timeout`` seconds for each; any still
+    running afterwards (a timeout, a failed wait) is killed, so none outlives the test."""
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=30)
+    return outs

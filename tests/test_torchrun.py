@@ -3,20 +3,13 @@ generate` serves on rank 0 with the other rank following it, and prints what one
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
-import pytest
+from tests.conftest import communicate_all, free_loopback_port
 
 ARGS = ["generate", "tiny-llama", "--dtype", "float64", "--prompt-ids", "5 17 3 99 4", "--prompt-ids", "42 7",
         "--max-tokens", "6", "--num-kv-blocks", "16", "--block-size", "4", "--logprobs"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_torchrun_nodes_print_what_one_process_prints():
@@ -24,21 +17,13 @@ def test_two_torchrun_nodes_print_what_one_process_prints():
     one = subprocess.run([sys.executable, "-m", "orca_compile.cli", *ARGS], capture_output=True, text=True,
                          timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    port = str(_free_port())
+    port = str(free_loopback_port())
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
                                "-m", "orca_compile.cli", "-v", *ARGS],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for rank in (0, 1)]
-    outs = []
-    try:
-        for node in nodes:
-            outs.append(node.communicate(timeout=300))
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-                node.communicate(timeout=30)
+    outs = communicate_all(nodes, timeout=300)
     for rank, (node, (out, err)) in enumerate(zip(nodes, outs)):
         assert node.returncode == 0, err[-3000:]
         # each rank built its own shard: 1 of tiny-llama's 2 KV heads

@@ -9,12 +9,13 @@ survive, which is what shows this test can see the fault (should a torch release
 group, the control fails and says the workaround can go)."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests.conftest import communicate_all, free_loopback_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists threads in /proc/self/task")
 
@@ -37,25 +38,11 @@ RANK = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gloo_threads_after_destroy(how: str) -> list[str]:
-    port = str(_free_port())
+    port = str(free_loopback_port())
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), port, how], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outs = []
-    try:
-        for p in ranks:
-            outs.append(p.communicate(timeout=120))
-    finally:
-        for p in ranks:
-            if p.poll() is None:
-                p.kill()
-                p.communicate(timeout=30)
+    outs = communicate_all(ranks, timeout=120)
     lines = []
     for p, (out, err) in zip(ranks, outs):
         assert p.returncode == 0, err[-2000:]
