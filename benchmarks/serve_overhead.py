@@ -3,6 +3,10 @@ process of its own, one client thread per request, non-streamed) against the sam
 to ``engine.generate`` in this process, same run, rounds alternating in order (ABBA).
 
     python benchmarks/serve_overhead.py [WORKLOAD] [ROUNDS] [--json PATH]
+    python benchmarks/serve_overhead.py [WORKLOAD] [ROUNDS] --against engine-thread [--json PATH]
+
+``--against engine-thread`` times, in place of the server, the same engine driven by
+``EngineLoop`` from this process (no HTTP): what running the engine on a thread of its own costs.
 
 Both engines are built with the workload's options (``max_num_seqs``, token budget; greedy,
 ``ignore_eos``: every request produces its stated length) and warmed with one pass before the
@@ -80,6 +84,31 @@ def _http_round(port, reqs) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - start, out
 
 
+def _thread_round(loop, reqs, tag) -> tuple[float, list[list[int]]]:
+    from orca_compile import SamplingParams
+
+    out, left, done, lock = [None] * len(reqs), [len(reqs)], threading.Event(), threading.Lock()
+
+    def sink(i):
+        def take(item):
+            assert not isinstance(item, Exception), item
+            if item["finished"]:
+                out[i] = item["token_ids"]
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+        return take
+
+    from orca_compile.runtime.engine_loop import whole
+
+    start = time.perf_counter()
+    for i, (p, n) in enumerate(reqs):
+        loop.submit(f"{tag}-{i}", p, SamplingParams(max_tokens=n, ignore_eos=True), 0, whole(sink(i)))
+    done.wait()
+    return time.perf_counter() - start, out
+
+
 def _local_round(engine, reqs) -> tuple[float, list[list[int]]]:
     from orca_compile import SamplingParams
 
@@ -96,48 +125,60 @@ def main() -> None:
     ap.add_argument("workload", nargs="?", default="w1")
     ap.add_argument("rounds", nargs="?", type=int, default=4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--against", choices=["http", "engine-thread"], default="http")
     args = ap.parse_args()
     w = WORKLOADS[args.workload]
     engine = orca_compile.optimize(w.source(), dtype=w.dtype, max_num_seqs=w.max_num_seqs,
                                    max_num_batched_tokens=w.max_num_batched_tokens)
     reqs = w.requests(engine.info.vocab_size)
     tokens = sum(n for _, n in reqs)
-    proc, port = _start_server(w)
+    other = args.against
+    if other == "http":
+        proc, port = _start_server(w)
+        run_other, count = (lambda r: _http_round(port, reqs)), (lambda: _iterations(port))
+    else:
+        from orca_compile.runtime.engine_loop import EngineLoop
+
+        proc, loop = None, EngineLoop(engine).start()  # idle while generate() runs on this thread
+        run_other, count = (lambda r: _thread_round(loop, reqs, f"r{r}")), (lambda: engine.num_iterations)
     try:
         _local_round(engine, reqs)  # warm both: kernels built, allocator settled
-        _http_round(port, reqs)
-        times = {"in-process": [], "http": []}
-        iterations = {"in-process": [], "http": []}  # a late arrival can cost the batch iterations
+        run_other(-1)
+        times = {"in-process": [], other: []}
+        iterations = {"in-process": [], other: []}  # a late arrival can cost the batch iterations
         same = []
         for r in range(args.rounds):
-            order = ("in-process", "http") if r % 4 in (0, 3) else ("http", "in-process")
+            order = ("in-process", other) if r % 4 in (0, 3) else (other, "in-process")
             for name in order:
-                before = engine.num_iterations if name == "in-process" else _iterations(port)
-                seconds, ids = _local_round(engine, reqs) if name == "in-process" else _http_round(port, reqs)
+                before = engine.num_iterations if name == "in-process" else count()
+                seconds, ids = _local_round(engine, reqs) if name == "in-process" else run_other(r)
                 times[name].append(seconds)
-                iterations[name].append((engine.num_iterations if name == "in-process" else _iterations(port)) - before)
-                if name == "http":
+                iterations[name].append((engine.num_iterations if name == "in-process" else count()) - before)
+                if name == other:
                     same.append(ids)
                 else:
                     local_ids = ids
             print(f"round {r + 1}: in-process {times['in-process'][-1]:.2f} s ({iterations['in-process'][-1]:.0f} "
-                  f"iterations), http {times['http'][-1]:.2f} s ({iterations['http'][-1]:.0f})", flush=True)
+                  f"iterations), {other} {times[other][-1]:.2f} s ({iterations[other][-1]:.0f})", flush=True)
         same_tokens = all(ids == local_ids for ids in same)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        else:
+            loop.stop()
         engine.shutdown()
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = [h / i for h, i in zip(times["http"], times["in-process"])]
+    ratios = [h / i for h, i in zip(times[other], times["in-process"])]
     report = {"workload": w.name, "model": w.model, "requests": len(reqs), "tokens": tokens, "rounds": args.rounds,
-              "seconds": times, "median_seconds": med, "iterations": iterations,
+              "against": other, "seconds": times, "median_seconds": med, "iterations": iterations,
               "tokens_per_second": {k: tokens / v for k, v in med.items()},
-              "http_over_in_process_rounds": ratios, "http_over_in_process_median": statistics.median(ratios),
+              f"{other}_over_in_process_rounds": ratios, f"{other}_over_in_process_median": statistics.median(ratios),
               "same_tokens": same_tokens}
-    print(json.dumps({k: report[k] for k in ("tokens_per_second", "http_over_in_process_median", "same_tokens")},
+    print(json.dumps({k: report[k] for k in ("tokens_per_second", f"{other}_over_in_process_median", "same_tokens")},
                      indent=1))
     if args.json:
         with open(args.json, "w") as f:
